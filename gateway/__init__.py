@@ -1,0 +1,1 @@
+"""The Sanic gateway: OpenAI HTTP APIs translated into kernel requests."""

@@ -1,0 +1,1 @@
+"""allm's kernel: protocol, transport, client, manager runtime, registry, supervisor."""

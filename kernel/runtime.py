@@ -1,0 +1,550 @@
+"""The loop every manager process runs: handshake, heartbeats, dispatch, cancel, drain.
+
+Threads::
+
+    I/O thread (main)                        worker threads (``slots`` of them)
+    ROUTER ◄─► decode/encode, heartbeats,    manager.handle(ctx) → Reply
+               admission, cancel, deadlines  ctx.emit(chunk) ──► outbox ──► I/O thread
+               ◄── wake pipe ◄──────────────
+
+Only the I/O thread touches the socket.  Workers hand frames over through a
+bounded outbox and a wake-up pipe; a full outbox blocks the producing worker
+(backpressure into the engine), so no frame is ever dropped.  A peer whose
+ZeroMQ queue is full has its frames held back here until it drains.
+
+``run_request`` is the one place that turns exceptions into codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from kernel import protocol as p
+from kernel.codes import (
+    REASON_DRAINING,
+    REASON_QUEUE_FULL,
+    AllmError,
+    CancelledError,
+    Code,
+    DeadlineError,
+    InternalError,
+    UnsupportedError,
+)
+from kernel.transport import Router, Sent
+
+log = logging.getLogger("allm.runtime")
+
+SETTINGS_ENV = "ALLM_MANAGER_SETTINGS"
+PARENT_ENV = "ALLM_PARENT_PID"
+OUTBOX_MESSAGES = 4096
+STALLED_MESSAGES = 65_536
+PEER_TTL_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    data: p.Params
+    blobs: tuple[bytes, ...] = ()
+
+
+class Manager(Protocol):
+    """What a modality manager implements.  ``handle`` runs on a worker thread."""
+
+    inline_ops: frozenset[str]  # cheap ops run on the I/O thread, skipping the queue
+
+    def handle(self, ctx: RequestContext) -> Reply: ...
+
+    def models(self) -> tuple[str, ...]: ...  # called on the I/O thread: cheap, thread-safe
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ManagerInfo:
+    """What a manager module's ``create`` is given."""
+
+    modality: str
+    instance: int
+    slots: int
+    settings: Mapping[str, Any]
+
+
+class RequestContext:
+    """One request as a handler sees it: its fields, cancel, deadline, chunk output."""
+
+    __slots__ = (
+        "_cancelled",
+        "_post",
+        "blobs",
+        "deadline",
+        "model",
+        "op",
+        "params",
+        "peer",
+        "rid",
+        "seq",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        peer: bytes,
+        req: p.Request,
+        deadline: float | None,
+        post: Callable[[bytes, list[bytes], RequestContext | None], None],
+    ) -> None:
+        self.peer = peer
+        self.rid = req.rid
+        self.op = req.op
+        self.model = req.model
+        self.params = req.params
+        self.blobs = req.blobs
+        self.stream = req.stream
+        self.deadline = deadline
+        self.seq = 0
+        self._cancelled = threading.Event()
+        self._post = post
+
+    @property
+    def key(self) -> tuple[bytes, int]:
+        return (self.peer, self.rid)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def time_left_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise CANCELLED or TIMEOUT if the request should stop now."""
+        if self._cancelled.is_set():
+            raise CancelledError("request cancelled")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineError("request passed its deadline")
+
+    def emit(self, data: p.Params, blobs: tuple[bytes, ...] = ()) -> None:
+        """Send one chunk of a streaming reply; raises if the request should stop."""
+        self.check()
+        frames = p.encode(p.Chunk(self.rid, self.seq, data, blobs))
+        self.seq += 1
+        self._post(self.peer, frames, self)
+
+
+def memory_in_use_bytes() -> int:
+    """Resident set size of this process."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Runtime:
+    def __init__(
+        self,
+        manager: Manager,
+        router: Router,
+        *,
+        modality: str,
+        instance: int,
+        slots: int = 1,
+        queue_size: int = 16,
+        heartbeat_interval_s: float = 0.5,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        self.manager = manager
+        self.router = router
+        self.modality = modality
+        self.instance = instance
+        self.slots = max(1, slots)
+        self.queue_size = max(0, queue_size)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.drain_timeout_s = drain_timeout_s
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._peers: dict[bytes, float] = {}
+        self._queued: collections.deque[RequestContext] = collections.deque()
+        self._active: dict[tuple[bytes, int], RequestContext] = {}
+        self._cond = threading.Condition()
+        self._outbox: queue.Queue[tuple[bytes, list[bytes], RequestContext | None]] = queue.Queue(
+            OUTBOX_MESSAGES
+        )
+        self._stalled: dict[bytes, collections.deque[list[bytes]]] = {}
+        self._stalled_count = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+        self._draining_since: float | None = None
+        self._stop_workers = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"{modality}-worker-{i}", daemon=True)
+            for i in range(self.slots)
+        ]
+        router.watch_fd(self._wake_r)
+
+    @property
+    def wake_fd(self) -> int:
+        """A non-blocking fd that wakes the I/O loop when written (e.g. signal.set_wakeup_fd)."""
+        return self._wake_w
+
+    # -- worker side -------------------------------------------------------
+
+    def _post(self, peer: bytes, frames: list[bytes], ctx: RequestContext | None) -> None:
+        """Hand frames to the I/O thread.  Chunks wait for room but give up on cancel."""
+        while True:
+            try:
+                self._outbox.put((peer, frames, ctx), timeout=0.05)
+                break
+            except queue.Full:
+                if ctx is not None:
+                    ctx.check()
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queued and not self._stop_workers:
+                    self._cond.wait()
+                if self._stop_workers:
+                    return
+                ctx = self._queued.popleft()
+                self._active[ctx.key] = ctx
+            try:
+                terminal = self.run_request(ctx)
+            finally:
+                with self._cond:
+                    self._active.pop(ctx.key, None)
+            self._post(ctx.peer, p.encode(terminal), None)
+
+    def run_request(self, ctx: RequestContext) -> p.Result | p.Error:
+        """Run one request and return its terminal message: the one blind except."""
+        try:
+            ctx.check()
+            reply = self.manager.handle(ctx)
+            if ctx.cancelled:
+                raise CancelledError("request cancelled")
+            return p.Result(ctx.rid, reply.data, reply.blobs)
+        except AllmError as exc:
+            return p.Error(ctx.rid, exc.code, exc.message, exc.reason, exc.param)
+        except MemoryError as exc:
+            detail = f": {exc}" if str(exc) else ""
+            return p.Error(ctx.rid, Code.OOM_RAM, f"out of host memory in {ctx.op!r}{detail}")
+        except Exception as exc:
+            log.exception("request %s op %r failed", ctx.rid, ctx.op)
+            return p.Error(ctx.rid, Code.INTERNAL, f"internal error in {ctx.op!r}: {exc!r}")
+
+    # -- I/O thread ----------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until asked to stop (SIGTERM), then drain and return."""
+        for worker in self._workers:
+            worker.start()
+        next_heartbeat = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if self._draining_since is not None and self._drained(now, self._draining_since):
+                    break
+                if now >= next_heartbeat:
+                    self._heartbeat_all()
+                    next_heartbeat = now + self.heartbeat_interval_s
+                timeout_s = next_heartbeat - now
+                if self._stalled_count:
+                    timeout_s = min(timeout_s, 0.001)
+                ready = self.router.poll(max(0, int(timeout_s * 1000)))
+                if self._wake_r in ready:
+                    self._wake_pending = False
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                if self.router.socket in ready:
+                    self._receive_all()
+                self._flush()
+                self._expire_queued()
+        finally:
+            self._stop()
+
+    def begin_drain(self) -> None:
+        if self._draining_since is None:
+            self._draining_since = time.monotonic()
+            log.info("draining: %d active, %d queued", len(self._active), len(self._queued))
+
+    def _drained(self, now: float, since: float) -> bool:
+        with self._cond:
+            busy = bool(self._active or self._queued)
+            if busy and now - since > self.drain_timeout_s:
+                for ctx in [*self._active.values(), *self._queued]:
+                    ctx.cancel()
+                self._cancel_queued_locked(lambda _ctx: True, "manager is shutting down")
+        return not busy and self._outbox.empty() and not self._stalled_count
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._stop_workers = True
+            self._cond.notify_all()
+        self._heartbeat_all()
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _receive_all(self) -> None:
+        router = self.router
+        while (got := router.recv()) is not None:
+            peer, frames = got
+            self._peers[peer] = time.monotonic()
+            try:
+                msg = p.decode(frames)
+            except p.ProtocolError as exc:
+                log.warning("bad frame from peer %s: %s", peer.hex(), exc.message)
+                self._send(peer, p.encode(p.Error(exc.rid, Code.UNSUPPORTED, exc.message, exc.reason)))
+                continue
+            match msg:
+                case p.Request():
+                    self._admit(peer, msg)
+                case p.Cancel():
+                    self._cancel(peer, msg.rid)
+                case p.Hello():
+                    self._send(peer, p.encode(self.heartbeat()))
+                case _:
+                    text = f"a manager does not accept {type(msg).__name__} messages"
+                    self._send(peer, p.encode(p.Error(0, Code.UNSUPPORTED, text, "bad_kind")))
+
+    def _admit(self, peer: bytes, req: p.Request) -> None:
+        deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms > 0 else None
+        ctx = RequestContext(peer, req, deadline, self._post)
+        if self._draining_since is not None:
+            self._reply_error(ctx, InternalError("manager is shutting down", reason=REASON_DRAINING))
+            return
+        if req.op in self.manager.inline_ops:
+            self._send(peer, p.encode(self.run_request(ctx)))
+            return
+        error: AllmError
+        with self._cond:
+            if ctx.key in self._active or any(q.key == ctx.key for q in self._queued):
+                error = UnsupportedError(f"request id {req.rid} is already in flight")
+            elif len(self._active) + len(self._queued) >= self.slots + self.queue_size:
+                error = DeadlineError(
+                    f"the {self.modality} manager's queue is full "
+                    f"({self.slots} running, {self.queue_size} waiting)",
+                    reason=REASON_QUEUE_FULL,
+                )
+            else:
+                self._queued.append(ctx)
+                self._cond.notify()
+                return
+        self._reply_error(ctx, error)
+
+    def _reply_error(self, ctx: RequestContext, exc: AllmError) -> None:
+        self._send(ctx.peer, p.encode(p.Error(ctx.rid, exc.code, exc.message, exc.reason, exc.param)))
+
+    def _cancel(self, peer: bytes, rid: int) -> None:
+        with self._cond:
+            active = self._active.get((peer, rid))
+            if active is not None:
+                active.cancel()  # the worker sends the terminal when the handler stops
+                return
+            self._cancel_queued_locked(lambda ctx: ctx.key == (peer, rid), "request cancelled")
+
+    def _cancel_queued_locked(self, match: Callable[[RequestContext], bool], text: str) -> None:
+        keep: collections.deque[RequestContext] = collections.deque()
+        for ctx in self._queued:
+            if match(ctx):
+                self._send(ctx.peer, p.encode(p.Error(ctx.rid, Code.CANCELLED, text)))
+            else:
+                keep.append(ctx)
+        self._queued = keep
+
+    def _expire_queued(self) -> None:
+        if not self._queued:
+            return
+        now = time.monotonic()
+        with self._cond:
+            expired = [c for c in self._queued if c.deadline is not None and now > c.deadline]
+            for ctx in expired:
+                self._queued.remove(ctx)
+                self._reply_error(ctx, DeadlineError("request passed its deadline while queued"))
+
+    def _forget_peer(self, peer: bytes) -> None:
+        """The peer disconnected: stop its work, nobody is listening."""
+        self._peers.pop(peer, None)
+        dropped = self._stalled.pop(peer, None)
+        if dropped:
+            self._stalled_count -= len(dropped)
+        with self._cond:
+            for ctx in self._active.values():
+                if ctx.peer == peer:
+                    ctx.cancel()
+            self._queued = collections.deque(c for c in self._queued if c.peer != peer)
+
+    def _send(self, peer: bytes, frames: list[bytes]) -> None:
+        """Send now, or hold back behind frames already waiting for this peer."""
+        held = self._stalled.get(peer)
+        if held is not None:
+            held.append(frames)
+            self._stalled_count += 1
+            return
+        result = self.router.send(peer, frames)
+        if result is Sent.FULL:
+            self._stalled[peer] = collections.deque([frames])
+            self._stalled_count += 1
+        elif result is Sent.GONE:
+            self._forget_peer(peer)
+
+    def _flush(self) -> None:
+        for peer in list(self._stalled):
+            held = self._stalled[peer]
+            while held:
+                result = self.router.send(peer, held[0])
+                if result is Sent.FULL:
+                    break
+                held.popleft()
+                self._stalled_count -= 1
+                if result is Sent.GONE:
+                    self._forget_peer(peer)
+                    break
+            else:
+                del self._stalled[peer]
+        # Stop taking from workers while too much is held back: they then block.
+        while self._stalled_count < STALLED_MESSAGES:
+            try:
+                peer, frames, _ctx = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if peer in self._peers:
+                self._send(peer, frames)
+
+    def heartbeat(self) -> p.Heartbeat:
+        with self._cond:
+            active, queued = len(self._active), len(self._queued)
+        return p.Heartbeat(
+            pid=os.getpid(),
+            incarnation=self.incarnation,
+            modality=self.modality,
+            instance=self.instance,
+            models=self.manager.models(),
+            active=active,
+            queued=queued,
+            capacity=self.slots + self.queue_size,
+            memory_bytes=memory_in_use_bytes(),
+            draining=self._draining_since is not None,
+        )
+
+    def _heartbeat_all(self) -> None:
+        now = time.monotonic()
+        frames = p.encode(self.heartbeat())
+        for peer, seen in list(self._peers.items()):
+            if now - seen > PEER_TTL_S:
+                del self._peers[peer]
+            # A heartbeat is never worth holding back: skip a full peer.
+            elif peer not in self._stalled and self.router.send(peer, frames) is Sent.GONE:
+                self._forget_peer(peer)
+
+
+# -- process entry point -------------------------------------------------------
+
+
+def _linux_prctl(option: int, arg: int | bytes) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(option, arg, 0, 0, 0)
+
+
+def _bind_to_parent() -> None:
+    """Die with the supervisor, so no manager outlives it (Linux: PR_SET_PDEATHSIG)."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    _linux_prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != parent:  # it died before the line above took effect
+        sys.exit(0)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="allm-manager", description=__doc__)
+    parser.add_argument("modality", help="the modality this manager serves (shows in ps)")
+    parser.add_argument("--module", required=True, help="the manager module, from the registry")
+    parser.add_argument("--endpoint", required=True, help="ipc://path or tcp://host:port to bind")
+    parser.add_argument("--instance", type=int, default=0)
+    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--queue-size", type=int, default=16)
+    parser.add_argument("--heartbeat-interval-s", type=float, default=0.5)
+    parser.add_argument("--drain-timeout-s", type=float, default=10.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    name = f"{args.modality}#{args.instance}"
+    logging.basicConfig(
+        level=os.environ.get("ALLM_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+    )
+    _bind_to_parent()
+    _linux_prctl(15, f"allm-{args.modality}-{args.instance}".encode()[:15])  # PR_SET_NAME
+    settings: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV) or "{}")
+    module = importlib.import_module(args.module)
+    info = ManagerInfo(args.modality, args.instance, args.slots, settings)
+    manager: Manager = module.create(info)
+    router = Router(args.endpoint)
+    runtime = Runtime(
+        manager,
+        router,
+        modality=args.modality,
+        instance=args.instance,
+        slots=args.slots,
+        queue_size=args.queue_size,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        drain_timeout_s=args.drain_timeout_s,
+    )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        runtime.begin_drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    # Under our supervisor, Ctrl-C reaches the whole process group: the
+    # supervisor decides when we stop, not the terminal.
+    if os.environ.get(PARENT_ENV):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGINT, on_signal)
+    # Wake the poll at once on a signal instead of at the next heartbeat.
+    signal.set_wakeup_fd(runtime.wake_fd)
+    log.info("serving %s on %s (pid %d)", args.module, args.endpoint, os.getpid())
+    try:
+        runtime.serve()
+    finally:
+        signal.set_wakeup_fd(-1)
+        runtime.close()
+        manager.close()
+        router.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

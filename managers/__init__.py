@@ -1,0 +1,1 @@
+"""allm's modality managers, one subpackage each, run by kernel.runtime."""

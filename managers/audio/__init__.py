@@ -1,0 +1,1 @@
+"""The audio manager: whisper.cpp speech to text (arrives with its issue)."""

@@ -1,0 +1,1 @@
+"""The text manager: GGUF through llama.cpp, safetensors directories through their own engine."""

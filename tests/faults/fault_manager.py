@@ -1,0 +1,86 @@
+"""A manager for fault tests: on command it crashes, hangs, leaks or streams slowly.
+
+It is handed to the supervisor explicitly by the tests and runs as a real
+subprocess under the real runtime; nothing in it is a mock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import threading
+import time
+
+from kernel.codes import UnsupportedError
+from kernel.runtime import ManagerInfo, Reply, RequestContext
+
+
+class FaultManager:
+    inline_ops = frozenset({"ping"})
+
+    def __init__(self, info: ManagerInfo) -> None:
+        self.info = info
+        self._lock = threading.Lock()
+        self.stream_log: dict[str, int] = {}  # stream tag → chunks sent before it stopped
+
+    def models(self) -> tuple[str, ...]:
+        return ("fault-model",)
+
+    def close(self) -> None:
+        pass
+
+    def handle(self, ctx: RequestContext) -> Reply:
+        params = ctx.params
+        match ctx.op:
+            case "ping":
+                return Reply({"pong": True, "pid": os.getpid()})
+            case "echo":
+                return Reply({"echo": params, "pid": os.getpid()}, ctx.blobs)
+            case "stream":
+                return self._stream(ctx, int(params.get("n", 10)), float(params.get("interval_s", 0)))
+            case "stream_log":
+                with self._lock:
+                    return Reply({"log": dict(self.stream_log)})
+            case "segfault":
+                ctypes.string_at(0)
+            case "abort":
+                os.abort()
+            case "exit":
+                os._exit(int(params.get("status", 3)))
+            case "memory_error":
+                raise MemoryError("test allocation refused")
+            case "allocate":
+                hoard = []
+                while True:  # until the supervisor's memory cap kills us
+                    hoard.append(b"\x01" * (16 * 1024 * 1024))
+                    time.sleep(0.002)
+            case "hang_gil":
+                # Catastrophic backtracking holds the GIL: no heartbeat can leave.
+                re.match(r"(a+)+$", "a" * 64 + "b")
+            case "sigstop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            case "sleep":
+                time.sleep(float(params.get("seconds", 1.0)))  # deaf to cancel on purpose
+                return Reply({"slept": True})
+        raise UnsupportedError(f"the fault manager has no operation {ctx.op!r}")
+
+    def _stream(self, ctx: RequestContext, n: int, interval_s: float) -> Reply:
+        tag = str(ctx.params.get("tag", ""))
+        sent = 0
+        try:
+            for i in range(n):
+                ctx.emit({"i": i})
+                sent += 1
+                if interval_s:
+                    time.sleep(interval_s)
+        finally:
+            if tag:
+                with self._lock:
+                    self.stream_log[tag] = sent
+        return Reply({"sent": sent})
+
+
+def create(info: ManagerInfo) -> FaultManager:
+    return FaultManager(info)

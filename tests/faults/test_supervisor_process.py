@@ -1,0 +1,68 @@
+"""The supervisor as a process: names its children, stops cleanly, leaves no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import ROOT, Cluster, process_gone
+
+
+def test_ps_shows_which_manager_is_which(cluster: Cluster):
+    for name, modality in (("fault#0", "fault"), ("other#0", "other")):
+        proc = psutil.Process(cluster.pid(name))
+        cmdline = proc.cmdline()
+        assert cmdline[1:4] == ["-m", "kernel.runtime", modality]
+        assert proc.name() == f"allm-{modality}-0"
+
+
+def _start_host(runtime_dir: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    host = subprocess.Popen(
+        [sys.executable, "-m", "tests.faults.supervisor_host", str(runtime_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert host.stdout is not None
+    line = host.stdout.readline().split()
+    assert line[:1] == ["ready"], line
+    pids = [int(pid) for pid in line[1:]]
+    assert len(pids) == 2
+    assert all(psutil.Process(pid).ppid() == host.pid for pid in pids)
+    return host, pids
+
+
+def _wait_gone(pids: list[int]) -> list[int]:
+    for _ in range(200):
+        alive = [pid for pid in pids if not process_gone(pid)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_supervisor_stops_cleanly_on_signal_with_no_orphans(signum, tmp_path):
+    host, pids = _start_host(tmp_path)
+    host.send_signal(signum)
+    out, _ = host.communicate(timeout=60)
+    assert host.returncode == 0
+    # A stop we asked for is not a crash: no manager has a last exit to report.
+    assert out.split() == ["stopped", "-", "-"]
+    assert _wait_gone(pids) == []
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_managers_die_with_a_killed_supervisor(tmp_path):
+    host, pids = _start_host(tmp_path)
+    host.kill()
+    host.communicate(timeout=30)
+    assert _wait_gone(pids) == []
