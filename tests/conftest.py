@@ -1,4 +1,4 @@
-"""Shared fixtures: no test may leave a process behind."""
+"""Shared fixtures: no test module may leave a process behind."""
 
 from __future__ import annotations
 
@@ -8,12 +8,26 @@ import psutil
 import pytest
 
 
-@pytest.fixture(autouse=True)
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline())}"
+    except psutil.Error:
+        return str(proc.pid)
+
+
+@pytest.fixture(autouse=True, scope="module")
 def no_leaked_processes():
-    """Fail a test that leaves a child process running."""
+    """Fail a module whose tests and fixtures leave a child process running."""
     yield
     me = psutil.Process(os.getpid())
-    left = [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    left = []
+    for child in me.children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                left.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    described = [_describe(c) for c in left]
     for child in left:
         child.kill()
-    assert not left, f"test leaked processes: {[(c.pid, c.cmdline()) for c in left]}"
+    assert not left, f"tests leaked processes: {described}"

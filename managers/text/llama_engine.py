@@ -1,0 +1,303 @@
+"""GGUF models through llama.cpp (llama-cpp-python): chat, completion, embeddings.
+
+Generation is driven token by token here rather than through the binding's
+``create_completion``, so that: each token leaves as it is produced; cancel
+is checked between tokens; ``max_tokens`` is a hard limit (the binding
+overshoots it while text ends mid UTF-8 sequence); usage is the tokenizer's
+count.  Every binding call that can fail is wrapped and raises a coded error.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from kernel.codes import InternalError, LoadFailedError, OomRamError, UnsupportedError
+from kernel.runtime import Reply, RequestContext
+from managers.text.generation import (
+    Sampling,
+    StopMatcher,
+    check_messages,
+    parse_tool_output,
+    plan_tools,
+    with_tool_prompt,
+)
+from managers.text.gguf_header import GGUFHeader
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+log = logging.getLogger("allm.text.llama")
+
+CONTEXT_EXCEEDED = "context_length_exceeded"
+
+# llama.cpp explains a failed load only in its log: keep the last lines.
+_LOG_LINES: collections.deque[str] = collections.deque(maxlen=50)
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _on_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", "replace").strip()
+    if line:
+        _LOG_LINES.append(line)
+
+
+llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
+
+
+def _llama_reason() -> str:
+    """The most telling recent llama.cpp log line."""
+    for line in reversed(_LOG_LINES):
+        if any(w in line.lower() for w in ("error", "failed", "invalid", "unknown", "not ")):
+            return line
+    return _LOG_LINES[-1] if _LOG_LINES else "no reason logged"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LlamaOptions:
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+
+    @classmethod
+    def from_settings(cls, options: Mapping[str, Any]) -> LlamaOptions:
+        threads = options.get("n_threads")
+        if threads is None:
+            # Leave a core for the manager's ZeroMQ I/O (ENGINE-NOTES.md).
+            threads = max(1, (os.cpu_count() or 2) - 1)
+        return cls(
+            n_ctx=int(options.get("n_ctx", cls.n_ctx)),
+            n_threads=int(threads),
+            n_gpu_layers=int(options.get("n_gpu_layers", 0)),
+        )
+
+
+def kv_cache_bytes(header: GGUFHeader, n_ctx: int) -> int:
+    """Memory the f16 key/value cache of a context of n_ctx tokens takes."""
+    layers = header.arch_int("block_count")
+    embd = header.arch_int("embedding_length")
+    heads = header.arch_int("attention.head_count") or 1
+    kv_heads = header.arch_int("attention.head_count_kv") or heads
+    return 2 * layers * n_ctx * (embd // heads) * kv_heads * 2
+
+
+class LlamaEngine:
+    """One GGUF model in one llama.cpp context; one request at a time."""
+
+    def __init__(self, model_id: str, header: GGUFHeader, options: LlamaOptions) -> None:
+        self.model_id = model_id
+        self.header = header
+        self.options = options
+        self.lock = threading.Lock()
+        self._embedder: llama_cpp.Llama | None = None
+        self.llm = self._load(embedding=False)
+        # llama.cpp may pad the context it allocates; the binding's buffers keep the asked size.
+        self.n_ctx = min(self.llm.n_ctx(), options.n_ctx)
+        meta = self.llm.metadata
+        template = meta.get("tokenizer.chat_template")
+        self._formatter = None
+        if template:
+            eos = self.llm.token_eos()
+            bos = self.llm.token_bos()
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._piece(eos),
+                bos_token=self._piece(bos) if bos >= 0 else "",
+                add_generation_prompt=True,
+                stop_token_ids=[eos],
+            )
+        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+
+    def _piece(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def _load(self, *, embedding: bool) -> llama_cpp.Llama:
+        _LOG_LINES.clear()
+        try:
+            return llama_cpp.Llama(
+                str(self.header.path),
+                n_ctx=self.options.n_ctx,
+                n_threads=self.options.n_threads,
+                n_threads_batch=self.options.n_threads,
+                n_gpu_layers=self.options.n_gpu_layers,
+                embedding=embedding,
+                # A causal model has no pooling of its own: average its token states.
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else -1,
+                verbose=False,
+            )
+        except MemoryError as exc:
+            raise OomRamError(f"out of host memory loading {self.model_id}") from exc
+        except ValueError as exc:
+            raise LoadFailedError(f"llama.cpp could not load {self.model_id}: {_llama_reason()}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()
+        if self._embedder is not None:
+            with contextlib.suppress(Exception):
+                self._embedder.close()
+
+    # -- operations ---------------------------------------------------------------
+
+    def chat(self, ctx: RequestContext) -> Reply:
+        messages = check_messages(ctx.params.get("messages"))
+        sampling = Sampling.from_params(ctx.params)
+        tools = plan_tools(ctx.params.get("tools"), ctx.params.get("tool_choice"))
+        if tools is not None:
+            messages = with_tool_prompt(messages, tools)
+            sampling = dataclasses.replace(sampling, json_schema=tools.schema, json_object=False)
+        if self._formatter is None:
+            raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
+        try:
+            prompt = self._formatter(messages=messages).prompt
+        except Exception as exc:
+            raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        reply = self._generate(ctx, tokens, sampling, stream=ctx.stream and tools is None, param="messages")
+        if tools is not None:
+            text, calls = parse_tool_output(reply.data["text"])
+            reply.data["text"] = text
+            reply.data["tool_calls"] = calls
+            if calls:
+                reply.data["finish_reason"] = "tool_calls"
+            elif ctx.stream and text:
+                ctx.emit({"text": text})
+        return reply
+
+    def complete(self, ctx: RequestContext) -> Reply:
+        prompt = ctx.params.get("prompt")
+        if not isinstance(prompt, str):
+            raise UnsupportedError("prompt must be a string", reason="invalid_request", param="prompt")
+        sampling = Sampling.from_params(ctx.params)
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=self._add_bos, special=False)
+        return self._generate(ctx, tokens, sampling, stream=ctx.stream, param="prompt")
+
+    def embed(self, ctx: RequestContext) -> Reply:
+        inputs = ctx.params.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
+            raise UnsupportedError(
+                "input must be a string or a list of strings", reason="invalid_request", param="input"
+            )
+        if self._embedder is None:
+            self._embedder = self._load(embedding=True)
+        vectors = []
+        used = 0
+        for text in inputs:
+            ctx.check()
+            tokens = self._embedder.tokenize(text.encode("utf-8"), add_bos=self._add_bos)
+            self._check_fits(len(tokens), 0, "input")
+            used += len(tokens)
+            vectors.append([float(x) for x in self._embedder.embed(text, normalize=True)])
+        return Reply({"embeddings": vectors, "usage": {"prompt_tokens": used}})
+
+    # -- generation ---------------------------------------------------------------
+
+    def _check_fits(self, n_prompt: int, n_min_new: int, param: str) -> None:
+        n_ctx = self.n_ctx
+        if n_prompt + n_min_new > n_ctx:
+            raise UnsupportedError(
+                f"the prompt is {n_prompt} tokens, but {self.model_id}'s context holds {n_ctx} tokens"
+                + (f" and {n_min_new} must be left for the reply" if n_min_new else ""),
+                reason=CONTEXT_EXCEEDED,
+                param=param,
+            )
+
+    def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
+        try:
+            if sampling.json_schema is not None:
+                return LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)
+            if sampling.json_object:
+                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+            raise UnsupportedError(
+                f"the JSON schema cannot be turned into a grammar: {exc}",
+                reason="invalid_request",
+                param="response_format",
+            ) from exc
+        return None
+
+    def _tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+        grammar = self._grammar(sampling)
+        if sampling.seed is not None:
+            # A reused prompt prefix is decoded in other batch shapes, which moves
+            # the logits by rounding: a seeded request starts from scratch to reproduce.
+            self.llm.reset()
+        self.llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+        try:
+            yield from self.llm.generate(
+                prompt,
+                temp=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0 if sampling.top_p < 1.0 else 40,
+                min_p=0.0,
+                repeat_penalty=1.0,
+                reset=True,
+                grammar=grammar,
+            )
+        except MemoryError as exc:
+            raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
+        except RuntimeError as exc:
+            raise InternalError(f"llama.cpp failed while generating: {exc}") from exc
+
+    def _generate(
+        self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str
+    ) -> Reply:
+        self._check_fits(len(prompt), 1, param)
+        room = self.n_ctx - len(prompt)
+        limit = min(sampling.max_tokens or room, room)
+        vocab = self.llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stopper = StopMatcher(sampling.stop)
+        parts: list[str] = []
+        generated = 0
+        finish = "length"
+        cut = False  # a stop sequence ended the text: what is held back is dropped
+        previous: list[int] = list(prompt[-4:])
+        with self.lock:
+            for token in self._tokens(prompt, sampling):
+                ctx.check()  # cancel and deadline: between every two tokens
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                generated += 1
+                piece = self.llm.detokenize([token], prev_tokens=previous)
+                previous = [*previous[-3:], token]
+                text, stopped = stopper.feed(decoder.decode(piece))
+                if text:
+                    parts.append(text)
+                    if stream:
+                        ctx.emit({"text": text})
+                if stopped:
+                    finish, cut = "stop", True
+                    break
+                if generated >= limit:
+                    break
+        tail = "" if cut else stopper.flush() + decoder.decode(b"", final=True)
+        if tail:
+            parts.append(tail)
+            if stream:
+                ctx.emit({"text": tail})
+        return Reply(
+            {
+                "text": "".join(parts),
+                "finish_reason": finish,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated},
+                "model": self.model_id,
+            }
+        )

@@ -1,0 +1,81 @@
+"""The text manager: routes chat, completion and embedding requests to the model's engine.
+
+Settings (from the supervisor)::
+
+    {"models": [{"id", "path", "format"?, "options"?}, ...],
+     "memory_budget_bytes": int | None, "idle_unload_s": float | None}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kernel.codes import UnsupportedError
+from kernel.runtime import ManagerInfo, Reply, RequestContext
+from managers.text.detect import Format, detect
+from managers.text.gguf_header import read_header
+from managers.text.pool import ModelEntry, ModelPool, Plan
+
+# Never reach for a model hub: a path that does not exist is an error, not a repo id.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = logging.getLogger("allm.text")
+
+OVERHEAD_BYTES = 96 * 1024 * 1024  # compute buffers and bookkeeping beside weights and cache
+
+
+def plan_load(entry: ModelEntry) -> Plan:
+    """Detect the format, check the files and estimate memory, before any engine runs."""
+    detected = detect(entry.path, Format(entry.format) if entry.format else None)
+    if detected.format is Format.GGUF:
+        from managers.text.llama_engine import LlamaEngine, LlamaOptions, kv_cache_bytes
+
+        header = read_header(detected.path)
+        options = LlamaOptions.from_settings(entry.options)
+        estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
+        return Plan(estimate, lambda: LlamaEngine(entry.id, header, options))
+    raise UnsupportedError(f"{entry.id}: the safetensors engine is not available yet ({detected.path})")
+
+
+class TextManager:
+    inline_ops = frozenset({"models"})
+
+    def __init__(self, info: ManagerInfo) -> None:
+        settings = info.settings
+        entries = [ModelEntry.from_settings(raw) for raw in settings.get("models", [])]
+        self.pool = ModelPool(
+            {e.id: e for e in entries},
+            plan_load,
+            budget_bytes=settings.get("memory_budget_bytes"),
+            idle_unload_s=settings.get("idle_unload_s"),
+        )
+
+    def models(self) -> tuple[str, ...]:
+        return self.pool.loaded()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def handle(self, ctx: RequestContext) -> Reply:
+        if ctx.op == "models":
+            loaded = set(self.pool.loaded())
+            listing: list[dict[str, Any]] = [
+                {"id": m, "state": "loaded" if m in loaded else "available"} for m in self.pool.catalog
+            ]
+            return Reply({"models": listing})
+        if ctx.op == "unload":
+            return Reply({"unloaded": self.pool.unload(ctx.model)})
+        if ctx.op not in ("chat", "complete", "embed", "load"):
+            raise UnsupportedError(f"the text manager has no operation {ctx.op!r}")
+        with self.pool.use(ctx.model) as engine:
+            if ctx.op == "load":
+                return Reply({"loaded": ctx.model})
+            result: Reply = getattr(engine, ctx.op)(ctx)
+            return result
+
+
+def create(info: ManagerInfo) -> TextManager:
+    return TextManager(info)

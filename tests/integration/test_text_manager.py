@@ -1,0 +1,246 @@
+"""The text manager on real models through the kernel: SmolLM2 for real output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import pytest_asyncio
+
+from kernel.client import KernelClient
+from kernel.codes import AllmError, Code
+from tests.model_files import smollm2_path, truncated_copy
+
+from .conftest import text_manager
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SMOL = "smollm2"
+BRIEF = {"role": "system", "content": "Answer in one short sentence."}
+MIB = 1024 * 1024
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def text(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("models")
+    corrupt = truncated_copy(smollm2_path(), tmp / "cut.gguf", 30 * MIB)
+    notes = tmp / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("no model here")
+    settings = {
+        "models": [
+            {"id": SMOL, "path": str(smollm2_path()), "options": {"n_ctx": 2048}},
+            {"id": "smol-small-ctx", "path": str(smollm2_path()), "options": {"n_ctx": 64}},
+            {"id": "smol-huge-ctx", "path": str(smollm2_path()), "options": {"n_ctx": 131072}},
+            {"id": "cut", "path": str(corrupt)},
+            {"id": "not-a-model", "path": str(notes)},
+        ],
+        "memory_budget_bytes": 600 * MIB,
+    }
+    async with text_manager(settings) as (client, supervisor):
+        yield client, supervisor
+
+
+async def chat(client: KernelClient, content: str, model: str = SMOL, **params):
+    messages = [BRIEF, {"role": "user", "content": content}]
+    return (await client.call("text", "chat", model=model, params={"messages": messages, **params})).data
+
+
+async def test_smollm2_knows_the_capital_of_france(text):
+    client, _ = text
+    reply = await chat(client, "What is the capital of France?", temperature=0, max_tokens=30)
+    assert "Paris" in reply["text"]
+    assert reply["finish_reason"] == "stop"
+    assert reply["usage"]["prompt_tokens"] > 10
+    assert 0 < reply["usage"]["completion_tokens"] <= 30
+
+
+async def test_stream_chunks_add_up_to_the_result(text):
+    client, _ = text
+    params = {
+        "messages": [{"role": "user", "content": "Tell me about cats."}],
+        "temperature": 0,
+        "max_tokens": 24,
+    }
+    async with client.stream("text", "chat", model=SMOL, params=params) as s:
+        pieces = [chunk.data["text"] async for chunk in s]
+    assert s.result is not None
+    assert len(pieces) > 5  # token by token, not one buffered piece
+    assert "".join(pieces) == s.result.data["text"]
+    assert s.result.data["usage"]["completion_tokens"] == 24
+    assert s.result.data["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 9])
+async def test_max_tokens_is_a_hard_limit(text, limit):
+    client, _ = text
+    reply = await chat(client, "Write a long story about the sea.", temperature=1.0, max_tokens=limit, seed=3)
+    assert reply["usage"]["completion_tokens"] == limit
+    assert reply["finish_reason"] == "length"
+
+
+async def test_stop_sequence_cuts_the_text_before_it(text):
+    client, _ = text
+    free = await chat(client, "List three fruits.", temperature=0, max_tokens=30)
+    words = free["text"].split()
+    assert len(words) > 3
+    stop = words[2]
+    cut = await chat(client, "List three fruits.", temperature=0, max_tokens=30, stop=[stop])
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == free["text"][: free["text"].index(stop)]
+    assert stop not in cut["text"]
+
+
+async def test_same_seed_same_text_other_seed_other_text(text):
+    client, _ = text
+    runs = [
+        await chat(client, "Invent a name for a dog.", temperature=1.5, max_tokens=16, seed=s)
+        for s in (1, 1, 2)
+    ]
+    assert runs[0]["text"] == runs[1]["text"]
+    assert runs[0]["text"] != runs[2]["text"]
+
+
+async def test_completion_continues_a_prompt(text):
+    client, _ = text
+    reply = await client.call(
+        "text",
+        "complete",
+        model=SMOL,
+        params={"prompt": "The capital of France is", "temperature": 0, "max_tokens": 4},
+    )
+    assert "Paris" in reply.data["text"]
+    assert reply.data["usage"]["prompt_tokens"] == 5
+
+
+async def test_a_prompt_longer_than_the_context_is_refused_naming_both_lengths(text):
+    client, _ = text
+    with pytest.raises(AllmError) as info:
+        await chat(client, "word " * 200, model="smol-small-ctx")
+    assert info.value.code is Code.UNSUPPORTED
+    assert info.value.reason == "context_length_exceeded"
+    assert "context holds 64 tokens" in info.value.message
+    assert "the prompt is 2" in info.value.message
+
+
+async def test_json_schema_output_parses_against_the_schema(text):
+    client, _ = text
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    reply = await chat(
+        client,
+        "Describe a person.",
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_schema", "schema": schema},
+    )
+    data = json.loads(reply["text"])
+    assert set(data) == {"name", "age"}
+    assert isinstance(data["name"], str)
+    assert isinstance(data["age"], int)
+
+
+async def test_a_required_tool_call_comes_back_structured(text):
+    client, _ = text
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    reply = await chat(
+        client,
+        "What is the weather in Paris?",
+        temperature=0,
+        max_tokens=60,
+        tools=[tool],
+        tool_choice="required",
+    )
+    assert reply["finish_reason"] == "tool_calls"
+    [call] = reply["tool_calls"]
+    assert call["name"] == "get_weather"
+    assert isinstance(json.loads(call["arguments"])["city"], str)
+
+
+async def test_embeddings_are_unit_vectors_of_the_model_width(text):
+    client, _ = text
+    reply = await client.call(
+        "text", "embed", model=SMOL, params={"input": ["a cat", "quantum chromodynamics"]}
+    )
+    first, second = reply.data["embeddings"]
+    assert len(first) == len(second) == 576
+    assert math.isclose(sum(x * x for x in first), 1.0, rel_tol=1e-3)
+    assert first != second
+    assert reply.data["usage"]["prompt_tokens"] >= 4
+
+
+async def test_cancel_stops_generation_and_frees_the_manager(text):
+    client, _ = text
+    params = {
+        "messages": [{"role": "user", "content": "Write a very long essay."}],
+        "max_tokens": 1500,
+        "temperature": 1.0,
+    }
+    async with client.stream("text", "chat", model=SMOL, params=params) as s:
+        async for _chunk in s:
+            break
+    for _ in range(100):
+        hb = client.instances()[0].heartbeat
+        if hb is not None and hb.active == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert hb is not None
+    assert hb.active == 0
+    assert (
+        "Paris"
+        in (await chat(client, "What is the capital of France?", temperature=0, max_tokens=30))["text"]
+    )
+
+
+async def test_a_corrupt_model_is_model_corrupt_and_others_keep_serving(text):
+    client, supervisor = text
+    pid = supervisor.status()[0].pid
+    with pytest.raises(AllmError) as info:
+        await chat(client, "hi", model="cut")
+    assert info.value.code is Code.MODEL_CORRUPT
+    assert "truncated" in info.value.message
+    with pytest.raises(AllmError) as info:
+        await chat(client, "hi", model="not-a-model")
+    assert info.value.code is Code.FORMAT_MISMATCH
+    assert (await chat(client, "Say hi.", max_tokens=4))["usage"]["completion_tokens"] > 0
+    assert supervisor.status()[0].pid == pid
+
+
+async def test_a_model_that_cannot_fit_is_oom_ram_with_both_figures(text):
+    client, _ = text
+    with pytest.raises(AllmError) as info:
+        await chat(client, "hi", model="smol-huge-ctx")
+    assert info.value.code is Code.OOM_RAM
+    assert "needs about" in info.value.message
+    assert "budget of 600 MiB" in info.value.message
+
+
+async def test_a_model_outside_the_catalog_is_refused(text):
+    client, _ = text
+    with pytest.raises(AllmError) as info:
+        await chat(client, "hi", model="gpt-17")
+    assert info.value.reason == "model_not_found"
+
+
+async def test_least_recently_used_model_is_unloaded_to_make_room(text):
+    client, _ = text
+    await chat(client, "hi", max_tokens=2)
+    await chat(client, "hi", model="smol-small-ctx", max_tokens=2)
+    # Both fit the 600 MiB budget together; a third copy of the weights would not.
+    models = (await client.call("text", "models")).data["models"]
+    assert {m["id"] for m in models if m["state"] == "loaded"} == {SMOL, "smol-small-ctx"}
