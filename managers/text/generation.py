@@ -212,8 +212,12 @@ def plan_tools(tools: Any, tool_choice: Any) -> ToolPlan | None:
     return ToolPlan(system_text, schema)
 
 
-def with_tool_prompt(messages: list[dict[str, Any]], plan: ToolPlan) -> list[dict[str, Any]]:
-    """Put the tool description into the system message and render tool traffic as text."""
+def with_tool_prompt(messages: list[dict[str, Any]], plan: ToolPlan | None) -> list[dict[str, Any]]:
+    """Render tool traffic as text and, with a plan, describe the tools in the system message.
+
+    Chat templates of small models know nothing of tool roles or tool_calls;
+    the generic scheme shows them to the model as the JSON it was asked for.
+    """
     out: list[dict[str, Any]] = []
     for msg in messages:
         if msg["role"] == "tool":
@@ -226,6 +230,8 @@ def with_tool_prompt(messages: list[dict[str, Any]], plan: ToolPlan) -> list[dic
             out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls})})
         else:
             out.append({"role": msg["role"], "content": msg["content"]})
+    if plan is None:
+        return out
     if out and out[0]["role"] == "system":
         out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + plan.system_text}
     else:

@@ -67,22 +67,34 @@ def _llama_reason() -> str:
     return _LOG_LINES[-1] if _LOG_LINES else "no reason logged"
 
 
+DEFAULT_N_CTX = 4096
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class LlamaOptions:
-    n_ctx: int = 4096
+    n_ctx: int = DEFAULT_N_CTX
     n_threads: int | None = None
     n_gpu_layers: int = 0
 
     @classmethod
-    def from_settings(cls, options: Mapping[str, Any]) -> LlamaOptions:
-        threads = options.get("n_threads")
-        if threads is None:
-            # Leave a core for the manager's ZeroMQ I/O (ENGINE-NOTES.md).
-            threads = max(1, (os.cpu_count() or 2) - 1)
+    def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
+        unknown = set(options) - {"n_ctx", "n_threads", "n_gpu_layers"}
+        if unknown:
+            raise LoadFailedError(f"{model_id}: unknown llama.cpp option(s) {sorted(unknown)}")
+
+        def count(key: str, default: int, minimum: int) -> int:
+            value = options.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LoadFailedError(
+                    f"{model_id}: option {key} must be an integer ≥ {minimum}, got {value!r}"
+                )
+            return value
+
+        # By default leave a core for the manager's ZeroMQ I/O (ENGINE-NOTES.md).
         return cls(
-            n_ctx=int(options.get("n_ctx", cls.n_ctx)),
-            n_threads=int(threads),
-            n_gpu_layers=int(options.get("n_gpu_layers", 0)),
+            n_ctx=count("n_ctx", DEFAULT_N_CTX, 16),
+            n_threads=count("n_threads", max(1, (os.cpu_count() or 2) - 1), 1),
+            n_gpu_layers=count("n_gpu_layers", 0, -1),
         )
 
 
@@ -157,8 +169,9 @@ class LlamaEngine:
         messages = check_messages(ctx.params.get("messages"))
         sampling = Sampling.from_params(ctx.params)
         tools = plan_tools(ctx.params.get("tools"), ctx.params.get("tool_choice"))
-        if tools is not None:
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             messages = with_tool_prompt(messages, tools)
+        if tools is not None:
             sampling = dataclasses.replace(sampling, json_schema=tools.schema, json_object=False)
         if self._formatter is None:
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")

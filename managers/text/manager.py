@@ -34,7 +34,7 @@ def plan_load(entry: ModelEntry) -> Plan:
         from managers.text.llama_engine import LlamaEngine, LlamaOptions, kv_cache_bytes
 
         header = read_header(detected.path)
-        options = LlamaOptions.from_settings(entry.options)
+        options = LlamaOptions.from_settings(entry.id, entry.options)
         estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(estimate, lambda: LlamaEngine(entry.id, header, options))
     raise UnsupportedError(f"{entry.id}: the safetensors engine is not available yet ({detected.path})")

@@ -1,0 +1,267 @@
+"""Chat Completions, Completions and Embeddings: the compatibility APIs.
+
+POST /v1/chat/completions   chat.completion, or chat.completion.chunk lines ending in [DONE]
+POST /v1/completions        text_completion
+POST /v1/embeddings         a list of embeddings (float or base64)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from kernel.client import KernelClient
+from kernel.codes import AllmError
+from sanic import Blueprint, HTTPResponse, Request
+from sanic import json as json_response
+
+from gateway.errors import bad_field, describe
+from gateway.fields import json_body, model_for, optional, sampling, text_of, tools_of
+
+bp = Blueprint("chat", url_prefix="/v1")
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def chat_messages(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not raw:
+        raise bad_field("messages", "'messages' must be a non-empty list")
+    out = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            raise bad_field(f"messages[{i}].role", f"each message needs a role, one of {list(ROLES)}")
+        clean: dict[str, Any] = {
+            "role": msg["role"],
+            "content": text_of(msg.get("content"), f"messages[{i}].content"),
+        }
+        if msg.get("tool_calls"):
+            clean["tool_calls"] = msg["tool_calls"]
+        if msg.get("tool_call_id"):
+            clean["tool_call_id"] = msg["tool_call_id"]
+        out.append(clean)
+    return out
+
+
+def response_format(raw: Any) -> dict[str, Any] | None:
+    """OpenAI's response_format → the manager's {"type", "schema"}."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_field("response_format", "response_format.type must be text, json_object or json_schema")
+    if raw["type"] != "json_schema":
+        return {"type": raw["type"]}
+    spec = raw.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise bad_field("response_format.json_schema", "json_schema needs a 'schema' object")
+    return {"type": "json_schema", "schema": spec["schema"]}
+
+
+def usage(data: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = data["usage"]["prompt_tokens"], data["usage"]["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def tool_calls(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for c in data.get("tool_calls") or []
+    ]
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def stream_error(response: Any, exc: Exception) -> None:
+    """After the stream began, an error is one data line, then [DONE]."""
+    _status, payload, _headers = describe(exc)
+    await response.send(sse(payload) + "data: [DONE]\n\n")
+
+
+@bp.post("/chat/completions")
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    config, client = request.app.ctx.config, request.app.ctx.client
+    payload = json_body(request)
+    model = model_for(config, payload, "text")
+    params: dict[str, Any] = {
+        "messages": chat_messages(payload.get("messages")),
+        **sampling(payload, max_tokens_keys=("max_tokens", "max_completion_tokens")),
+        **tools_of(payload),
+    }
+    fmt = response_format(payload.get("response_format"))
+    if fmt is not None:
+        params["response_format"] = fmt
+    created = int(time.time())
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    if not optional(payload, "stream", bool):
+        result = await client.call(
+            "text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s
+        )
+        data = result.data
+        calls = tool_calls(data)
+        message: dict[str, Any] = {"role": "assistant", "content": data["text"] if not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        return json_response(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model.id,
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": data["finish_reason"], "logprobs": None}
+                ],
+                "usage": usage(data),
+                "system_fingerprint": None,
+            }
+        )
+
+    options = optional(payload, "stream_options", dict) or {}
+    include_usage = bool(options.get("include_usage"))
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        return sse(
+            {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        )
+
+    await _stream_text(
+        request,
+        client,
+        op="chat",
+        model_id=model.id,
+        params=params,
+        timeout_s=config.request_timeout_s,
+        first=chunk({"role": "assistant", "content": ""}),
+        delta=lambda text: chunk({"content": text}),
+        finish=lambda data: _chat_finish(data, chunk, base, include_usage),
+    )
+    return None
+
+
+def _chat_finish(
+    data: dict[str, Any], chunk: Callable[..., str], base: dict[str, Any], include_usage: bool
+) -> str:
+    out = ""
+    calls = tool_calls(data)
+    if calls:
+        out += chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+    out += chunk({}, data["finish_reason"])
+    if include_usage:
+        out += sse({**base, "choices": [], "usage": usage(data)})
+    return out + "data: [DONE]\n\n"
+
+
+async def _stream_text(
+    request: Request,
+    client: KernelClient,
+    *,
+    op: str,
+    model_id: str,
+    params: dict[str, Any],
+    timeout_s: float,
+    first: str,
+    delta: Callable[[str], str],
+    finish: Callable[[dict[str, Any]], str],
+) -> None:
+    """Run a streaming generation as data: lines; errors before the first byte stay HTTP errors."""
+    async with client.stream("text", op, model=model_id, params=params, timeout_s=timeout_s) as stream:
+        pieces = aiter(stream)
+        # Wait for the first token before answering: a request the engine refuses
+        # at once (context too long, model broken) is still a plain HTTP error.
+        opening = await anext(pieces, None)
+        response = await request.respond(
+            content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        await response.send(first + (delta(opening.data["text"]) if opening is not None else ""))
+        try:
+            async for piece in pieces:
+                await response.send(delta(piece.data["text"]))
+        except AllmError as exc:
+            await stream_error(response, exc)
+        else:
+            assert stream.result is not None
+            await response.send(finish(stream.result.data))
+        await response.eof()
+
+
+@bp.post("/completions")
+async def completions(request: Request) -> HTTPResponse | None:
+    config, client = request.app.ctx.config, request.app.ctx.client
+    payload = json_body(request)
+    model = model_for(config, payload, "text")
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_field("prompt", "'prompt' must be a string")
+    params = {"prompt": prompt, **sampling(payload, max_tokens_keys=("max_tokens",))}
+    params.setdefault("max_tokens", 16)  # OpenAI's default for this API
+    created = int(time.time())
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": created,
+        "model": model.id,
+    }
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    if not optional(payload, "stream", bool):
+        result = await client.call(
+            "text", "complete", model=model.id, params=params, timeout_s=config.request_timeout_s
+        )
+        return json_response(
+            {**choice(result.data["text"], result.data["finish_reason"]), "usage": usage(result.data)}
+        )
+    await _stream_text(
+        request,
+        client,
+        op="complete",
+        model_id=model.id,
+        params=params,
+        timeout_s=config.request_timeout_s,
+        first="",
+        delta=lambda text: sse(choice(text, None)),
+        finish=lambda data: sse(choice("", data["finish_reason"])) + "data: [DONE]\n\n",
+    )
+    return None
+
+
+@bp.post("/embeddings")
+async def embeddings(request: Request) -> HTTPResponse:
+    config, client = request.app.ctx.config, request.app.ctx.client
+    payload = json_body(request)
+    model = model_for(config, payload, "text")
+    inputs = payload.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
+        raise bad_field("input", "'input' must be a string or a non-empty list of strings")
+    encoding = payload.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad_field("encoding_format", "encoding_format must be float or base64")
+    result = await client.call(
+        "text", "embed", model=model.id, params={"input": inputs}, timeout_s=config.request_timeout_s
+    )
+    data = []
+    for i, vector in enumerate(result.data["embeddings"]):
+        value: Any = vector
+        if encoding == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = result.data["usage"]["prompt_tokens"]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": model.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )

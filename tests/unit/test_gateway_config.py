@@ -1,0 +1,81 @@
+"""Configuration: defaults < TOML < ALLM_* environment < flags; bad values name the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import DEFAULT_MODEL_ID, ConfigError, load
+
+
+def write(tmp_path, text):
+    path = tmp_path / "allm.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_config_serves_the_embedded_default_model():
+    config = load(environ={})
+    assert [m.id for m in config.models] == [DEFAULT_MODEL_ID]
+    assert config.models[0].path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (config.host, config.port) == ("127.0.0.1", 8080)
+
+
+def test_precedence_defaults_file_environment_flags(tmp_path):
+    path = write(tmp_path, '[server]\nport = 9000\nhost = "0.0.0.0"\napi_keys = ["a"]\n')
+    assert load(path, environ={}).port == 9000
+    config = load(path, environ={"ALLM_PORT": "9100", "ALLM_API_KEYS": "x,y"})
+    assert (config.port, config.host, config.api_keys) == (9100, "0.0.0.0", ("x", "y"))
+    assert load(path, environ={"ALLM_PORT": "9100"}, flags={"port": 9200}).port == 9200
+
+
+def test_catalog_models_and_modality_options(tmp_path):
+    path = write(
+        tmp_path,
+        "[text]\nqueue_size = 4\nmemory_budget_mib = 512\n\n"
+        '[[models]]\nid = "m"\npath = "models/m.gguf"\nformat = "gguf"\noptions = { n_ctx = 1024 }\n',
+    )
+    config = load(path, environ={})
+    [model] = config.models
+    assert (model.id, model.path, model.format, dict(model.options)) == (
+        "m",
+        str(tmp_path / "models/m.gguf"),
+        "gguf",
+        {"n_ctx": 1024},
+    )
+    assert config.modality("text").queue_size == 4
+    assert config.modality("text").memory_budget_bytes == 512 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[server]\nport = 'eighty'\n", "setting port must be int"),
+        ("[server]\nport = -1\n", "setting port must be at least 0"),
+        ("[server]\nbogus = 1\n", "unknown setting(s) ['bogus']"),
+        ("[[models]]\npath = '/x'\n", "models[0] needs a non-empty string field 'id'"),
+        ("[[models]]\nid = 'a'\n", "models[0] needs a non-empty string field 'path'"),
+        ("[[models]]\nid = 'a'\npath = '/x'\nmodality = 'video'\n", "model 'a': field 'modality'"),
+        ("[[models]]\nid = 'a'\npath = '/x'\nformat = 'onnx'\n", "model 'a': field 'format'"),
+        ("[[models]]\nid = 'a'\npath = '/x'\ncolour = 1\n", "models[0] has unknown field(s) ['colour']"),
+        (
+            "[[models]]\nid = 'a'\npath = '/x'\n[[models]]\nid = 'a'\npath = '/y'\n",
+            "['a'] appear more than once",
+        ),
+        ("[text]\nqueue_size = 'many'\n", "setting text.queue_size must be int"),
+        ("not toml = = =", "not valid TOML"),
+    ],
+)
+def test_a_bad_catalog_stops_start_up_naming_the_entry_and_field(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), environ={})
+    assert needle in str(info.value)
+
+
+def test_a_bad_environment_value_names_the_setting():
+    with pytest.raises(ConfigError, match="setting port must be int"):
+        load(environ={"ALLM_PORT": "x"})
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(tmp_path / "nope.toml", environ={})

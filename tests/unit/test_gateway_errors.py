@@ -1,0 +1,56 @@
+"""The one code → HTTP table: every protocol code has a row; bodies have OpenAI's shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import REASONS, STATUS, ApiError, describe
+from kernel.codes import Code, error_for
+
+
+def test_every_error_code_has_a_row():
+    assert set(STATUS) == set(Code) - {Code.OK}
+
+
+@pytest.mark.parametrize("code", [c for c in Code if c is not Code.OK])
+def test_a_coded_error_renders_its_name_in_lower_case(code):
+    status, body, _headers = describe(error_for(code, "it broke", param="model"))
+    assert status == STATUS[code][0]
+    assert body == {
+        "error": {"message": "it broke", "type": STATUS[code][1], "param": "model", "code": code.name.lower()}
+    }
+
+
+def test_documented_statuses():
+    expected = {
+        Code.OOM_VRAM: 503,
+        Code.OOM_RAM: 503,
+        Code.MODEL_CORRUPT: 500,
+        Code.TIMEOUT: 504,
+        Code.CANCELLED: 499,
+        Code.UNSUPPORTED: 400,
+        Code.INTERNAL: 500,
+        Code.FORMAT_MISMATCH: 500,
+        Code.LOAD_FAILED: 503,
+    }
+    assert {code: row[0] for code, row in STATUS.items()} == expected
+
+
+def test_queue_full_is_429_with_retry_after():
+    status, body, headers = describe(error_for(Code.TIMEOUT, "full", reason="queue_full"))
+    assert (status, body["error"]["code"], headers) == (429, "queue_full", {"Retry-After": "1"})
+
+
+@pytest.mark.parametrize(("reason", "status"), [(r, row[0]) for r, row in REASONS.items()])
+def test_reasons_refine_the_status(reason, status):
+    got, body, _headers = describe(error_for(Code.UNSUPPORTED, "x", reason=reason))
+    assert got == status
+    assert body["error"]["code"] == reason
+
+
+def test_gateway_errors_and_unknown_exceptions():
+    status, body, _ = describe(ApiError(404, "no such model", code="model_not_found", param="model"))
+    assert (status, body["error"]["code"], body["error"]["param"]) == (404, "model_not_found", "model")
+    status, body, _ = describe(RuntimeError("secret detail"))
+    assert status == 500
+    assert "secret detail" not in body["error"]["message"]
