@@ -145,7 +145,11 @@ class RequestContext:
     def emit(self, data: p.Params, blobs: tuple[bytes, ...] = ()) -> None:
         """Send one chunk of a streaming reply; raises if the request should stop."""
         self.check()
-        frames = p.encode(p.Chunk(self.rid, self.seq, data, blobs))
+        frames = (
+            p.encode(p.Chunk(self.rid, self.seq, data, blobs))
+            if blobs
+            else p.encode_chunk(self.rid, self.seq, data)
+        )
         self.seq += 1
         self._post(self.peer, frames, self)
 
@@ -184,11 +188,15 @@ class Runtime:
         self.drain_timeout_s = drain_timeout_s
         self.incarnation = uuid.uuid4().hex[:12]
         self._peers: dict[bytes, float] = {}
-        self._queued: collections.deque[RequestContext] = collections.deque()
+        # Waiting requests by key (for cancel, expiry, accounting) and, in arrival
+        # order, in a C-level queue the workers block on: a cheap wake-up per job.
+        # A cancelled or expired request leaves _waiting; workers skip its queue entry.
+        self._waiting: dict[tuple[bytes, int], RequestContext] = {}
+        self._jobs: queue.SimpleQueue[RequestContext | None] = queue.SimpleQueue()
         self._active: dict[tuple[bytes, int], RequestContext] = {}
-        self._cond = threading.Condition()
-        self._outbox: queue.Queue[tuple[bytes, list[bytes], RequestContext | None]] = queue.Queue(
-            OUTBOX_MESSAGES
+        self._lock = threading.RLock()  # re-entered: a send under it may forget a gone peer
+        self._outbox: queue.SimpleQueue[tuple[bytes, list[bytes], RequestContext | None]] = (
+            queue.SimpleQueue()
         )
         self._stalled: dict[bytes, collections.deque[list[bytes]]] = {}
         self._stalled_count = 0
@@ -197,7 +205,6 @@ class Runtime:
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self._draining_since: float | None = None
-        self._stop_workers = False
         self._workers = [
             threading.Thread(target=self._work, name=f"{modality}-worker-{i}", daemon=True)
             for i in range(self.slots)
@@ -213,13 +220,12 @@ class Runtime:
 
     def _post(self, peer: bytes, frames: list[bytes], ctx: RequestContext | None) -> None:
         """Hand frames to the I/O thread.  Chunks wait for room but give up on cancel."""
-        while True:
-            try:
-                self._outbox.put((peer, frames, ctx), timeout=0.05)
-                break
-            except queue.Full:
-                if ctx is not None:
-                    ctx.check()
+        if ctx is not None:
+            # Backpressure: while the I/O thread is this far behind, the engine waits.
+            while self._outbox.qsize() >= OUTBOX_MESSAGES:
+                ctx.check()
+                time.sleep(0.001)
+        self._outbox.put((peer, frames, ctx))
         if not self._wake_pending:
             self._wake_pending = True
             with contextlib.suppress(BlockingIOError):
@@ -227,17 +233,18 @@ class Runtime:
 
     def _work(self) -> None:
         while True:
-            with self._cond:
-                while not self._queued and not self._stop_workers:
-                    self._cond.wait()
-                if self._stop_workers:
-                    return
-                ctx = self._queued.popleft()
+            ctx = self._jobs.get()
+            if ctx is None:
+                return
+            with self._lock:
+                if self._waiting.get(ctx.key) is not ctx:
+                    continue  # cancelled or expired while waiting: already answered
+                del self._waiting[ctx.key]
                 self._active[ctx.key] = ctx
             try:
                 terminal = self.run_request(ctx)
             finally:
-                with self._cond:
+                with self._lock:
                     self._active.pop(ctx.key, None)
             self._post(ctx.peer, p.encode(terminal), None)
 
@@ -278,9 +285,11 @@ class Runtime:
                     timeout_s = min(timeout_s, 0.001)
                 ready = self.router.poll(max(0, int(timeout_s * 1000)))
                 if self._wake_r in ready:
-                    self._wake_pending = False
+                    # Empty the pipe before clearing the flag: a worker that saw the flag
+                    # set and wrote nothing has its frames drained by the flush below.
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                    self._wake_pending = False
                 if self.router.socket in ready:
                     self._receive_all()
                 self._flush()
@@ -291,21 +300,20 @@ class Runtime:
     def begin_drain(self) -> None:
         if self._draining_since is None:
             self._draining_since = time.monotonic()
-            log.info("draining: %d active, %d queued", len(self._active), len(self._queued))
+            log.info("draining: %d active, %d queued", len(self._active), len(self._waiting))
 
     def _drained(self, now: float, since: float) -> bool:
-        with self._cond:
-            busy = bool(self._active or self._queued)
+        with self._lock:
+            busy = bool(self._active or self._waiting)
             if busy and now - since > self.drain_timeout_s:
-                for ctx in [*self._active.values(), *self._queued]:
+                for ctx in self._active.values():
                     ctx.cancel()
-                self._cancel_queued_locked(lambda _ctx: True, "manager is shutting down")
+                self._drop_waiting_locked(lambda _ctx: True, "manager is shutting down")
         return not busy and self._outbox.empty() and not self._stalled_count
 
     def _stop(self) -> None:
-        with self._cond:
-            self._stop_workers = True
-            self._cond.notify_all()
+        for _ in self._workers:
+            self._jobs.put(None)
         self._heartbeat_all()
 
     def close(self) -> None:
@@ -344,18 +352,18 @@ class Runtime:
             self._send(peer, p.encode(self.run_request(ctx)))
             return
         error: AllmError
-        with self._cond:
-            if ctx.key in self._active or any(q.key == ctx.key for q in self._queued):
+        with self._lock:
+            if ctx.key in self._active or ctx.key in self._waiting:
                 error = UnsupportedError(f"request id {req.rid} is already in flight")
-            elif len(self._active) + len(self._queued) >= self.slots + self.queue_size:
+            elif len(self._active) + len(self._waiting) >= self.slots + self.queue_size:
                 error = DeadlineError(
                     f"the {self.modality} manager's queue is full "
                     f"({self.slots} running, {self.queue_size} waiting)",
                     reason=REASON_QUEUE_FULL,
                 )
             else:
-                self._queued.append(ctx)
-                self._cond.notify()
+                self._waiting[ctx.key] = ctx
+                self._jobs.put(ctx)
                 return
         self._reply_error(ctx, error)
 
@@ -363,30 +371,27 @@ class Runtime:
         self._send(ctx.peer, p.encode(p.Error(ctx.rid, exc.code, exc.message, exc.reason, exc.param)))
 
     def _cancel(self, peer: bytes, rid: int) -> None:
-        with self._cond:
+        with self._lock:
             active = self._active.get((peer, rid))
             if active is not None:
                 active.cancel()  # the worker sends the terminal when the handler stops
                 return
-            self._cancel_queued_locked(lambda ctx: ctx.key == (peer, rid), "request cancelled")
+            self._drop_waiting_locked(lambda ctx: ctx.key == (peer, rid), "request cancelled")
 
-    def _cancel_queued_locked(self, match: Callable[[RequestContext], bool], text: str) -> None:
-        keep: collections.deque[RequestContext] = collections.deque()
-        for ctx in self._queued:
-            if match(ctx):
-                self._send(ctx.peer, p.encode(p.Error(ctx.rid, Code.CANCELLED, text)))
-            else:
-                keep.append(ctx)
-        self._queued = keep
+    def _drop_waiting_locked(self, match: Callable[[RequestContext], bool], text: str) -> None:
+        """Answer waiting requests CANCELLED and take them out of line."""
+        for ctx in [c for c in self._waiting.values() if match(c)]:
+            del self._waiting[ctx.key]
+            self._send(ctx.peer, p.encode(p.Error(ctx.rid, Code.CANCELLED, text)))
 
     def _expire_queued(self) -> None:
-        if not self._queued:
+        if not self._waiting:
             return
         now = time.monotonic()
-        with self._cond:
-            expired = [c for c in self._queued if c.deadline is not None and now > c.deadline]
+        with self._lock:
+            expired = [c for c in self._waiting.values() if c.deadline is not None and now > c.deadline]
             for ctx in expired:
-                self._queued.remove(ctx)
+                del self._waiting[ctx.key]
                 self._reply_error(ctx, DeadlineError("request passed its deadline while queued"))
 
     def _forget_peer(self, peer: bytes) -> None:
@@ -395,11 +400,12 @@ class Runtime:
         dropped = self._stalled.pop(peer, None)
         if dropped:
             self._stalled_count -= len(dropped)
-        with self._cond:
+        with self._lock:
             for ctx in self._active.values():
                 if ctx.peer == peer:
                     ctx.cancel()
-            self._queued = collections.deque(c for c in self._queued if c.peer != peer)
+            for key in [k for k in self._waiting if k[0] == peer]:
+                del self._waiting[key]
 
     def _send(self, peer: bytes, frames: list[bytes]) -> None:
         """Send now, or hold back behind frames already waiting for this peer."""
@@ -439,8 +445,8 @@ class Runtime:
                 self._send(peer, frames)
 
     def heartbeat(self) -> p.Heartbeat:
-        with self._cond:
-            active, queued = len(self._active), len(self._queued)
+        with self._lock:
+            active, queued = len(self._active), len(self._waiting)
         return p.Heartbeat(
             pid=os.getpid(),
             incarnation=self.incarnation,

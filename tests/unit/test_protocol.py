@@ -119,3 +119,23 @@ def test_protocol_error_keeps_the_request_id_it_could_read():
     with pytest.raises(p.ProtocolError) as info:
         p.decode([_head(k="req", rid=5, op=3)])
     assert info.value.rid == 5
+
+
+def test_chunk_fast_paths_match_the_general_codec():
+    chunk = p.Chunk(rid=9, seq=4, data={"text": "é"})
+    assert p.encode_chunk(9, 4, {"text": "é"}) == p.encode(chunk)
+    assert p.decode(p.encode_chunk(9, 4, {"text": "é"})) == chunk
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"v": 1, "k": "chunk", "rid": 1, "seq": "0", "data": {}},
+        {"v": 1, "k": "chunk", "rid": 1, "seq": 0, "data": []},
+        {"v": 1, "k": "chunk", "rid": True, "seq": 0, "data": {}},
+        {"v": 2, "k": "chunk", "rid": 1, "seq": 0, "data": {}},
+    ],
+)
+def test_malformed_chunks_do_not_slip_through_the_fast_path(head):
+    with pytest.raises(p.ProtocolError):
+        p.decode([msgpack.packb(head)])
