@@ -484,3 +484,64 @@ def test_sigkill_mid_response_stream_is_response_failed(sdk, server):
     assert events[-1].response.error.code == "internal"
     assert "SIGKILL" in events[-1].response.error.message
     assert sdk.responses.create(model=MODEL, input="hi", max_output_tokens=2).usage.output_tokens == 2
+
+
+def test_chat_stream_with_a_required_tool_sends_the_call_then_tool_calls_finish(sdk):
+    tool = {
+        "type": "function",
+        "function": {k: WEATHER_TOOL[k] for k in ("name", "description", "parameters")},
+    }
+    chunks = list(
+        sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[tool],
+            tool_choice="required",
+            temperature=0,
+            stream=True,
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert "city" in json.loads(calls[0].function.arguments)
+    assert calls[0].id.startswith("call_")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+
+
+def test_response_stream_with_a_required_tool_sends_function_call_items(sdk):
+    events = list(
+        sdk.responses.create(
+            model=MODEL,
+            input="What is the weather in Paris?",
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            temperature=0,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "response.output_text.delta" not in kinds
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [item.type for item in done] == ["function_call"]
+    args = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert args.arguments == done[0].arguments
+    assert events[-1].response.output[0].name == "get_weather"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_json_object_output_is_a_json_object(sdk):
+    reply = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=80,
+    )
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still the start of an object
+        assert reply.choices[0].message.content.lstrip().startswith("{")
