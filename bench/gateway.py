@@ -43,8 +43,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(cmd: list[str], port: int, ready_path: str) -> Iterator[None]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ALLM_LOG_LEVEL": "WARNING"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "ALLM_LOG_LEVEL": "WARNING"},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -68,7 +73,9 @@ def server(cmd: list[str], port: int, ready_path: str) -> Iterator[None]:
 
 def http_stream(port: int, model: str, tokens: int) -> tuple[float, float, int, float]:
     """(TTFT s, tokens/s after the first, tokens, end time) of one streamed chat completion."""
-    body = json.dumps({"model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True})
+    body = json.dumps(
+        {"model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    )
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -132,18 +139,42 @@ def main() -> None:
         f"options = {{ n_ctx = 2048, n_threads = {args.threads} }}\n"
     )
     allm_port, llama_port = free_port(), free_port()
-    allm_cmd = [str(Path(sys.executable).parent / "allm"), "serve", "--config", str(config), "--port", str(allm_port)]
-    llama_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "smol",
-                 "--n_ctx", "2048", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                 "--host", "127.0.0.1", "--port", str(llama_port),
-                 # By default it cuts a running stream off when another request arrives.
-                 "--interrupt_requests", "False"]
+    allm_cmd = [
+        str(Path(sys.executable).parent / "allm"),
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(allm_port),
+    ]
+    llama_cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(path),
+        "--model_alias",
+        "smol",
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        str(args.threads),
+        "--n_threads_batch",
+        str(args.threads),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(llama_port),
+        # By default it cuts a running stream off when another request arrives.
+        "--interrupt_requests",
+        "False",
+    ]
     llm = Llama(str(path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     one: dict[str, list[tuple]] = {"direct": [], "allm": [], "llama_cpp": []}
     four: dict[str, list[tuple[list[tuple], float]]] = {"allm": [], "llama_cpp": []}
     ports = {"allm": allm_port, "llama_cpp": llama_port}
     with server(allm_cmd, allm_port, "/ready"), server(llama_cmd, llama_port, "/v1/models"):
-        for name, port in ports.items():  # warm up
+        for port in ports.values():  # warm up
             http_stream(port, "smol", 8)
         direct_stream(llm, 8)
         for _ in range(args.rounds):
@@ -155,7 +186,7 @@ def main() -> None:
     llm.close()
 
     labels = {"direct": "llama-cpp-python, in process", "allm": "allm serve", "llama_cpp": "llama_cpp.server"}
-    print(f"SmolLM2-135M Q4_1, {args.threads} thread(s), greedy, {args.tokens} tokens, {args.rounds} rounds (medians)")
+    print(f"SmolLM2-135M Q4_1, {args.threads} thread(s), greedy, {args.tokens} tokens, {args.rounds} rounds")
     print("1 client:")
     print(f"  {'':30} {'TTFT ms':>9} {'tokens/s':>9} {'vs direct':>10}")
     base_rate = statistics.median(r[1] for r in one["direct"])
@@ -163,13 +194,15 @@ def main() -> None:
     for key, label in labels.items():
         ttft = statistics.median(r[0] for r in one[key])
         rate = statistics.median(r[1] for r in one[key])
-        print(f"  {label:30} {ttft * 1000:9.1f} {rate:9.1f} {rate / base_rate:9.3f}×  ({(ttft - base_ttft) * 1000:+.1f} ms)")
+        added_ms = (ttft - base_ttft) * 1000
+        print(f"  {label:30} {ttft * 1000:9.1f} {rate:9.1f} {rate / base_rate:9.3f}×  ({added_ms:+.1f} ms)")
     print("4 concurrent clients:")
     print(f"  {'':30} {'TTFT p50 ms':>12} {'TTFT max ms':>12} {'aggregate tok/s':>16}")
     for key in ("allm", "llama_cpp"):
         ttfts = [r[0] for runs, _agg in four[key] for r in runs]
         agg = statistics.median(a for _runs, a in four[key])
-        print(f"  {labels[key]:30} {statistics.median(ttfts) * 1000:12.1f} {max(ttfts) * 1000:12.1f} {agg:16.1f}")
+        p50, worst = statistics.median(ttfts) * 1000, max(ttfts) * 1000
+        print(f"  {labels[key]:30} {p50:12.1f} {worst:12.1f} {agg:16.1f}")
     print(f"(python {sys.version.split()[0]}, {os.cpu_count()} cores)")
 
 

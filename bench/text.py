@@ -12,7 +12,6 @@ Rounds alternate the two so that machine noise hits both alike; figures are medi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -54,7 +53,8 @@ async def kernel_run(client: KernelClient, tokens: int) -> tuple[float, float, i
             if first is None:
                 first = time.perf_counter()
     end = time.perf_counter()
-    assert first is not None and s.result is not None
+    assert first is not None
+    assert s.result is not None
     count = s.result.data["usage"]["completion_tokens"]
     return first - t0, (count - 1) / (end - first), count
 
@@ -68,8 +68,12 @@ async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="allm-b-"))
     endpoint = f"ipc://{tmp}/text-0.sock"
     options = {"n_ctx": 2048, "n_threads": args.threads}
-    spec = ManagerSpec("text", "managers.text.manager", endpoint,
-                       settings={"models": [{"id": "smol", "path": str(path), "options": options}]})
+    spec = ManagerSpec(
+        "text",
+        "managers.text.manager",
+        endpoint,
+        settings={"models": [{"id": "smol", "path": str(path), "options": options}]},
+    )
     client = KernelClient({"text": [endpoint]})
     supervisor = Supervisor([spec], client, cwd=str(ROOT))
     await client.start()
@@ -87,18 +91,22 @@ async def run(args: argparse.Namespace) -> None:
         await client.close()
         llm.close()
 
-    print(f"SmolLM2-135M Q4_1, {args.threads} thread(s), greedy, {args.tokens} tokens, {args.rounds} rounds (medians)")
+    print(f"SmolLM2-135M Q4_1, {args.threads} thread(s), greedy, {args.tokens} tokens, {args.rounds} rounds")
     print(f"  {'':34} {'TTFT ms':>9} {'tokens/s':>9} {'tokens':>7}")
     base_ttft = statistics.median(r[0] for r in results["direct"])
     base_rate = statistics.median(r[1] for r in results["direct"])
-    for key, label in (("direct", "llama-cpp-python, in process"), ("kernel", "allm text manager via kernel")):
+    for key, label in (
+        ("direct", "llama-cpp-python, in process"),
+        ("kernel", "allm text manager via kernel"),
+    ):
         ttft = statistics.median(r[0] for r in results[key])
         rate = statistics.median(r[1] for r in results[key])
         tokens = statistics.median(r[2] for r in results[key])
         print(f"  {label:34} {ttft * 1000:9.1f} {rate:9.1f} {tokens:7.0f}")
     kernel_ttft = statistics.median(r[0] for r in results["kernel"])
     kernel_rate = statistics.median(r[1] for r in results["kernel"])
-    print(f"  kernel/direct: {kernel_rate / base_rate:.3f}× tokens/s, {1000 * (kernel_ttft - base_ttft):+.2f} ms TTFT")
+    added_ms = 1000 * (kernel_ttft - base_ttft)
+    print(f"  kernel/direct: {kernel_rate / base_rate:.3f}× tokens/s, {added_ms:+.2f} ms TTFT")
     print(f"(python {sys.version.split()[0]}, {os.cpu_count()} cores)")
 
 
