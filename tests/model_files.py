@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -52,3 +53,183 @@ def with_bytes(src: Path, dst: Path, offset: int, data: bytes) -> Path:
         f.seek(offset)
         f.write(data)
     return dst
+
+
+# -- tiny HF-style safetensors directories ------------------------------------------
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "Tiny models for tests speak nonsense, but they speak it quickly and the same way every time.",
+    "user assistant system hello world cats dogs weather city sea story numbers 0123456789",
+] * 4
+
+SAFETENSORS_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen",
+    "phi3",
+    "phi",
+    "gemma",
+    "gemma2",
+    "nemotron",
+    "gpt_oss",
+    "gpt_oss_mxfp4",
+)
+
+
+def write_tokenizer(directory: Path) -> dict[str, int]:
+    """A byte-level BPE tokenizer trained here, offline, with a ChatML template; returns ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    ids = {name: tok.token_to_id(name) for name in SPECIALS}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML,
+        "model_max_length": 512,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return {**ids, "vocab_size": tok.get_vocab_size()}
+
+
+def _hf_config(arch: str, ids: dict[str, int]):
+    import transformers
+
+    common = {
+        "vocab_size": ids["vocab_size"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    extra = {
+        "gemma": {"head_dim": 16, "tie_word_embeddings": True},
+        "gemma2": {
+            "head_dim": 16,
+            "sliding_window": 64,
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+        },
+        "phi": {"num_key_value_heads": 4, "partial_rotary_factor": 0.5},
+        "phi3": {"num_key_value_heads": 4},
+        "nemotron": {"head_dim": 16},
+        "gpt_oss": {
+            "head_dim": 16,
+            "intermediate_size": 64,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        },
+    }.get(arch, {})
+    return transformers.AutoConfig.for_model(arch, **{**common, **extra})
+
+
+def _write_qwen(directory: Path, ids: dict[str, int]) -> None:
+    """The original Qwen: not in transformers, so built and saved with mlx-lm's own model."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen
+
+    args = {
+        "model_type": "qwen",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "kv_channels": 16,
+        "intermediate_size": 128,
+        "vocab_size": ids["vocab_size"],
+        "max_position_embeddings": 512,
+        "eos_token_id": ids["<|im_end|>"],
+        "bos_token_id": ids["<|endoftext|>"],
+    }
+    mx.random.seed(0)
+    model = qwen.Model(qwen.ModelArgs.from_dict(args))
+    mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (directory / "config.json").write_text(json.dumps(args))
+
+
+def _to_mxfp4(directory: Path, config) -> None:
+    """Rewrite the experts of a gpt_oss directory in the MXFP4 layout of the original release."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(directory / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, tensor in weights.items():
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            experts, rows_in, rows_out = tensor.shape  # [E, in, out]
+            blocks = torch.randint(
+                0, 256, (experts, rows_out, rows_in // 32, 16), generator=gen, dtype=torch.uint8
+            )
+            scales = torch.full((experts, rows_out, rows_in // 32), 122, dtype=torch.uint8)  # 2**-5
+            out[name + "_blocks"] = blocks
+            out[name + "_scales"] = scales
+        else:
+            out[name] = tensor
+    save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((directory / "config.json").read_text())
+    raw["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (directory / "config.json").write_text(json.dumps(raw))
+
+
+def write_hf_model(directory: Path, arch: str) -> Path:
+    """A tiny random-weight HF directory: config.json, tokenizer, model.safetensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(directory)
+    if arch == "qwen":
+        _write_qwen(directory, ids)
+        return directory
+    import torch
+    import transformers
+
+    base = "gpt_oss" if arch == "gpt_oss_mxfp4" else arch
+    config = _hf_config(base, ids)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if arch == "gpt_oss_mxfp4":
+        _to_mxfp4(directory, config)
+    return directory

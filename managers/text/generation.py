@@ -1,4 +1,4 @@
-"""What every text engine shares: request parameters, stop sequences, tool-call prompting.
+"""What every text engine shares: parameters, the token loop, stop sequences, tool calls.
 
 Parameters arrive from a peer, so they are validated here (UNSUPPORTED with
 reason ``invalid_request`` and the field in ``param``), never asserted.
@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from kernel.codes import UnsupportedError
+from kernel.runtime import Reply, RequestContext
 
 INVALID = "invalid_request"
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -259,3 +260,69 @@ def parse_tool_output(text: str) -> tuple[str, list[dict[str, Any]]]:
     if isinstance(data, dict) and isinstance(data.get("response"), str):
         return data["response"], []
     return text, []
+
+
+class Detokenizer(Protocol):
+    """Turns generated tokens into text, one token at a time."""
+
+    def feed(self, token: int) -> str:
+        """Text this token completes (may be empty while a character is incomplete)."""
+        ...
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end."""
+        ...
+
+
+def run_generation(
+    ctx: RequestContext,
+    tokens: Iterator[int],
+    detokenizer: Detokenizer,
+    is_end: Callable[[int], bool],
+    sampling: Sampling,
+    *,
+    prompt_tokens: int,
+    room: int,
+    stream: bool,
+    model_id: str,
+) -> Reply:
+    """The token loop every engine shares.
+
+    Cancel and the deadline are checked between every two tokens; ``max_tokens``
+    is a hard limit; stop sequences cut the text; usage is counted in tokens.
+    """
+    limit = min(sampling.max_tokens or room, room)
+    stopper = StopMatcher(sampling.stop)
+    parts: list[str] = []
+    generated = 0
+    finish = "length"
+    cut = False  # a stop sequence ended the text: what is held back is dropped
+    for token in tokens:
+        ctx.check()
+        if is_end(token):
+            finish = "stop"
+            break
+        generated += 1
+        text, stopped = stopper.feed(detokenizer.feed(token))
+        if text:
+            parts.append(text)
+            if stream:
+                ctx.emit({"text": text})
+        if stopped:
+            finish, cut = "stop", True
+            break
+        if generated >= limit:
+            break
+    tail = "" if cut else stopper.feed(detokenizer.flush())[0] + stopper.flush()
+    if tail:
+        parts.append(tail)
+        if stream:
+            ctx.emit({"text": tail})
+    return Reply(
+        {
+            "text": "".join(parts),
+            "finish_reason": finish,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated},
+            "model": model_id,
+        }
+    )

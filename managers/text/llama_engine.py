@@ -26,10 +26,10 @@ from kernel.codes import InternalError, LoadFailedError, OomRamError, Unsupporte
 from kernel.runtime import Reply, RequestContext
 from managers.text.generation import (
     Sampling,
-    StopMatcher,
     check_messages,
     parse_tool_output,
     plan_tools,
+    run_generation,
     with_tool_prompt,
 )
 from managers.text.gguf_header import GGUFHeader
@@ -272,45 +272,33 @@ class LlamaEngine:
         self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str
     ) -> Reply:
         self._check_fits(len(prompt), 1, param)
-        room = self.n_ctx - len(prompt)
-        limit = min(sampling.max_tokens or room, room)
         vocab = self.llm._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stopper = StopMatcher(sampling.stop)
-        parts: list[str] = []
-        generated = 0
-        finish = "length"
-        cut = False  # a stop sequence ended the text: what is held back is dropped
-        previous: list[int] = list(prompt[-4:])
         with self.lock:
-            for token in self._tokens(prompt, sampling):
-                ctx.check()  # cancel and deadline: between every two tokens
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                piece = self.llm.detokenize([token], prev_tokens=previous)
-                previous = [*previous[-3:], token]
-                text, stopped = stopper.feed(decoder.decode(piece))
-                if text:
-                    parts.append(text)
-                    if stream:
-                        ctx.emit({"text": text})
-                if stopped:
-                    finish, cut = "stop", True
-                    break
-                if generated >= limit:
-                    break
-        tail = "" if cut else stopper.flush() + decoder.decode(b"", final=True)
-        if tail:
-            parts.append(tail)
-            if stream:
-                ctx.emit({"text": tail})
-        return Reply(
-            {
-                "text": "".join(parts),
-                "finish_reason": finish,
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": generated},
-                "model": self.model_id,
-            }
-        )
+            return run_generation(
+                ctx,
+                self._tokens(prompt, sampling),
+                _LlamaDetokenizer(self.llm, prompt),
+                lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+                sampling,
+                prompt_tokens=len(prompt),
+                room=self.n_ctx - len(prompt),
+                stream=stream,
+                model_id=self.model_id,
+            )
+
+
+class _LlamaDetokenizer:
+    """Token bytes through an incremental UTF-8 decoder: no character is split."""
+
+    def __init__(self, llm: llama_cpp.Llama, prompt: list[int]) -> None:
+        self.llm = llm
+        self.previous = list(prompt[-4:])  # context for tokenizers that strip leading spaces
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        piece = self.llm.detokenize([token], prev_tokens=self.previous)
+        self.previous = [*self.previous[-3:], token]
+        return self.decoder.decode(piece)
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)

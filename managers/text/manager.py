@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from kernel.codes import UnsupportedError
@@ -37,7 +38,17 @@ def plan_load(entry: ModelEntry) -> Plan:
         options = LlamaOptions.from_settings(entry.id, entry.options)
         estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(estimate, lambda: LlamaEngine(entry.id, header, options))
-    raise UnsupportedError(f"{entry.id}: the safetensors engine is not available yet ({detected.path})")
+    from managers.text.safetensors_engine import SafetensorsEngine, check_directory
+
+    info = check_directory(detected.path)
+    # Weights stored in 16 bits are widened to float32 on the CPU unless dtype says otherwise.
+    widen = 2 if entry.options.get("dtype", "float32") == "float32" and not _is_f32(info.config) else 1
+    estimate = info.weight_bytes * widen + OVERHEAD_BYTES
+    return Plan(estimate, lambda: SafetensorsEngine(entry.id, info, entry.options))
+
+
+def _is_f32(config: Mapping[str, Any]) -> bool:
+    return str(config.get("torch_dtype") or config.get("dtype") or "").endswith("float32")
 
 
 class TextManager:

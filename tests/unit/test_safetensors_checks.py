@@ -1,0 +1,99 @@
+"""The checks a safetensors directory passes before any backend sees it, on damaged copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kernel.codes import AllmError, Code
+from managers.text.safetensors_engine import check_directory, choose_backend
+from tests.model_files import truncated_copy, write_hf_model
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return write_hf_model(tmp_path_factory.mktemp("st") / "llama", "llama")
+
+
+@pytest.fixture
+def model(good, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(good, copy)
+    return copy
+
+
+def _fails(path):
+    with pytest.raises(AllmError) as info:
+        check_directory(path)
+    return info.value
+
+
+def test_a_good_directory_passes(model):
+    info = check_directory(model)
+    assert info.model_type == "llama"
+    assert info.weight_bytes > 100_000
+    assert not info.mxfp4
+
+
+def test_config_that_is_not_json_is_model_corrupt(model):
+    (model / "config.json").write_text("{not json")
+    err = _fails(model)
+    assert err.code is Code.MODEL_CORRUPT
+    assert "config.json" in err.message
+    assert "not valid JSON" in err.message
+
+
+def test_an_unknown_model_type_is_unsupported_and_named(model):
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "mamba9"}))
+    err = _fails(model)
+    assert err.code is Code.UNSUPPORTED
+    assert "'mamba9'" in err.message
+
+
+def test_a_missing_tokenizer_is_load_failed_naming_it(model):
+    (model / "tokenizer.json").unlink()
+    err = _fails(model)
+    assert err.code is Code.LOAD_FAILED
+    assert "tokenizer.json" in err.message
+
+
+def test_a_damaged_tokenizer_is_model_corrupt(model):
+    (model / "tokenizer.json").write_text('{"model": ')
+    assert _fails(model).code is Code.MODEL_CORRUPT
+
+
+@pytest.mark.parametrize("keep", [4, 200, 40_000])
+def test_truncated_weights_are_model_corrupt(model, keep):
+    weights = model / "model.safetensors"
+    truncated_copy(weights, model / "cut.tmp", keep)
+    (model / "cut.tmp").replace(weights)
+    err = _fails(model)
+    assert err.code is Code.MODEL_CORRUPT
+    assert "model.safetensors" in err.message
+
+
+def test_a_shard_named_in_the_index_but_missing_is_load_failed(model):
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    err = _fails(model)
+    assert err.code is Code.LOAD_FAILED
+    assert "model-00001-of-00002.safetensors" in err.message
+
+
+def test_no_weight_files_is_load_failed(model):
+    (model / "model.safetensors").unlink()
+    assert _fails(model).code is Code.LOAD_FAILED
+
+
+def test_backend_choice():
+    assert choose_backend("transformers", "llama") == "transformers"
+    assert choose_backend("mlx", "qwen") == "mlx"
+    assert choose_backend("auto", "qwen") == "mlx"  # the only backend that runs it
+    with pytest.raises(AllmError) as info:
+        choose_backend("transformers", "qwen")
+    assert info.value.code is Code.UNSUPPORTED
+    with pytest.raises(AllmError):
+        choose_backend("onnx", "llama")
