@@ -233,3 +233,73 @@ def write_hf_model(directory: Path, arch: str) -> Path:
     if arch == "gpt_oss_mxfp4":
         _to_mxfp4(directory, config)
     return directory
+
+
+def write_tiny_llama_gguf(path: Path) -> Path:
+    """A tiny random llama GGUF that llama.cpp loads and chats with (ENGINE-NOTES' recipe).
+
+    Its tokenizer is the byte-level BPE trained by ``write_tokenizer`` (GGUF type
+    gpt2, pre-tokenizer gpt-2), special tokens are CONTROL so ``<|im_start|>`` is
+    one token, and the chat template is ChatML.
+    """
+    work = path.parent / (path.stem + "-tokenizer")
+    work.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(work)
+    spec = json.loads((work / "tokenizer.json").read_text())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for added in spec["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [""] * ids["vocab_size"]
+    for text, index in vocab.items():
+        tokens[index] = text
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    control = {ids[name] for name in SPECIALS}
+    n_vocab, n_embd, n_ff, heads, kv_heads = len(tokens), 64, 128, 4, 2
+    head_dim = n_embd // heads
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(512)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in control else 1 for i in range(n_vocab)])  # 3 CONTROL, 1 NORMAL
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ids["<|endoftext|>"])
+    writer.add_eos_token_id(ids["<|im_end|>"])
+    writer.add_pad_token_id(ids["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+
+    rng = np.random.default_rng(0)
+
+    def weight(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((n_vocab, n_embd)) * 0.02).astype(np.float32))
+    for layer in range(2):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(prefix + "attn_q.weight", weight(n_embd, n_embd))
+        writer.add_tensor(prefix + "attn_k.weight", weight(kv_heads * head_dim, n_embd))
+        writer.add_tensor(prefix + "attn_v.weight", weight(kv_heads * head_dim, n_embd))
+        writer.add_tensor(prefix + "attn_output.weight", weight(n_embd, n_embd))
+        writer.add_tensor(prefix + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(prefix + "ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(prefix + "ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(prefix + "ffn_down.weight", weight(n_embd, n_ff))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(n_vocab, n_embd))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

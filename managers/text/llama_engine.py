@@ -18,11 +18,13 @@ import json
 import logging
 import os
 import random
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from kernel.codes import InternalError, LoadFailedError, OomRamError, UnsupportedError
+from kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
 from kernel.runtime import Reply, RequestContext
 from managers.text.generation import (
     Sampling,
@@ -98,6 +100,44 @@ class LlamaOptions:
         )
 
 
+def free_vram_bytes() -> int | None:
+    """Free memory of the first NVIDIA GPU, or None where it cannot be read."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run(  # noqa: S603 - a fixed tool and arguments
+            [tool, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return int(done.stdout.split()[0]) * 1024 * 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def check_gpu_fit(model_id: str, header: GGUFHeader, options: LlamaOptions) -> None:
+    """Refuse GPU layers this build cannot offload, or that do not fit the GPU (OOM_VRAM)."""
+    if options.n_gpu_layers == 0:
+        return
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise UnsupportedError(
+            f"{model_id}: n_gpu_layers = {options.n_gpu_layers}, but this llama.cpp build has no GPU offload",
+            param="n_gpu_layers",
+        )
+    layers = header.arch_int("block_count") or 1
+    share = 1.0 if options.n_gpu_layers < 0 else min(1.0, options.n_gpu_layers / layers)
+    need = int((header.file_size + kv_cache_bytes(header, options.n_ctx)) * share)
+    free = free_vram_bytes()
+    if free is not None and need > free:
+        raise OomVramError(
+            f"{model_id} needs about {need / 2**20:.0f} MiB of GPU memory for its offloaded layers; "
+            f"{free / 2**20:.0f} MiB is free"
+        )
+
+
 def kv_cache_bytes(header: GGUFHeader, n_ctx: int) -> int:
     """Memory the f16 key/value cache of a context of n_ctx tokens takes."""
     layers = header.arch_int("block_count")
@@ -154,7 +194,12 @@ class LlamaEngine:
         except MemoryError as exc:
             raise OomRamError(f"out of host memory loading {self.model_id}") from exc
         except ValueError as exc:
-            raise LoadFailedError(f"llama.cpp could not load {self.model_id}: {_llama_reason()}") from exc
+            reason = _llama_reason()
+            if self.options.n_gpu_layers and any(
+                w in reason.lower() for w in ("cudamalloc", "out of memory")
+            ):
+                raise OomVramError(f"out of GPU memory loading {self.model_id}: {reason}") from exc
+            raise LoadFailedError(f"llama.cpp could not load {self.model_id}: {reason}") from exc
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

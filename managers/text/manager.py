@@ -32,10 +32,11 @@ def plan_load(entry: ModelEntry) -> Plan:
     """Detect the format, check the files and estimate memory, before any engine runs."""
     detected = detect(entry.path, Format(entry.format) if entry.format else None)
     if detected.format is Format.GGUF:
-        from managers.text.llama_engine import LlamaEngine, LlamaOptions, kv_cache_bytes
+        from managers.text.llama_engine import LlamaEngine, LlamaOptions, check_gpu_fit, kv_cache_bytes
 
         header = read_header(detected.path)
         options = LlamaOptions.from_settings(entry.id, entry.options)
+        check_gpu_fit(entry.id, header, options)
         estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(estimate, lambda: LlamaEngine(entry.id, header, options))
     from managers.text.safetensors_engine import SafetensorsEngine, check_directory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 
 import psutil
@@ -35,3 +36,36 @@ def test_serve_stops_cleanly_on_signal_and_leaves_no_process(tmp_path, signum):
             break
         time.sleep(0.05)
     assert not any(psutil.pid_exists(pid) for pid in managers)
+
+
+def test_several_text_instances_share_the_work(tmp_path):
+    config = f'[server]\ndata_dir = "{tmp_path}"\n\n[text]\ninstances = 2\n'
+    with running_server(config, tmp_path) as server:
+        managers = server.managers()
+        assert sorted(m["name"] for m in managers) == ["text#0", "text#1"]
+        assert len({m["pid"] for m in managers}) == 2
+        body = {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Write a long essay."}],
+            "max_tokens": 300,
+        }
+        results = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(server.request("POST", "/v1/chat/completions", body)[0])
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        busy = set()
+        for _ in range(200):
+            busy |= {m["name"] for m in server.managers() if m["active"]}
+            if len(busy) == 2:
+                break
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        # Each instance took one of the two requests: least outstanding work first.
+        assert busy == {"text#0", "text#1"}
+        assert results == [200, 200]

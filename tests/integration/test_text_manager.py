@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from kernel.client import KernelClient
 from kernel.codes import AllmError, Code
-from tests.model_files import smollm2_path, truncated_copy
+from tests.model_files import smollm2_path, truncated_copy, with_bytes, write_gguf, write_tiny_llama_gguf
 
 from .conftest import text_manager
 
@@ -26,6 +26,13 @@ MIB = 1024 * 1024
 async def text(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("models")
     corrupt = truncated_copy(smollm2_path(), tmp / "cut.gguf", 30 * MIB)
+    tiny = write_tiny_llama_gguf(tmp / "tiny.gguf")
+    damaged = {
+        "tiny-cut": truncated_copy(tiny, tmp / "tiny-cut.gguf", tiny.stat().st_size // 2),
+        "tiny-v99": with_bytes(tiny, tmp / "tiny-v99.gguf", 4, (99).to_bytes(4, "little")),
+        "tiny-not-gguf": with_bytes(tiny, tmp / "tiny-not.gguf", 0, b"GGML"),
+        "frobnicator": write_gguf(tmp / "frob.gguf", arch="frobnicator"),
+    }
     notes = tmp / "notes"
     notes.mkdir()
     (notes / "README.txt").write_text("no model here")
@@ -36,6 +43,10 @@ async def text(tmp_path_factory):
             {"id": "smol-huge-ctx", "path": str(smollm2_path()), "options": {"n_ctx": 131072}},
             {"id": "cut", "path": str(corrupt)},
             {"id": "not-a-model", "path": str(notes)},
+            {"id": "smol-b", "path": str(smollm2_path()), "options": {"n_ctx": 2048}},
+            {"id": "tiny", "path": str(tiny), "options": {"n_ctx": 256}},
+            {"id": "tiny-gpu", "path": str(tiny), "options": {"n_ctx": 256, "n_gpu_layers": 99}},
+            *({"id": key, "path": str(path)} for key, path in damaged.items()),
         ],
         "memory_budget_bytes": 600 * MIB,
     }
@@ -237,10 +248,81 @@ async def test_a_model_outside_the_catalog_is_refused(text):
     assert info.value.reason == "model_not_found"
 
 
+async def loaded(client: KernelClient) -> set[str]:
+    models = (await client.call("text", "models")).data["models"]
+    return {m["id"] for m in models if m["state"] == "loaded"}
+
+
 async def test_least_recently_used_model_is_unloaded_to_make_room(text):
     client, _ = text
+    for model in await loaded(client):
+        await client.call("text", "unload", model=model)
     await chat(client, "hi", max_tokens=2)
     await chat(client, "hi", model="smol-small-ctx", max_tokens=2)
-    # Both fit the 600 MiB budget together; a third copy of the weights would not.
-    models = (await client.call("text", "models")).data["models"]
-    assert {m["id"] for m in models if m["state"] == "loaded"} == {SMOL, "smol-small-ctx"}
+    # Both fit the 600 MiB budget together (about 280 + 200 MiB) ...
+    assert await loaded(client) == {SMOL, "smol-small-ctx"}
+    await chat(client, "hi", model="smol-small-ctx", max_tokens=2)
+    # ... a third model would not: the least recently used one makes room.
+    await chat(client, "hi", model="smol-b", max_tokens=2)
+    assert await loaded(client) == {"smol-small-ctx", "smol-b"}
+
+
+async def test_a_tiny_written_gguf_chats_through_its_own_template(text):
+    client, _ = text
+    params = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 7}
+    async with client.stream("text", "chat", model="tiny", params=params) as s:
+        pieces = [chunk.data["text"] async for chunk in s]
+    assert s.result is not None
+    # 13 prompt tokens: <|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n, by the template
+    assert s.result.data["usage"] == {"prompt_tokens": 13, "completion_tokens": 7}
+    assert "".join(pieces) == s.result.data["text"]
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "needle"),
+    [
+        ("tiny-cut", Code.MODEL_CORRUPT, "truncated"),
+        ("tiny-v99", Code.UNSUPPORTED, "GGUF version 99"),
+        ("tiny-not-gguf", Code.FORMAT_MISMATCH, "not a GGUF file"),
+        ("frobnicator", Code.UNSUPPORTED, "'frobnicator'"),
+    ],
+)
+async def test_damaged_tiny_ggufs_get_their_own_codes_and_the_manager_serves_on(text, model, code, needle):
+    client, supervisor = text
+    pid = supervisor.status()[0].pid
+    with pytest.raises(AllmError) as info:
+        await chat(client, "hi", model=model)
+    assert info.value.code is code
+    assert needle in info.value.message
+    assert (await chat(client, "hi", model="tiny", max_tokens=2))["usage"]["completion_tokens"] == 2
+    assert supervisor.status()[0].pid == pid
+
+
+async def test_idle_models_are_unloaded_after_the_configured_time(tmp_path):
+    tiny = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    settings = {
+        "models": [{"id": "tiny", "path": str(tiny), "options": {"n_ctx": 128}}],
+        "idle_unload_s": 0.3,
+    }
+    async with text_manager(settings) as (client, _supervisor):
+        await client.call("text", "load", model="tiny")
+        assert await loaded(client) == {"tiny"}
+        for _ in range(100):
+            if not await loaded(client):
+                break
+            await asyncio.sleep(0.05)
+        assert await loaded(client) == set()
+        # and it comes back on demand
+        await client.call(
+            "text", "chat", model="tiny", params={"messages": [{"role": "user", "content": "x"}]}
+        )
+        assert await loaded(client) == {"tiny"}
+
+
+async def test_gpu_layers_on_a_build_without_gpu_offload_are_refused_by_name(text):
+    client, _ = text
+    with pytest.raises(AllmError) as info:
+        await chat(client, "hi", model="tiny-gpu")
+    assert info.value.code is Code.UNSUPPORTED
+    assert info.value.param == "n_gpu_layers"
+    assert "no GPU offload" in info.value.message
