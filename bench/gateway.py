@@ -29,10 +29,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.text import MESSAGES as PROMPT
+from bench.text import direct_run
 from gateway.config import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 
 
 def free_port() -> int:
@@ -100,19 +101,6 @@ def http_stream(port: int, model: str, tokens: int) -> tuple[float, float, int, 
     return first - t0, (count - 1) / max(end - first, 1e-9), count, end
 
 
-def direct_stream(llm, tokens: int) -> tuple[float, float, int, float]:
-    t0 = time.perf_counter()
-    first, count = None, 0
-    for chunk in llm.create_chat_completion(PROMPT, stream=True, max_tokens=tokens, temperature=0):
-        if chunk["choices"][0]["delta"].get("content"):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    assert first is not None
-    return first - t0, (count - 1) / (end - first), count, end
-
-
 def concurrent_streams(port: int, model: str, tokens: int, clients: int) -> tuple[list[tuple], float]:
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -176,9 +164,9 @@ def main() -> None:
     with server(allm_cmd, allm_port, "/ready"), server(llama_cmd, llama_port, "/v1/models"):
         for port in ports.values():  # warm up
             http_stream(port, "smol", 8)
-        direct_stream(llm, 8)
+        direct_run(llm, 8)
         for _ in range(args.rounds):
-            one["direct"].append(direct_stream(llm, args.tokens))
+            one["direct"].append(direct_run(llm, args.tokens))
             for name, port in ports.items():
                 one[name].append(http_stream(port, "smol", args.tokens))
             for name, port in ports.items():
