@@ -324,6 +324,7 @@ class Runtime:
         router = self.router
         while (got := router.recv()) is not None:
             peer, frames = got
+            known = peer in self._peers
             self._peers[peer] = time.monotonic()
             try:
                 msg = p.decode(frames)
@@ -336,8 +337,12 @@ class Runtime:
                     self._admit(peer, msg)
                 case p.Cancel():
                     self._cancel(peer, msg.rid)
-                case p.Hello():
+                case p.Hello() if not known:
+                    # The handshake: a new peer hears our state at once; later hellos
+                    # only keep it registered, the periodic heartbeat answers them.
                     self._send(peer, p.encode(self.heartbeat()))
+                case p.Hello():
+                    pass
                 case _:
                     text = f"a manager does not accept {type(msg).__name__} messages"
                     self._send(peer, p.encode(p.Error(0, Code.UNSUPPORTED, text, "bad_kind")))

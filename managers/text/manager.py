@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kernel.codes import UnsupportedError
 from kernel.runtime import ManagerInfo, Reply, RequestContext
 from managers.text.detect import Format, detect
 from managers.text.gguf_header import read_header
 from managers.text.pool import ModelEntry, ModelPool, Plan
+
+if TYPE_CHECKING:
+    from managers.text.safetensors_engine import DirectoryInfo
 
 # Never reach for a model hub: a path that does not exist is an error, not a repo id.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,17 +42,27 @@ def plan_load(entry: ModelEntry) -> Plan:
         check_gpu_fit(entry.id, header, options)
         estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(estimate, lambda: LlamaEngine(entry.id, header, options))
-    from managers.text.safetensors_engine import SafetensorsEngine, check_directory
+    from managers.text.safetensors_engine import SafetensorsEngine, check_directory, choose_backend
 
     info = check_directory(detected.path)
-    # Weights stored in 16 bits are widened to float32 on the CPU unless dtype says otherwise.
-    widen = 2 if entry.options.get("dtype", "float32") == "float32" and not _is_f32(info.config) else 1
-    estimate = info.weight_bytes * widen + OVERHEAD_BYTES
+    backend = choose_backend(str(entry.options.get("backend", "auto")), info.model_type)
+    estimate = int(info.weight_bytes * widening(info, backend, entry.options)) + OVERHEAD_BYTES
     return Plan(estimate, lambda: SafetensorsEngine(entry.id, info, entry.options))
 
 
-def _is_f32(config: Mapping[str, Any]) -> bool:
-    return str(config.get("torch_dtype") or config.get("dtype") or "").endswith("float32")
+def widening(info: DirectoryInfo, backend: str, options: Mapping[str, Any]) -> float:
+    """How much bigger the weights are in memory than on disk.
+
+    mlx-lm keeps the stored types (MXFP4 included).  transformers loads in
+    ``dtype`` (float32 by default on the CPU) and de-quantises MXFP4 first.
+    """
+    if backend == "mlx":
+        return 1.0
+    stored = str(info.config.get("torch_dtype") or info.config.get("dtype") or "bfloat16")
+    stored_bytes = 0.5 if info.mxfp4 else (4 if stored.endswith("float32") else 2)
+    wanted = str(options.get("dtype", "float32"))
+    wanted_bytes = 2 if wanted in ("bfloat16", "float16") else (stored_bytes if wanted == "auto" else 4)
+    return max(1.0, wanted_bytes / stored_bytes)
 
 
 class TextManager:

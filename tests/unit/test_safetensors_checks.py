@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,17 @@ def test_backend_choice():
     assert info.value.code is Code.UNSUPPORTED
     with pytest.raises(AllmError):
         choose_backend("onnx", "llama")
+
+
+def test_memory_estimate_widens_what_transformers_expands():
+    from managers.text.manager import widening
+    from managers.text.safetensors_engine import DirectoryInfo
+
+    def info(dtype: str, mxfp4: bool = False) -> DirectoryInfo:
+        return DirectoryInfo(Path("/m"), "llama", {"torch_dtype": dtype}, 1000, mxfp4)
+
+    assert widening(info("bfloat16"), "transformers", {}) == 2.0  # bf16 on disk, float32 in memory
+    assert widening(info("float32"), "transformers", {}) == 1.0
+    assert widening(info("bfloat16"), "transformers", {"dtype": "bfloat16"}) == 1.0
+    assert widening(info("bfloat16", mxfp4=True), "transformers", {}) == 8.0  # 4 bits to 32
+    assert widening(info("bfloat16", mxfp4=True), "mlx", {}) == 1.0
