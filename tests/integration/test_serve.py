@@ -48,6 +48,7 @@ def test_several_text_instances_share_the_work(tmp_path):
             "model": "smollm2-135m-instruct",
             "messages": [{"role": "user", "content": "Write a long essay."}],
             "max_tokens": 300,
+            "temperature": 0,  # greedy: runs to the limit, both stay busy a while
         }
         results = []
         threads = [
