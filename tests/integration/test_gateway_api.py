@@ -97,6 +97,19 @@ def test_cors_allows_the_configured_origin_only(server):
     assert headers["access-control-allow-origin"] == "http://app.example"
     _s, headers, _b = server.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in headers
+    # A browser's preflight needs no key and is answered with the allowed methods.
+    status, headers, _b = server.request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Authorization": "",
+        },
+    )
+    assert status == 204
+    assert headers["access-control-allow-origin"] == "http://app.example"
+    assert "POST" in headers["access-control-allow-methods"]
 
 
 # -- chat completions ------------------------------------------------------------------
