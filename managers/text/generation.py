@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -41,6 +42,10 @@ class Sampling:
     stop: tuple[str, ...] = ()
     json_schema: Mapping[str, Any] | None = None  # constrain output to this schema
     json_object: bool = False  # constrain output to any JSON object
+
+    def seed_or_random(self) -> int:
+        """The request's seed, or a fresh random one."""
+        return self.seed if self.seed is not None else random.getrandbits(31)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Sampling:
@@ -260,6 +265,34 @@ def parse_tool_output(text: str) -> tuple[str, list[dict[str, Any]]]:
     if isinstance(data, dict) and isinstance(data.get("response"), str):
         return data["response"], []
     return text, []
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A chat request as every engine starts from it: checked, tools planned."""
+
+    messages: list[dict[str, Any]]
+    sampling: Sampling  # with tools, constrained to the tool-call schema
+    tools: ToolPlan | None
+
+
+def chat_request(params: Mapping[str, Any]) -> ChatRequest:
+    messages = check_messages(params.get("messages"))
+    sampling = Sampling.from_params(params)
+    tools = plan_tools(params.get("tools"), params.get("tool_choice"))
+    if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        messages = with_tool_prompt(messages, tools)
+    if tools is not None:
+        sampling = dataclasses.replace(sampling, json_schema=tools.schema, json_object=False)
+    return ChatRequest(messages, sampling, tools)
+
+
+def prompt_of(params: Mapping[str, Any]) -> str:
+    """A completion request's prompt, checked."""
+    prompt = params.get("prompt")
+    if not isinstance(prompt, str):
+        raise _bad("prompt", "prompt must be a string")
+    return prompt
 
 
 class Detokenizer(Protocol):

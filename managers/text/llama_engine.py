@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import subprocess
 import threading
@@ -28,11 +27,10 @@ from kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramErr
 from kernel.runtime import Reply, RequestContext
 from managers.text.generation import (
     Sampling,
-    check_messages,
+    chat_request,
     parse_tool_output,
-    plan_tools,
+    prompt_of,
     run_generation,
-    with_tool_prompt,
 )
 from managers.text.gguf_header import GGUFHeader
 
@@ -211,21 +209,18 @@ class LlamaEngine:
     # -- operations ---------------------------------------------------------------
 
     def chat(self, ctx: RequestContext) -> Reply:
-        messages = check_messages(ctx.params.get("messages"))
-        sampling = Sampling.from_params(ctx.params)
-        tools = plan_tools(ctx.params.get("tools"), ctx.params.get("tool_choice"))
-        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            messages = with_tool_prompt(messages, tools)
-        if tools is not None:
-            sampling = dataclasses.replace(sampling, json_schema=tools.schema, json_object=False)
+        req = chat_request(ctx.params)
         if self._formatter is None:
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
         try:
-            prompt = self._formatter(messages=messages).prompt
+            prompt = self._formatter(messages=req.messages).prompt
         except Exception as exc:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        reply = self._generate(ctx, tokens, sampling, stream=ctx.stream and tools is None, param="messages")
+        tools = req.tools
+        reply = self._generate(
+            ctx, tokens, req.sampling, stream=ctx.stream and tools is None, param="messages"
+        )
         if tools is not None:
             text, calls = parse_tool_output(reply.data["text"])
             reply.data["text"] = text
@@ -237,9 +232,7 @@ class LlamaEngine:
         return reply
 
     def complete(self, ctx: RequestContext) -> Reply:
-        prompt = ctx.params.get("prompt")
-        if not isinstance(prompt, str):
-            raise UnsupportedError("prompt must be a string", reason="invalid_request", param="prompt")
+        prompt = prompt_of(ctx.params)
         sampling = Sampling.from_params(ctx.params)
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=self._add_bos, special=False)
         return self._generate(ctx, tokens, sampling, stream=ctx.stream, param="prompt")
@@ -296,7 +289,7 @@ class LlamaEngine:
             # A reused prompt prefix is decoded in other batch shapes, which moves
             # the logits by rounding: a seeded request starts from scratch to reproduce.
             self.llm.reset()
-        self.llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+        self.llm.set_seed(sampling.seed_or_random())
         try:
             yield from self.llm.generate(
                 prompt,

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import platform
-import random
 import struct
 import sys
 import threading
@@ -37,13 +36,7 @@ from kernel.codes import (
     UnsupportedError,
 )
 from kernel.runtime import Reply, RequestContext
-from managers.text.generation import (
-    Sampling,
-    check_messages,
-    plan_tools,
-    run_generation,
-    with_tool_prompt,
-)
+from managers.text.generation import Sampling, chat_request, prompt_of, run_generation
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -224,9 +217,7 @@ class _Transformers:
 
     def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         torch = self.torch
-        generator = torch.Generator().manual_seed(
-            sampling.seed if sampling.seed is not None else random.getrandbits(31)
-        )
+        generator = torch.Generator().manual_seed(sampling.seed_or_random())
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
             while True:
@@ -279,7 +270,7 @@ class _Mlx:
         from mlx_lm.sample_utils import make_sampler
 
         mx = self.mx
-        mx.random.seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+        mx.random.seed(sampling.seed_or_random())
         sampler = make_sampler(
             temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0
         )
@@ -341,30 +332,22 @@ class SafetensorsEngine:
             del self.backend
 
     def chat(self, ctx: RequestContext) -> Reply:
-        messages = check_messages(ctx.params.get("messages"))
-        sampling = Sampling.from_params(ctx.params)
-        if sampling.json_schema is not None or sampling.json_object:
+        req = chat_request(ctx.params)
+        if (ctx.params.get("response_format") or {}).get("type", "text") != "text":
             raise UnsupportedError(
                 "structured output (response_format) needs a GGUF model here", param="response_format"
             )
-        tools = plan_tools(ctx.params.get("tools"), ctx.params.get("tool_choice"))
-        if tools is not None:
+        if req.tools is not None:
             raise UnsupportedError("tool calls need a GGUF model here", param="tools")
-        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            messages = with_tool_prompt(messages, None)
         try:
-            prompt = self.backend.chat_ids(messages)
+            prompt = self.backend.chat_ids(req.messages)
         except Exception as exc:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
-        return self._generate(ctx, prompt, sampling, param="messages")
+        return self._generate(ctx, prompt, req.sampling, param="messages")
 
     def complete(self, ctx: RequestContext) -> Reply:
-        prompt = ctx.params.get("prompt")
-        if not isinstance(prompt, str):
-            raise UnsupportedError("prompt must be a string", reason="invalid_request", param="prompt")
-        return self._generate(
-            ctx, self.backend.text_ids(prompt), Sampling.from_params(ctx.params), param="prompt"
-        )
+        prompt = self.backend.text_ids(prompt_of(ctx.params))
+        return self._generate(ctx, prompt, Sampling.from_params(ctx.params), param="prompt")
 
     def embed(self, ctx: RequestContext) -> Reply:
         raise UnsupportedError(f"{self.model_id}: embeddings need a GGUF model here", param="model")
