@@ -12,11 +12,12 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from kernel.client import KernelClient
+from kernel.client import KernelClient, Stream
 from kernel.codes import AllmError
+from kernel.protocol import Chunk
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
@@ -75,6 +76,19 @@ def tool_calls(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def open_stream(request: Request, stream: Stream) -> tuple[Any, Chunk | None, AsyncIterator[Chunk]]:
+    """Wait for the first chunk, then answer with an event stream.
+
+    A request the engine refuses at once (context too long, model broken) is
+    still a plain HTTP error; after this, errors travel inside the stream.
+    Returns the response, the first chunk (None if the reply has none) and the rest.
+    """
+    pieces = aiter(stream)
+    opening = await anext(pieces, None)
+    response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return response, opening, pieces
 
 
 async def stream_error(response: Any, exc: Exception) -> None:
@@ -171,13 +185,7 @@ async def _stream_text(
 ) -> None:
     """Run a streaming generation as data: lines; errors before the first byte stay HTTP errors."""
     async with client.stream("text", op, model=model_id, params=params, timeout_s=timeout_s) as stream:
-        pieces = aiter(stream)
-        # Wait for the first token before answering: a request the engine refuses
-        # at once (context too long, model broken) is still a plain HTTP error.
-        opening = await anext(pieces, None)
-        response = await request.respond(
-            content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        response, opening, pieces = await open_stream(request, stream)
         await response.send(first + (delta(opening.data["text"]) if opening is not None else ""))
         try:
             async for piece in pieces:

@@ -24,7 +24,7 @@ from kernel.codes import AllmError
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
-from gateway.chat import tool_calls
+from gateway.chat import open_stream, tool_calls
 from gateway.config import Config
 from gateway.errors import ApiError, bad_field, describe
 from gateway.fields import json_body, model_for, optional, sampling, text_of
@@ -163,6 +163,11 @@ class Turn:
         self.created_at = int(time.time())
         self.store = payload.get("store", True) is not False
 
+    @property
+    def text_ids(self) -> dict[str, Any]:
+        """Where the text of this response's message lives, as the text events name it."""
+        return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+
     def message_item(self, text: str, status: str) -> dict[str, Any]:
         content = (
             [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
@@ -293,28 +298,21 @@ async def _stream(request: Request, turn: Turn) -> None:
         seq += 1
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
-    ids = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
+    ids = turn.text_ids
     streams_text = "tools" not in turn.params  # with tools, output is known only at the end
     async with client.stream(
         "text", "chat", model=turn.model, params=turn.params, timeout_s=config.request_timeout_s
     ) as s:
-        pieces = aiter(s)
-        opening = await anext(pieces, None)  # refusals before any token stay HTTP errors
-        response = await request.respond(
-            content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        response, opening, pieces = await open_stream(request, s)
         head = event("response.created", response=turn.response("in_progress"))
         head += event("response.in_progress", response=turn.response("in_progress"))
         if streams_text:
             head += _open_message(event, turn)
-        texts: list[str] = []
         if opening is not None:
-            texts.append(opening.data["text"])
             head += event("response.output_text.delta", delta=opening.data["text"], logprobs=[], **ids)
         await response.send(head)
         try:
             async for piece in pieces:
-                texts.append(piece.data["text"])
                 await response.send(
                     event("response.output_text.delta", delta=piece.data["text"], logprobs=[], **ids)
                 )
@@ -365,11 +363,12 @@ async def _stream(request: Request, turn: Turn) -> None:
 
 
 def _open_message(event: Callable[..., str], turn: Turn) -> str:
-    ids = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
     return event(
         "response.output_item.added", output_index=0, item=turn.message_item("", "in_progress")
     ) + event(
-        "response.content_part.added", part={"type": "output_text", "text": "", "annotations": []}, **ids
+        "response.content_part.added",
+        part={"type": "output_text", "text": "", "annotations": []},
+        **turn.text_ids,
     )
 
 
