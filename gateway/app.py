@@ -16,7 +16,7 @@ from typing import Any
 
 from kernel.client import KernelClient
 from kernel.registry import MANAGERS
-from kernel.supervisor import ManagerSpec, Supervisor
+from kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
@@ -38,10 +38,13 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
         if not models:
             continue
         options = config.modality(modality)
+        budget = options.memory_budget_bytes
         settings = {
             "models": models,
-            "memory_budget_bytes": options.memory_budget_bytes,
+            # The budget is the host's: its instances share it.
+            "memory_budget_bytes": None if budget is None else budget // options.instances,
             "idle_unload_s": options.idle_unload_s,
+            "load_stall_s": options.load_stall_s,
         }
         for instance in range(options.instances):
             specs.append(
@@ -53,6 +56,7 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
                     queue_size=options.queue_size,
                     settings=settings,
                     memory_cap_bytes=options.memory_cap_bytes,
+                    step_limit_s=options.step_limit_s,
                 )
             )
     return specs
@@ -119,6 +123,7 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
         supervisor = Supervisor(
             specs,
             client,
+            policy=RestartPolicy(failed_retry_s=config.restart_cooldown_s),
             heartbeat_timeout_s=config.heartbeat_timeout_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
             drain_timeout_s=config.drain_timeout_s,

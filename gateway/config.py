@@ -20,6 +20,17 @@ DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
 FORMATS = ("gguf", "safetensors")
+MODALITY_SETTINGS = frozenset(
+    {
+        "instances",
+        "queue_size",
+        "memory_budget_mib",
+        "idle_unload_s",
+        "memory_cap_mib",
+        "load_stall_s",
+        "step_limit_s",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -46,6 +57,8 @@ class ModalityConfig:
     memory_budget_bytes: int | None = None
     idle_unload_s: float | None = None
     memory_cap_bytes: int | None = None
+    load_stall_s: float = 120.0  # a load whose progress stops this long is stuck
+    step_limit_s: float = 300.0  # a running request with no progress (a token) this long is stuck
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,6 +74,7 @@ class Config:
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
+    restart_cooldown_s: float = 300.0  # a manager failed by a crash loop is tried again after this
     modalities: Mapping[str, ModalityConfig] = dataclasses.field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
 
@@ -177,7 +191,13 @@ def load(
     for key in ("max_body_bytes",):
         if key in server:
             values[key] = number(key, int, 1024)
-    for key in ("request_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "drain_timeout_s"):
+    for key in (
+        "request_timeout_s",
+        "heartbeat_interval_s",
+        "heartbeat_timeout_s",
+        "drain_timeout_s",
+        "restart_cooldown_s",
+    ):
         if key in server:
             values[key] = number(key, float, 0.01)
     if "host" in server:
@@ -194,6 +214,9 @@ def load(
         raw = doc.get(name, {})
         if not isinstance(raw, dict):
             raise ConfigError(f"[{name}] must be a table")
+        unknown = set(raw) - MODALITY_SETTINGS
+        if unknown:
+            raise ConfigError(f"[{name}] has unknown setting(s) {sorted(unknown)}")
         budget = raw.get("memory_budget_mib")
         cap = raw.get("memory_cap_mib")
         modalities[name] = ModalityConfig(
@@ -208,6 +231,8 @@ def load(
             memory_cap_bytes=None
             if cap is None
             else _typed(f"{name}.memory_cap_mib", cap, int, minimum=16) * MIB,
+            load_stall_s=_typed(f"{name}.load_stall_s", raw.get("load_stall_s", 120.0), float, minimum=0.1),
+            step_limit_s=_typed(f"{name}.step_limit_s", raw.get("step_limit_s", 300.0), float, minimum=0.1),
         )
 
     raw_models = doc.get("models", [])

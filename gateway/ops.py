@@ -2,8 +2,9 @@
 
 GET /health      the process answers (no auth)
 GET /ready       every manager is up and the default text model loads (no auth)
-GET /status      each manager instance: pid, state, restarts, last exit and cause, models, queue, memory
-GET /v1/models   each catalog model with its modality and state
+GET /status      each manager instance: pid, state, restarts, last exit and cause, when it is
+                 tried again, models loaded and loading (with progress), what runs, queue, memory
+GET /v1/models   each catalog model with its modality and state (loaded, loading, available, unavailable)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
     for s in request.app.ctx.supervisor.status():
         view = views.get(s.endpoint)
         hb = view.heartbeat if view is not None else None
+        extra = hb.extra if hb is not None and s.state == "running" else {}
         out.append(
             {
                 "name": s.name,
@@ -39,7 +41,10 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
                 "restarts": s.restarts,
                 "last_exit": s.last_exit or None,
                 "last_code": s.last_code or None,
+                "retry_in_s": s.retry_in_s,
                 "models": list(hb.models) if hb else [],
+                "loading": extra.get("loading") or {},
+                "running": extra.get("running") or [],
                 "active": hb.active if hb else 0,
                 "queued": hb.queued if hb else 0,
                 "capacity": hb.capacity if hb else 0,
@@ -80,9 +85,11 @@ async def status(request: Request) -> HTTPResponse:
 async def models(request: Request) -> HTTPResponse:
     config: Config = request.app.ctx.config
     loaded: set[str] = set()
+    loading: set[str] = set()
     live: set[str] = set()
     for m in manager_status(request):
         loaded.update(m["models"])
+        loading.update(m["loading"])
         if m["live"]:
             live.add(m["modality"])
     data = [
@@ -92,7 +99,11 @@ async def models(request: Request) -> HTTPResponse:
             "created": 0,
             "owned_by": "allm",
             "modality": m.modality,
-            "state": "loaded" if m.id in loaded else ("available" if m.modality in live else "unavailable"),
+            "state": "loaded"
+            if m.id in loaded
+            else "loading"
+            if m.id in loading
+            else ("available" if m.modality in live else "unavailable"),
         }
         for m in config.models
     ]

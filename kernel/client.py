@@ -10,6 +10,16 @@ callers: every request ends with exactly one terminal (a result, or a typed
     supervisor saw it die       the code the supervisor classified (report_down)
     it restarted under us       INTERNAL
     frames lost or piling up    INTERNAL (lost_frames / slow_consumer), and a cancel
+    a bad frame for a request   INTERNAL (bad_frame), at once
+    it speaks another version   INTERNAL (manager_failed), at once, until it is replaced
+
+Only requests a worker had started pay for a dead instance.  A request that
+was still waiting in the manager's line is sent again, to the least-loaded
+live instance, within its own deadline.  What had started is known from the
+``start`` messages, and, because one may die with the process that sent it,
+from the line's order: a manager runs requests first come, first served, so
+when fewer than ``slots`` requests are known to run, the oldest others still
+open there may have been running too, and pay as if they had.
 
 Requests for a modality go to its least-loaded live instance; while none is
 live they wait (within their deadline), and a failed one fails them at once.
@@ -29,6 +39,8 @@ from typing import Any
 
 from kernel import protocol as p
 from kernel.codes import (
+    REASON_BAD_VERSION,
+    REASON_DRAINING,
     REASON_LOST_FRAMES,
     REASON_MANAGER_FAILED,
     REASON_QUEUE_FULL,
@@ -46,6 +58,7 @@ log = logging.getLogger("allm.client")
 
 DEFAULT_TIMEOUT_S = 600.0
 EXIT_GRACE_S = 0.1
+MAX_RESENDS = 3  # a request that was never started is sent again at most this often
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,11 +75,27 @@ class InstanceView:
 
 
 class _Pending:
-    __slots__ = ("chunks", "inst", "next_seq", "req", "terminal", "timer", "waiter")
+    __slots__ = (
+        "chunks",
+        "deadline",
+        "inst",
+        "next_seq",
+        "req",
+        "resends",
+        "sent",
+        "started",
+        "terminal",
+        "timer",
+        "waiter",
+    )
 
     def __init__(self, inst: _Instance, req: p.Request) -> None:
         self.inst = inst
         self.req = req
+        self.started = False  # a worker took it: from then on a crash costs it
+        self.resends = 0
+        self.sent = 0  # the order it was (last) sent in
+        self.deadline = 0.0  # time.monotonic()
         self.chunks: collections.deque[p.Chunk] = collections.deque()
         self.terminal: p.Result | AllmError | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -126,11 +155,13 @@ class KernelClient:
         }
         self._by_endpoint = {i.endpoint: i for insts in self._routes.values() for i in insts}
         self._rids = itertools.count(1)
+        self._sends = itertools.count(1)
         self._routing_id = new_routing_id()
         self._hello = p.encode(p.Hello(client=self._routing_id.hex()))
         self._ctx = client_context()
         self._changed = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self._resending: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -144,6 +175,9 @@ class KernelClient:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        for task in list(self._resending):
+            task.cancel()
+        await asyncio.gather(*self._resending, return_exceptions=True)
         for inst in self._by_endpoint.values():
             inst.fail_all(CancelledError("the kernel client is closing"))
             if inst.dealer is not None:
@@ -183,10 +217,10 @@ class KernelClient:
             # Replies the manager sent just before it exited may still be on their
             # way through ZeroMQ's I/O thread: let them land before failing the rest.
             in_flight = list(inst.pending.values())
+            slots = _slots(inst)
 
             def fail_in_flight() -> None:
-                for pending in in_flight:
-                    pending.finish(exc)
+                self._after_death(in_flight, exc, slots)
 
             asyncio.get_running_loop().call_later(EXIT_GRACE_S, fail_in_flight)
 
@@ -256,6 +290,15 @@ class KernelClient:
         return Stream(self, modality, req, time.monotonic() + timeout)
 
     async def _submit(self, modality: str, req: p.Request, deadline: float) -> _Pending:
+        pending = await self._place(modality, req, deadline, None)
+        pending.deadline = deadline
+        pending.timer = asyncio.get_running_loop().call_at(_loop_time(deadline), self._expire, pending)
+        return pending
+
+    async def _place(
+        self, modality: str, req: p.Request, deadline: float, pending: _Pending | None
+    ) -> _Pending:
+        """Send a request to the least-loaded live instance, waiting for one within the deadline."""
         insts = self._instances_of(modality)
         frames = p.encode(req)
         while True:
@@ -263,18 +306,19 @@ class KernelClient:
             if live:
                 inst = min(live, key=lambda i: len(i.pending))
                 hb = inst.heartbeat
-                if hb is not None and len(inst.pending) >= hb.capacity:
+                # A request sent again already holds its place in line: no capacity check.
+                if pending is None and hb is not None and len(inst.pending) >= hb.capacity:
                     raise DeadlineError(
                         f"every {modality} manager is at capacity ({hb.capacity} requests)",
                         reason=REASON_QUEUE_FULL,
                     )
-                pending = _Pending(inst, req)
                 assert inst.dealer is not None
                 if inst.dealer.send(frames):
+                    if pending is None:
+                        pending = _Pending(inst, req)
+                    pending.inst = inst
+                    pending.sent = next(self._sends)
                     inst.pending[req.rid] = pending
-                    pending.timer = asyncio.get_running_loop().call_at(
-                        _loop_time(deadline), self._expire, pending
-                    )
                     return pending
                 inst.live = False  # not connected: wait for its next heartbeat
                 continue
@@ -295,6 +339,39 @@ class KernelClient:
             if dealer is not None:
                 dealer.send(p.encode(p.Cancel(pending.req.rid)))
 
+    def _after_death(self, in_flight: Sequence[_Pending], exc: AllmError, slots: int) -> None:
+        """An instance died with these requests open: fail what may have run, resend the rest."""
+        unheard = slots - sum(1 for q in in_flight if q.started and q.terminal is None)
+        for pending in sorted(in_flight, key=lambda q: q.sent):
+            if not pending.started and unheard > 0:
+                unheard -= 1
+                pending.started = True  # among the oldest: it may have started unheard
+            self._resend_or_fail(pending, exc)
+
+    def _resend_or_fail(self, pending: _Pending, exc: AllmError) -> None:
+        """The instance holding this request is gone: send it again if it never started."""
+        if pending.terminal is not None:
+            return
+        if pending.started or pending.next_seq or pending.resends >= MAX_RESENDS:
+            pending.finish(exc)
+            return
+        pending.inst.pending.pop(pending.req.rid, None)
+        pending.resends += 1
+        log.info("request %d had not started on %s: sending it again", pending.req.rid, pending.inst.endpoint)
+        task = asyncio.get_running_loop().create_task(self._resend(pending))
+        self._resending.add(task)
+        task.add_done_callback(self._resending.discard)
+
+    async def _resend(self, pending: _Pending) -> None:
+        req = pending.req
+        try:
+            await self._place(pending.inst.modality, req, pending.deadline, pending)
+        except AllmError as exc:
+            pending.finish(exc)
+            return
+        if pending.terminal is not None:  # its deadline passed while it waited
+            pending.inst.pending.pop(req.rid, None)
+
     def _expire(self, pending: _Pending) -> None:
         timeout_s = pending.req.timeout_ms / 1000
         self._cancel(pending, DeadlineError(f"request passed its deadline of {timeout_s:g} s"))
@@ -303,17 +380,22 @@ class KernelClient:
 
     def _on_message_for(self, inst: _Instance) -> Any:
         def on_message(frames: list[bytes]) -> None:
-            inst.last_heard = time.monotonic()
             try:
                 msg = p.decode(frames)
             except p.ProtocolError as exc:
-                log.warning("bad frame from %s: %s", inst.endpoint, exc.message)
+                self._on_bad_frame(inst, exc)
                 return
+            # Only a frame we understood proves the manager alive.
+            inst.last_heard = time.monotonic()
             match msg:
                 case p.Chunk():
                     pending = inst.pending.get(msg.rid)
                     if pending is not None:
                         self._on_chunk(pending, msg)
+                case p.Started():
+                    pending = inst.pending.get(msg.rid)
+                    if pending is not None:
+                        pending.started = True
                 case p.Result():
                     pending = inst.pending.get(msg.rid)
                     if pending is not None:
@@ -321,7 +403,15 @@ class KernelClient:
                 case p.Error():
                     pending = inst.pending.get(msg.rid)
                     if pending is not None:
-                        pending.finish(error_for(msg.code, msg.message, reason=msg.reason, param=msg.param))
+                        error = error_for(msg.code, msg.message, reason=msg.reason, param=msg.param)
+                        if msg.reason == REASON_DRAINING:
+                            # It is going away and never ran this: send it elsewhere, not back.
+                            if inst.live:
+                                inst.live = False
+                                self._notify()
+                            self._resend_or_fail(pending, error)
+                        else:
+                            pending.finish(error)
                     else:
                         log.debug("error for no request from %s: %s", inst.endpoint, msg.message)
                 case p.Heartbeat():
@@ -330,6 +420,29 @@ class KernelClient:
                     log.warning("unexpected %s from %s", type(msg).__name__, inst.endpoint)
 
         return on_message
+
+    def _on_bad_frame(self, inst: _Instance, exc: p.ProtocolError) -> None:
+        log.warning("bad frame from %s: %s", inst.endpoint, exc.message)
+        if exc.reason == REASON_BAD_VERSION:
+            # It will never understand us: fail fast until a manager that does answers.
+            failure = InternalError(
+                f"the {inst.modality} manager at {inst.endpoint} does not speak this gateway's "
+                f"protocol: {exc.message}",
+                reason=REASON_MANAGER_FAILED,
+            )
+            inst.live = False
+            inst.failed = failure
+            inst.fail_all(failure)
+            self._notify()
+            return
+        pending = inst.pending.get(exc.rid) if exc.rid else None
+        if pending is not None:
+            self._cancel(
+                pending,
+                InternalError(
+                    f"the {inst.modality} manager sent a bad frame: {exc.message}", reason=exc.reason
+                ),
+            )
 
     def _on_chunk(self, pending: _Pending, chunk: p.Chunk) -> None:
         if chunk.seq != pending.next_seq:
@@ -358,7 +471,8 @@ class KernelClient:
     def _on_heartbeat(self, inst: _Instance, hb: p.Heartbeat) -> None:
         old = inst.heartbeat
         if old is not None and old.incarnation != hb.incarnation and inst.pending:
-            inst.fail_all(InternalError(f"the {inst.modality} manager restarted (pid {old.pid} → {hb.pid})"))
+            restarted = InternalError(f"the {inst.modality} manager restarted (pid {old.pid} → {hb.pid})")
+            self._after_death(list(inst.pending.values()), restarted, _slots(inst))
         inst.heartbeat = hb
         if hb.incarnation == inst.dead_incarnation:
             return
@@ -379,12 +493,11 @@ class KernelClient:
                 heard = inst.last_heard
                 if inst.live and heard is not None and now - heard > self.heartbeat_timeout_s:
                     inst.live = False
-                    inst.fail_all(
-                        DeadlineError(
-                            f"the {inst.modality} manager stopped answering "
-                            f"(no heartbeat for {now - heard:.1f} s)"
-                        )
+                    silent = DeadlineError(
+                        f"the {inst.modality} manager stopped answering "
+                        f"(no heartbeat for {now - heard:.1f} s)"
                     )
+                    self._after_death(list(inst.pending.values()), silent, _slots(inst))
                     self._notify()
 
     # -- helpers -----------------------------------------------------------------
@@ -408,6 +521,12 @@ class KernelClient:
         except TimeoutError:
             if time.monotonic() >= deadline:
                 raise DeadlineError(f"timed out waiting for {what}") from None
+
+
+def _slots(inst: _Instance) -> int:
+    """How many requests the instance runs at once, from its heartbeat (1 when unknown)."""
+    slots = inst.heartbeat.extra.get("slots", 1) if inst.heartbeat is not None else 1
+    return slots if isinstance(slots, int) and slots > 0 else 1
 
 
 def _loop_time(deadline: float) -> float:

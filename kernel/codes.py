@@ -26,16 +26,19 @@ class AllmError(Exception):
     ``reason`` is an optional machine-readable refinement that the gateway may
     render differently from the code's default (``queue_full`` becomes 429,
     ``context_length_exceeded`` and ``invalid_request`` become 400); ``param``
-    names the request field at fault, when one is.
+    names the request field at fault, when one is.  ``restart`` says the
+    process that raised it may be damaged (an engine failed inside C): the
+    manager answers, then restarts once idle instead of serving on.
     """
 
     code: Code = Code.INTERNAL
 
-    def __init__(self, message: str, *, reason: str = "", param: str = "") -> None:
+    def __init__(self, message: str, *, reason: str = "", param: str = "", restart: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.param = param
+        self.restart = restart
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code.name})"

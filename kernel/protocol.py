@@ -16,6 +16,8 @@ Kinds:
     hello   client → manager   register for heartbeats; also a liveness ping
     req     client → manager   one operation: rid, op, model, params, timeout_ms, stream
     cancel  client → manager   stop request rid
+    start   manager → client   a worker began running request rid (until then it
+                               only waited in line, and may be sent elsewhere)
     chunk   manager → client   one piece of a streaming reply, seq 0, 1, 2, …
     result  manager → client   terminal: success
     error   manager → client   terminal: code, message, reason, param
@@ -36,7 +38,7 @@ import msgpack
 
 from kernel.codes import REASON_BAD_FRAME, REASON_BAD_VERSION, Code
 
-VERSION: Final = 1
+VERSION: Final = 2  # 2: the start message
 
 Params = dict[str, Any]
 
@@ -69,6 +71,11 @@ class Request:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Cancel:
+    rid: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Started:
     rid: int
 
 
@@ -111,12 +118,13 @@ class Heartbeat:
     extra: Params = dataclasses.field(default_factory=dict)
 
 
-Message = Hello | Request | Cancel | Chunk | Result | Error | Heartbeat
+Message = Hello | Request | Cancel | Started | Chunk | Result | Error | Heartbeat
 
 _KIND: Final[dict[type, str]] = {
     Hello: "hello",
     Request: "req",
     Cancel: "cancel",
+    Started: "start",
     Chunk: "chunk",
     Result: "result",
     Error: "error",
@@ -160,7 +168,7 @@ def encode(msg: Message) -> list[bytes]:
                 reason=msg.reason,
                 param=msg.param,
             )
-        case Cancel():
+        case Cancel() | Started():
             head["rid"] = msg.rid
         case Hello():
             head["client"] = msg.client
@@ -240,6 +248,8 @@ def decode(frames: Sequence[bytes]) -> Message:
                 code = Code(number)
             except ValueError:
                 raise ProtocolError(f"unknown error code {number}", rid=rid) from None
+            if code is Code.OK:  # an error frame must carry an error
+                raise ProtocolError("an error frame carries code 0 (OK)", rid=rid)
             return Error(
                 rid=f.get_int("rid"),
                 code=code,
@@ -249,6 +259,8 @@ def decode(frames: Sequence[bytes]) -> Message:
             )
         case "cancel":
             return Cancel(rid=f.get_int("rid"))
+        case "start":
+            return Started(rid=f.get_int("rid"))
         case "hello":
             return Hello(client=f.get_str("client"))
         case "hb":

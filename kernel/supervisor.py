@@ -6,14 +6,22 @@ same event loop as the kernel client and tells it about each death, so the
 requests in flight there end with the code of DESIGN.md's fault table:
 
     exit by signal / status          INTERNAL, message names the signal or status
-    resident memory over its cap     OOM_RAM (the supervisor kills it)
+    allocated memory over its cap    OOM_RAM (the supervisor kills it)
+    SIGKILL by the kernel's OOM killer  OOM_RAM (a kill we did not send, while the
+                                     system or the manager's cgroup counts an OOM kill)
     heartbeats stopped (hung)        TIMEOUT (the supervisor kills it)
+    its watchdog found a stuck call  TIMEOUT (it exits EXIT_STUCK by itself)
+    an engine error left it suspect  restarted at once once idle (EXIT_RESTART)
 
-Restarts back off exponentially up to a cap; too many crashes within a window
-mark the instance failed, and its requests then fail at once.  The decisions
-(``classify_exit``, ``next_restart_delay_s``) are pure functions of state and
+Restarts back off exponentially up to a cap, counting only the crashes within
+a window; a manager that had run healthy for a while restarts at once (an
+outside kill of a good process is no crash loop).  Too many crashes within
+the window mark the instance failed: its requests fail at once, and it is
+tried again after a cool-down.  The decisions (``classify_exit``,
+``crash_history``, ``next_restart_delay_s``) are pure functions of state and
 time.  A stop the supervisor asked for is marked before the signal is sent, so
-it is never reported as a crash.
+it is never reported as a crash.  The watch loop survives its own errors: a
+spawn that fails (EMFILE, ENOMEM, a missing interpreter) counts as a crash.
 """
 
 from __future__ import annotations
@@ -30,11 +38,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kernel.client import KernelClient
 from kernel.codes import Code, error_for
-from kernel.runtime import PARENT_ENV, SETTINGS_ENV
+from kernel.runtime import (
+    EXIT_RESTART,
+    EXIT_STUCK,
+    LIFELINE_ENV,
+    PARENT_ENV,
+    SETTINGS_ENV,
+    anonymous_memory_bytes,
+)
 from kernel.transport import check_endpoint
 
 log = logging.getLogger("allm.supervisor")
@@ -53,7 +69,8 @@ class ManagerSpec:
     slots: int = 1
     queue_size: int = 16
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    memory_cap_bytes: int | None = None
+    memory_cap_bytes: int | None = None  # allocated (anonymous) memory, not mapped model files
+    step_limit_s: float | None = None  # the runtime's watchdog: longest a request may go without progress
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -67,6 +84,8 @@ class RestartPolicy:
     backoff_max_s: float = 30.0
     crash_window_s: float = 60.0
     max_crashes: int = 5  # more crashes than this within the window: failed
+    healthy_after_s: float = 10.0  # a death after running this long ends any crash streak
+    failed_retry_s: float = 300.0  # a failed manager is tried again after this cool-down
 
 
 class KillReason(enum.Enum):
@@ -80,9 +99,12 @@ class KillReason(enum.Enum):
 class Death:
     code: Code
     message: str
+    crash: bool = True  # False: it asked to be restarted; no backoff, not counted
 
 
-def classify_exit(name: str, returncode: int, kill: KillReason | None, detail: str = "") -> Death | None:
+def classify_exit(
+    name: str, returncode: int, kill: KillReason | None, detail: str = "", *, oom_killed: bool = False
+) -> Death | None:
     """What a manager's exit means; None for a stop we asked for."""
     if kill is KillReason.STOP:
         return None
@@ -92,6 +114,15 @@ def classify_exit(name: str, returncode: int, kill: KillReason | None, detail: s
         return Death(Code.TIMEOUT, f"the {name} manager stopped answering ({detail}) and was killed")
     if kill is KillReason.START:
         return Death(Code.TIMEOUT, f"the {name} manager did not become ready ({detail}) and was killed")
+    if returncode == -signal.SIGKILL and oom_killed:
+        return Death(
+            Code.OOM_RAM,
+            f"the {name} manager was killed by the kernel's out-of-memory killer (SIGKILL, signal 9)",
+        )
+    if returncode == EXIT_STUCK:
+        return Death(Code.TIMEOUT, f"the {name} manager's watchdog found a stuck operation; it exited")
+    if returncode == EXIT_RESTART:
+        return Death(Code.INTERNAL, f"the {name} manager restarted itself after an engine error", crash=False)
     if returncode < 0:
         signum = -returncode
         try:
@@ -100,6 +131,16 @@ def classify_exit(name: str, returncode: int, kill: KillReason | None, detail: s
             signame = f"signal {signum}"
         return Death(Code.INTERNAL, f"the {name} manager process died of {signame} (signal {signum})")
     return Death(Code.INTERNAL, f"the {name} manager process exited with status {returncode}")
+
+
+def crash_history(
+    crashes: Sequence[float], now: float, uptime_s: float | None, policy: RestartPolicy
+) -> list[float]:
+    """The crashes that count after one at ``now``: those in the window, and none before
+    a run that lasted ``healthy_after_s`` (uptime None: it never became ready)."""
+    if uptime_s is not None and uptime_s >= policy.healthy_after_s:
+        return [now]
+    return [t for t in crashes if now - t <= policy.crash_window_s] + [now]
 
 
 def next_restart_delay_s(crashes: Sequence[float], now: float, policy: RestartPolicy) -> float | None:
@@ -131,14 +172,35 @@ class InstanceStatus:
     last_exit: str
     last_code: str
     memory_bytes: int | None
+    retry_in_s: float | None = None  # when a failed or backing-off instance is started again
 
 
-def rss_bytes(pid: int) -> int | None:
+def oom_counters(pid: int) -> tuple[Path, ...]:
+    """The files that count OOM kills for a process: the system's and its memory cgroup's."""
+    files = [Path("/proc/vmstat")]
     try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":  # cgroup v2, mounted alone or beside v1
+            files += [Path("/sys/fs/cgroup", rel, "memory.events")]
+            files += [Path("/sys/fs/cgroup/unified", rel, "memory.events")]
+        elif "memory" in controllers.split(","):
+            files.append(Path("/sys/fs/cgroup/memory", rel, "memory.oom_control"))
+    return tuple(files)
+
+
+def oom_kill_count(files: Sequence[Path]) -> int:
+    total = 0
+    for file in files:
+        with contextlib.suppress(OSError, ValueError):
+            for line in file.read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    total += int(line.split()[1])
+    return total
 
 
 class _Child:
@@ -153,6 +215,13 @@ class _Child:
         self.crashes: list[float] = []
         self.restarts = 0
         self.restart_at = 0.0
+        self.running_since: float | None = None
+        # Where the OOM kills that concern it are counted (read while it lives:
+        # /proc/<pid>/cgroup goes with the process), and their count when it started
+        # or moved there.  Never re-read later: the counter rises while the killed
+        # process is still tearing down, before its exit can be seen.
+        self.oom_files: tuple[Path, ...] = ()
+        self.oom_kills = 0
         self.last_exit = ""
         self.last_code = ""
 
@@ -191,10 +260,13 @@ class Supervisor:
         self.cwd = cwd
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        # The lifeline: every manager holds the read end; our exit closes the write
+        # end, which each sees as EOF (where prctl's death signal does not exist).
+        self._lifeline_r, self._lifeline_w = os.pipe()
 
     async def start(self) -> None:
         for child in self._children:
-            self._spawn(child)
+            self._start(child)
         self._watcher = asyncio.create_task(self._watch(), name="supervisor-watch")
 
     async def stop(self) -> None:
@@ -218,8 +290,12 @@ class Supervisor:
                 child.proc.wait()
                 self._reap(child)
             child.state = State.STOPPED
+        for fd in (self._lifeline_r, self._lifeline_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def status(self) -> list[InstanceStatus]:
+        now = time.monotonic()
         return [
             InstanceStatus(
                 name=c.spec.name,
@@ -231,7 +307,12 @@ class Supervisor:
                 restarts=c.restarts,
                 last_exit=c.last_exit,
                 last_code=c.last_code,
-                memory_bytes=rss_bytes(c.proc.pid) if c.proc is not None else None,
+                memory_bytes=anonymous_memory_bytes(c.proc.pid) if c.proc is not None else None,
+                retry_in_s=(
+                    round(max(0.0, c.restart_at - now), 1)
+                    if c.state in (State.BACKOFF, State.FAILED)
+                    else None
+                ),
             )
             for c in self._children
         ]
@@ -264,6 +345,8 @@ class Supervisor:
             str(self.heartbeat_interval_s),
             "--drain-timeout-s",
             str(self.drain_timeout_s),
+            "--step-limit-s",
+            str(spec.step_limit_s or 0),
         ]
 
     def _spawn(self, child: _Child) -> None:
@@ -278,13 +361,22 @@ class Supervisor:
             **spec.env,
             SETTINGS_ENV: json.dumps(dict(spec.settings)),
             PARENT_ENV: str(os.getpid()),
+            LIFELINE_ENV: str(self._lifeline_r),
         }
         # Popen forks and execs at once: a fresh interpreter, no inherited sockets.
         child.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            self._command(spec), env=env, stdin=subprocess.DEVNULL, cwd=self.cwd, close_fds=True
+            self._command(spec),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
+            close_fds=True,
+            pass_fds=(self._lifeline_r,),
         )
         child.state = State.STARTING
         child.started_at = time.monotonic()
+        child.running_since = None
+        child.oom_files = oom_counters(child.proc.pid)
+        child.oom_kills = oom_kill_count(child.oom_files)
         child.kill = None
         child.kill_detail = ""
         try:
@@ -294,6 +386,14 @@ class Supervisor:
         else:
             asyncio.get_running_loop().add_reader(child.pidfd, self._check_exit, child)
         log.info("started %s (pid %d)", spec.name, child.proc.pid)
+
+    def _start(self, child: _Child) -> None:
+        """Spawn, or count a spawn that failed (EMFILE, ENOMEM, no interpreter) as a crash."""
+        try:
+            self._spawn(child)
+        except OSError as exc:
+            child.proc = None
+            self._died(child, Death(Code.INTERNAL, f"the {child.spec.name} manager could not start: {exc}"))
 
     def _reap(self, child: _Child) -> None:
         if child.pidfd is not None:
@@ -321,21 +421,37 @@ class Supervisor:
         if self._stopping:
             return  # stop() collects it
         child.proc = None
-        now = time.monotonic()
-        death = classify_exit(child.spec.name, returncode, child.kill, child.kill_detail)
+        oom_killed = (
+            returncode == -signal.SIGKILL
+            and child.kill is None
+            and oom_kill_count(child.oom_files) > child.oom_kills
+        )
+        death = classify_exit(
+            child.spec.name, returncode, child.kill, child.kill_detail, oom_killed=oom_killed
+        )
         if death is None:
             child.state = State.STOPPED
             return
-        child.crashes.append(now)
+        self._died(child, death)
+
+    def _died(self, child: _Child, death: Death) -> None:
+        now = time.monotonic()
         child.last_exit = death.message
         child.last_code = death.code.name
-        delay = next_restart_delay_s(child.crashes, now, self.policy)
+        uptime_s = None if child.running_since is None else now - child.running_since
+        delay: float | None = 0.0
+        if death.crash:
+            child.crashes = crash_history(child.crashes, now, uptime_s, self.policy)
+            delay = next_restart_delay_s(child.crashes, now, self.policy)
+            if uptime_s is not None and uptime_s >= self.policy.healthy_after_s:
+                delay = 0.0  # it was serving well: someone killed it, not a crash loop
         if delay is None:
             child.state = State.FAILED
+            child.restart_at = now + self.policy.failed_retry_s
             window = self.policy.crash_window_s
             message = (
-                f"{death.message}; {len(child.crashes)} crashes, more than "
-                f"{self.policy.max_crashes} in {window:g} s: not restarting"
+                f"{death.message}; {len(child.crashes)} crashes in {window:g} s, more than "
+                f"{self.policy.max_crashes}: next try in {self.policy.failed_retry_s:g} s"
             )
             log.error("%s", message)
             self.client.report_down(child.spec.endpoint, error_for(death.code, message), failed=True)
@@ -349,14 +465,23 @@ class Supervisor:
         while True:
             now = time.monotonic()
             for child in self._children:
-                if child.state is State.BACKOFF and now >= child.restart_at:
-                    child.restarts += 1
-                    self._spawn(child)
-                elif child.proc is not None:
-                    self._check_exit(child)
-                    if child.proc is not None:
-                        self._check_health(child, now)
+                try:
+                    self._watch_one(child, now)
+                except Exception:  # supervision must outlive any one mistake
+                    log.exception("supervising %s failed; going on", child.spec.name)
             await asyncio.sleep(self.check_interval_s)
+
+    def _watch_one(self, child: _Child, now: float) -> None:
+        if child.state in (State.BACKOFF, State.FAILED) and now >= child.restart_at:
+            if child.state is State.FAILED:
+                log.info("trying the failed %s again after its cool-down", child.spec.name)
+                child.crashes = []
+            child.restarts += 1
+            self._start(child)
+        elif child.proc is not None:
+            self._check_exit(child)
+            if child.proc is not None:
+                self._check_health(child, now)
 
     def _check_health(self, child: _Child, now: float) -> None:
         proc = child.proc
@@ -364,13 +489,19 @@ class Supervisor:
             return
         cap = child.spec.memory_cap_bytes
         if cap is not None:
-            rss = rss_bytes(proc.pid)
-            if rss is not None and rss > cap:
-                detail = f"resident {rss / MIB:.0f} MiB > cap {cap / MIB:.0f} MiB"
+            used = anonymous_memory_bytes(proc.pid)
+            if used is not None and used > cap:
+                detail = f"allocated {used / MIB:.0f} MiB > cap {cap / MIB:.0f} MiB"
                 self._signal(child, signal.SIGKILL, KillReason.MEMORY, detail)
                 return
+        files = oom_counters(proc.pid)
+        if files != child.oom_files:  # moved to another cgroup
+            child.oom_files = files
+            child.oom_kills = oom_kill_count(files)
         heard = self.client.last_heard(child.spec.endpoint)
         if heard is not None and heard >= child.started_at:
+            if child.running_since is None:
+                child.running_since = now
             child.state = State.RUNNING
             silent_s = now - heard
             if silent_s > self.heartbeat_timeout_s:

@@ -81,6 +81,9 @@ class Router:
         """Make ``poll`` also return when ``fd`` becomes readable."""
         self._poller.register(fd, zmq.POLLIN)
 
+    def unwatch_fd(self, fd: int) -> None:
+        self._poller.unregister(fd)
+
     def poll(self, timeout_ms: int) -> set[int | zmq.Socket[bytes]]:
         """Wait for input; returns what is readable (this socket and/or watched fds)."""
         try:

@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
@@ -145,16 +145,61 @@ def kv_cache_bytes(header: GGUFHeader, n_ctx: int) -> int:
     return 2 * layers * n_ctx * (embd // heads) * kv_heads * 2
 
 
+_PROGRESS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _load_progress(report: Callable[[float], None] | None) -> Iterator[None]:
+    """Feed llama.cpp's load progress to ``report`` during one ``Llama()`` construction.
+
+    llama-cpp-python builds its model parameters inside ``Llama.__init__`` from
+    ``llama_model_default_params()`` and offers no way to pass llama.cpp's
+    ``progress_callback``: hand it defaults that carry ours, for this load only.
+    """
+    if report is None:
+        yield
+        return
+
+    def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:
+        with contextlib.suppress(Exception):  # an exception must never unwind into C
+            report(float(fraction))
+        return True  # False would abort the load
+
+    callback = llama_cpp.llama_progress_callback(on_progress)
+    low_level = llama_cpp.llama_cpp
+    original = low_level.llama_model_default_params
+
+    def with_progress() -> Any:
+        params = original()
+        params.progress_callback = callback
+        return params
+
+    with _PROGRESS_LOCK:
+        low_level.llama_model_default_params = with_progress
+        try:
+            yield
+        finally:
+            low_level.llama_model_default_params = original
+
+
 class LlamaEngine:
     """One GGUF model in one llama.cpp context; one request at a time."""
 
-    def __init__(self, model_id: str, header: GGUFHeader, options: LlamaOptions) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        header: GGUFHeader,
+        options: LlamaOptions,
+        progress: Callable[[float], None] | None = None,
+        reserve_embedder: Callable[[], None] | None = None,
+    ) -> None:
         self.model_id = model_id
         self.header = header
         self.options = options
         self.lock = threading.Lock()
         self._embedder: llama_cpp.Llama | None = None
-        self.llm = self._load(embedding=False)
+        self._reserve_embedder = reserve_embedder
+        self.llm = self._load(embedding=False, progress=progress)
         # llama.cpp may pad the context it allocates; the binding's buffers keep the asked size.
         self.n_ctx = min(self.llm.n_ctx(), options.n_ctx)
         meta = self.llm.metadata
@@ -175,20 +220,21 @@ class LlamaEngine:
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
-    def _load(self, *, embedding: bool) -> llama_cpp.Llama:
+    def _load(self, *, embedding: bool, progress: Callable[[float], None] | None) -> llama_cpp.Llama:
         _LOG_LINES.clear()
         try:
-            return llama_cpp.Llama(
-                str(self.header.path),
-                n_ctx=self.options.n_ctx,
-                n_threads=self.options.n_threads,
-                n_threads_batch=self.options.n_threads,
-                n_gpu_layers=self.options.n_gpu_layers,
-                embedding=embedding,
-                # A causal model has no pooling of its own: average its token states.
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else -1,
-                verbose=False,
-            )
+            with _load_progress(progress):
+                return llama_cpp.Llama(
+                    str(self.header.path),
+                    n_ctx=self.options.n_ctx,
+                    n_threads=self.options.n_threads,
+                    n_threads_batch=self.options.n_threads,
+                    n_gpu_layers=self.options.n_gpu_layers,
+                    embedding=embedding,
+                    # A causal model has no pooling of its own: average its token states.
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else -1,
+                    verbose=False,
+                )
         except MemoryError as exc:
             raise OomRamError(f"out of host memory loading {self.model_id}") from exc
         except ValueError as exc:
@@ -246,7 +292,11 @@ class LlamaEngine:
                 "input must be a string or a list of strings", reason="invalid_request", param="input"
             )
         if self._embedder is None:
-            self._embedder = self._load(embedding=True)
+            if self._reserve_embedder is not None:
+                self._reserve_embedder()  # its own cache counts against the budget
+            # A second load of the model: a phase of its own for the watchdog.
+            with ctx.phase(f"load of {self.model_id}'s embedding context", ctx.stall_limit_s):
+                self._embedder = self._load(embedding=True, progress=ctx.progress)
         vectors = []
         used = 0
         for text in inputs:

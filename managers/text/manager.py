@@ -3,7 +3,11 @@
 Settings (from the supervisor)::
 
     {"models": [{"id", "path", "format"?, "options"?}, ...],
-     "memory_budget_bytes": int | None, "idle_unload_s": float | None}
+     "memory_budget_bytes": int | None, "idle_unload_s": float | None,
+     "load_stall_s": float | None}
+
+Heartbeats carry ``{"loading": {model: {"elapsed_s", "fraction"}}}`` while a
+model loads, so the gateway can show it and nobody mistakes a load for a hang.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from kernel.codes import UnsupportedError
 from kernel.runtime import ManagerInfo, Reply, RequestContext
 from managers.text.detect import Format, detect
 from managers.text.gguf_header import read_header
-from managers.text.pool import ModelEntry, ModelPool, Plan
+from managers.text.pool import ModelEntry, ModelPool, Plan, Progress
 
 if TYPE_CHECKING:
     from managers.text.safetensors_engine import DirectoryInfo
@@ -41,13 +45,30 @@ def plan_load(entry: ModelEntry) -> Plan:
         options = LlamaOptions.from_settings(entry.id, entry.options)
         check_gpu_fit(entry.id, header, options)
         estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
-        return Plan(estimate, lambda: LlamaEngine(entry.id, header, options))
-    from managers.text.safetensors_engine import SafetensorsEngine, check_directory, choose_backend
+        # The embedding context, loaded on first use, reserves its own cache then.
+        embedder_bytes = kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
+        return Plan(
+            estimate,
+            lambda progress, reserve: LlamaEngine(
+                entry.id, header, options, progress, lambda: reserve(embedder_bytes, "the embedding context")
+            ),
+        )
+    from managers.text.safetensors_engine import (
+        SafetensorsEngine,
+        check_directory,
+        choose_backend,
+        kv_cache_bytes_of,
+    )
 
     info = check_directory(detected.path)
     backend = choose_backend(str(entry.options.get("backend", "auto")), info.model_type)
-    estimate = int(info.weight_bytes * widening(info, backend, entry.options)) + OVERHEAD_BYTES
-    return Plan(estimate, lambda: SafetensorsEngine(entry.id, info, entry.options))
+    weights = int(info.weight_bytes * widening(info, backend, entry.options))
+    estimate = weights + kv_cache_bytes_of(info, entry.options) + OVERHEAD_BYTES
+
+    def load(progress: Progress, _reserve: object) -> SafetensorsEngine:
+        return SafetensorsEngine(entry.id, info, entry.options, progress)
+
+    return Plan(estimate, load)
 
 
 def widening(info: DirectoryInfo, backend: str, options: Mapping[str, Any]) -> float:
@@ -76,10 +97,14 @@ class TextManager:
             plan_load,
             budget_bytes=settings.get("memory_budget_bytes"),
             idle_unload_s=settings.get("idle_unload_s"),
+            load_stall_s=settings.get("load_stall_s"),
         )
 
     def models(self) -> tuple[str, ...]:
         return self.pool.loaded()
+
+    def status(self) -> dict[str, Any]:
+        return {"loading": self.pool.loading()}
 
     def close(self) -> None:
         self.pool.close()
@@ -95,7 +120,7 @@ class TextManager:
             return Reply({"unloaded": self.pool.unload(ctx.model)})
         if ctx.op not in ("chat", "complete", "embed", "load"):
             raise UnsupportedError(f"the text manager has no operation {ctx.op!r}")
-        with self.pool.use(ctx.model) as engine:
+        with self.pool.use(ctx.model, ctx) as engine:
             if ctx.op == "load":
                 return Reply({"loaded": ctx.model})
             result: Reply = getattr(engine, ctx.op)(ctx)

@@ -23,7 +23,7 @@ import platform
 import struct
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class DirectoryInfo:
     config: Mapping[str, Any]
     weight_bytes: int
     mxfp4: bool  # experts in the MXFP4 layout of gpt-oss's original release
+    files: tuple[Path, ...] = ()  # the weight files
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -141,7 +142,51 @@ def check_directory(path: Path) -> DirectoryInfo:
             raise LoadFailedError(f"{path}: weight file {file.name} (listed in the index) is missing")
     total = sum(check_safetensors_file(f) for f in files)
     quant = config.get("quantization_config") or {}
-    return DirectoryInfo(path, model_type, config, total, quant.get("quant_method") == "mxfp4")
+    return DirectoryInfo(path, model_type, config, total, quant.get("quant_method") == "mxfp4", tuple(files))
+
+
+DEFAULT_N_CTX = 4096  # as llama.cpp's default here: a 128k-token cache would dwarf most models
+
+
+def context_of(info: DirectoryInfo, options: Mapping[str, Any]) -> int:
+    """The context a model is served with: ``n_ctx``, else 4096, never past what it was trained for."""
+    trained = int(info.config.get("max_position_embeddings") or DEFAULT_N_CTX)
+    return min(int(options.get("n_ctx") or DEFAULT_N_CTX), trained)
+
+
+def kv_cache_bytes_of(info: DirectoryInfo, options: Mapping[str, Any]) -> int:
+    """The key/value cache a full context takes: keys and values, per layer, per KV head."""
+    config = info.config
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers = int(text.get("num_hidden_layers") or 0)
+    heads = int(text.get("num_attention_heads") or 1)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size") or 0) // max(1, heads)))
+    dtype = str(options.get("dtype", "float32"))
+    element = 2 if dtype in ("bfloat16", "float16") or options.get("backend") == "mlx" else 4
+    return 2 * layers * context_of(info, options) * kv_heads * head_dim * element
+
+
+READ_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def read_ahead(files: Sequence[Path], progress: Callable[[float], None] | None) -> None:
+    """Read the weight files once, reporting the fraction read as load progress.
+
+    The backends load shard by shard without a hook; reading first gives the
+    watchdog a steady signal however slow the disk, and leaves the backend
+    to load from the page cache (the memory budget already counted the weights).
+    """
+    if progress is None:
+        return
+    total = sum(f.stat().st_size for f in files) or 1
+    done = 0
+    buffer = bytearray(READ_CHUNK_BYTES)
+    for file in files:
+        with file.open("rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                done += n
+                progress(0.9 * done / total)  # the last tenth: the backend's own load
 
 
 def choose_backend(requested: str, model_type: str) -> str:
@@ -308,7 +353,13 @@ def _load_mlx_gpt_oss_dequantized(path: Path) -> tuple[Any, Any]:
 class SafetensorsEngine:
     """One safetensors model on one backend; one request at a time."""
 
-    def __init__(self, model_id: str, info: DirectoryInfo, options: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        info: DirectoryInfo,
+        options: Mapping[str, Any],
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
         unknown = set(options) - {"backend", "n_threads", "dtype", "n_ctx"}
         if unknown:
             raise LoadFailedError(f"{model_id}: unknown safetensors option(s) {sorted(unknown)}")
@@ -316,6 +367,7 @@ class SafetensorsEngine:
         self.lock = threading.Lock()
         backend = choose_backend(str(options.get("backend", "auto")), info.model_type)
         try:
+            read_ahead(info.files, progress)
             self.backend: _Transformers | _Mlx = (
                 _Mlx(info, options) if backend == "mlx" else _Transformers(info, options)
             )
@@ -325,7 +377,9 @@ class SafetensorsEngine:
             if "out of memory" in str(exc).lower() and "cuda" in str(exc).lower():
                 raise OomVramError(f"out of GPU memory loading {model_id}: {exc}") from exc
             raise LoadFailedError(f"{backend} could not load {model_id}: {exc}") from exc
-        self.n_ctx = min(int(options.get("n_ctx") or self.backend.n_ctx), self.backend.n_ctx)
+        self.n_ctx = min(context_of(info, options), self.backend.n_ctx)
+        if progress is not None:
+            progress(1.0)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -60,7 +60,11 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    policy: RestartPolicy = FAST_RESTARTS, *, queue_size: int = 16, **client_options: int
+    policy: RestartPolicy = FAST_RESTARTS,
+    *,
+    queue_size: int = 16,
+    step_limit_s: float | None = None,
+    **client_options: int,
 ) -> AsyncIterator[Cluster]:
     runtime_dir = Path(tempfile.mkdtemp(prefix="allm-t-"))
     env = {"PYTHONPATH": str(ROOT)}
@@ -71,6 +75,7 @@ async def running_cluster(
             f"ipc://{runtime_dir}/fault-0.sock",
             queue_size=queue_size,
             memory_cap_bytes=MEMORY_CAP_BYTES,
+            step_limit_s=step_limit_s,
             env=env,
         ),
         ManagerSpec("other", FAULT_MODULE, f"ipc://{runtime_dir}/other-0.sock", env=env),

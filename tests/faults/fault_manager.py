@@ -64,7 +64,25 @@ class FaultManager:
             case "sleep":
                 time.sleep(float(params.get("seconds", 1.0)))  # deaf to cancel on purpose
                 return Reply({"slept": True})
+            case "block_in_c":
+                # A call into C that never returns and lets the GIL go: heartbeats keep
+                # leaving, so only the watchdog can tell the request is stuck.
+                ctypes.CDLL(None).sleep(3600)
+            case "load":
+                return self._load(ctx, float(params.get("seconds", 1.0)), bool(params.get("stall")))
         raise UnsupportedError(f"the fault manager has no operation {ctx.op!r}")
+
+    def _load(self, ctx: RequestContext, seconds: float, stall: bool) -> Reply:
+        """A model load that takes ``seconds``, reporting progress, then hangs in C if ``stall``."""
+        stall_limit_s = float(ctx.params.get("stall_limit_s", 1.0))
+        with ctx.phase("load of model 'fault-model'", stall_limit_s):
+            steps = max(1, int(seconds / 0.05))
+            for i in range(steps):
+                time.sleep(seconds / steps)
+                ctx.progress((i + 1) / steps)
+            if stall:
+                ctypes.CDLL(None).sleep(3600)
+        return Reply({"loaded": True, "pid": os.getpid()})
 
     def _stream(self, ctx: RequestContext, n: int, interval_s: float) -> Reply:
         tag = str(ctx.params.get("tag", ""))

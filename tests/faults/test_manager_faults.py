@@ -160,15 +160,17 @@ async def test_sigterm_drains_the_stream_in_flight(cluster: Cluster):
 
 
 async def test_crash_loop_marks_the_manager_failed_and_requests_fail_fast():
-    policy = RestartPolicy(backoff_initial_s=0.05, backoff_max_s=0.1, crash_window_s=600, max_crashes=1)
+    policy = RestartPolicy(
+        backoff_initial_s=0.05, backoff_max_s=0.1, crash_window_s=600, max_crashes=1, failed_retry_s=3600
+    )
     async with running_cluster(policy) as cluster:
         for _ in range(2):
             with pytest.raises(AllmError) as info:
                 await cluster.client.call("fault", "segfault", timeout_s=20)
             assert info.value.code is Code.INTERNAL
-            if "not restarting" not in info.value.message:
+            if "next try in" not in info.value.message:
                 await cluster.serves_again()
-        assert "not restarting" in info.value.message
+        assert "2 crashes in 600 s, more than 1: next try in 3600 s" in info.value.message
         with pytest.raises(AllmError) as info:
             await cluster.client.call("fault", "echo", timeout_s=600)
         assert info.value.code is Code.INTERNAL
@@ -176,5 +178,27 @@ async def test_crash_loop_marks_the_manager_failed_and_requests_fail_fast():
         assert "SIGSEGV" in info.value.message
         status = {s.name: s for s in cluster.supervisor.status()}
         assert status["fault#0"].state == "failed"
+        assert status["fault#0"].retry_in_s is not None
+        assert 3500 < status["fault#0"].retry_in_s <= 3600
         assert status["other#0"].state == "running"
         assert await cluster.serves_again("other") > 0
+
+
+async def test_a_failed_manager_is_tried_again_after_its_cool_down():
+    policy = RestartPolicy(
+        backoff_initial_s=0.05, backoff_max_s=0.1, crash_window_s=600, max_crashes=0, failed_retry_s=1.0
+    )
+    async with running_cluster(policy) as cluster:
+        before = cluster.pid()
+        with pytest.raises(AllmError) as info:
+            await cluster.client.call("fault", "segfault", timeout_s=20)
+        assert "next try in 1 s" in info.value.message
+        assert {s.name: s.state for s in cluster.supervisor.status()}["fault#0"] == "failed"
+        # Failed is not forever: after the cool-down it starts afresh and serves.
+        async with asyncio.timeout(30):
+            while {s.name: s.state for s in cluster.supervisor.status()}["fault#0"] != "running":
+                await asyncio.sleep(0.05)
+        assert await cluster.serves_again() != before
+        status = {s.name: s for s in cluster.supervisor.status()}["fault#0"]
+        assert status.restarts == 1
+        assert status.retry_in_s is None

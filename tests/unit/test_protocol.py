@@ -11,6 +11,7 @@ MESSAGES = {
     "req": p.Request(rid=7, op="chat", model="m", params={"max_tokens": 4}, timeout_ms=1500, stream=True),
     "req_blobs": p.Request(rid=8, op="transcribe", blobs=(b"RIFF", b"\x00\x01")),
     "cancel": p.Cancel(rid=7),
+    "start": p.Started(rid=7),
     "chunk": p.Chunk(rid=7, seq=3, data={"text": "hi"}),
     "result": p.Result(rid=7, data={"finish": "stop"}, blobs=(b"PNG",)),
     "error": p.Error(rid=7, code=Code.MODEL_CORRUPT, message="bad file", reason="", param="model"),
@@ -32,41 +33,44 @@ MESSAGES = {
 # Changing any of these bytes changes the wire: bump protocol.VERSION and update them.
 GOLDEN = {
     "hello": [
-        "83a17601a16ba568656c6c6fa6636c69656e74a26331",
+        "83a17602a16ba568656c6c6fa6636c69656e74a26331",
     ],
     "req": [
         (
-            "88a17601a16ba3726571a372696407a26f70a463686174a56d6f64656ca16da6706172616d7381aa6d61785f746f6b65"
+            "88a17602a16ba3726571a372696407a26f70a463686174a56d6f64656ca16da6706172616d7381aa6d61785f746f6b65"
             "6e7304aa74696d656f75745f6d73cd05dca673747265616dc3"
         ),
     ],
     "req_blobs": [
         (
-            "89a17601a16ba3726571a372696408a26f70aa7472616e736372696265a56d6f64656ca0a6706172616d7380aa74696d"
+            "89a17602a16ba3726571a372696408a26f70aa7472616e736372696265a56d6f64656ca0a6706172616d7380aa74696d"
             "656f75745f6d7300a673747265616dc2a16e02"
         ),
         "52494646",
         "0001",
     ],
     "cancel": [
-        "83a17601a16ba663616e63656ca372696407",
+        "83a17602a16ba663616e63656ca372696407",
+    ],
+    "start": [
+        "83a17602a16ba57374617274a372696407",
     ],
     "chunk": [
-        "85a17601a16ba56368756e6ba372696407a373657103a46461746181a474657874a26869",
+        "85a17602a16ba56368756e6ba372696407a373657103a46461746181a474657874a26869",
     ],
     "result": [
-        "85a17601a16ba6726573756c74a372696407a46461746181a666696e697368a473746f70a16e01",
+        "85a17602a16ba6726573756c74a372696407a46461746181a666696e697368a473746f70a16e01",
         "504e47",
     ],
     "error": [
         (
-            "87a17601a16ba56572726f72a372696407a4636f646503a76d657373616765a86261642066696c65a6726561736f6ea0"
+            "87a17602a16ba56572726f72a372696407a4636f646503a76d657373616765a86261642066696c65a6726561736f6ea0"
             "a5706172616da56d6f64656c"
         ),
     ],
     "hb": [
         (
-            "8da17601a16ba26862a37069642aab696e6361726e6174696f6ea3616263a86d6f64616c697479a474657874a8696e73"
+            "8da17602a16ba26862a37069642aab696e6361726e6174696f6ea3616263a86d6f64616c697479a474657874a8696e73"
             "74616e636500a66d6f64656c7391a7736d6f6c6c6d32a661637469766501a671756575656402a8636170616369747911"
             "ac6d656d6f72795f6279746573cd0400a8647261696e696e67c2a5657874726180"
         ),
@@ -104,6 +108,7 @@ def _head(**fields):
         ([_head(k="cancel", rid="7")], "bad_frame", "field 'rid' is str"),
         ([_head(k="cancel", rid=True)], "bad_frame", "field 'rid' is bool"),
         ([_head(k="error", rid=1, code=42, message="", reason="", param="")], "bad_frame", "code 42"),
+        ([_head(k="error", rid=1, code=0, message="", reason="", param="")], "bad_frame", "code 0 (OK)"),
         ([_head(k="cancel", rid=1), b"extra"], "bad_frame", "0 blobs, 1 arrived"),
         ([_head(k="result", rid=1, data={}, n=2), b"one"], "bad_frame", "2 blobs, 1 arrived"),
     ],
@@ -130,10 +135,10 @@ def test_chunk_fast_paths_match_the_general_codec():
 @pytest.mark.parametrize(
     "head",
     [
-        {"v": 1, "k": "chunk", "rid": 1, "seq": "0", "data": {}},
-        {"v": 1, "k": "chunk", "rid": 1, "seq": 0, "data": []},
-        {"v": 1, "k": "chunk", "rid": True, "seq": 0, "data": {}},
-        {"v": 2, "k": "chunk", "rid": 1, "seq": 0, "data": {}},
+        {"v": 2, "k": "chunk", "rid": 1, "seq": "0", "data": {}},
+        {"v": 2, "k": "chunk", "rid": 1, "seq": 0, "data": []},
+        {"v": 2, "k": "chunk", "rid": True, "seq": 0, "data": {}},
+        {"v": 1, "k": "chunk", "rid": 1, "seq": 0, "data": {}},
     ],
 )
 def test_malformed_chunks_do_not_slip_through_the_fast_path(head):

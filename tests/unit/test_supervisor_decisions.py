@@ -6,7 +6,8 @@ import pytest
 
 from kernel.codes import Code
 from kernel.registry import MANAGERS, module_for
-from kernel.supervisor import KillReason, RestartPolicy, classify_exit, next_restart_delay_s
+from kernel.runtime import EXIT_RESTART, EXIT_STUCK
+from kernel.supervisor import KillReason, RestartPolicy, classify_exit, crash_history, next_restart_delay_s
 
 POLICY = RestartPolicy(backoff_initial_s=0.5, backoff_max_s=4.0, crash_window_s=60.0, max_crashes=5)
 
@@ -60,3 +61,35 @@ def test_registry_is_static_and_names_real_modules():
     assert module_for("text") == MANAGERS["text"]
     with pytest.raises(ValueError, match="unknown modality 'video'"):
         module_for("video")
+
+
+def test_a_crash_after_a_healthy_run_starts_a_new_streak():
+    policy = RestartPolicy(crash_window_s=60, healthy_after_s=10)
+    streak = [100.0, 101.0, 102.0]
+    assert crash_history(streak, 103.0, 0.5, policy) == [100.0, 101.0, 102.0, 103.0]
+    assert crash_history(streak, 200.0, 30.0, policy) == [200.0]
+    # Never became ready: counts like a quick crash.
+    assert crash_history(streak, 104.0, None, policy) == [100.0, 101.0, 102.0, 104.0]
+
+
+def test_only_crashes_inside_the_window_count():
+    policy = RestartPolicy(crash_window_s=60, healthy_after_s=10)
+    assert crash_history([0.0, 10.0, 50.0], 65.0, 1.0, policy) == [10.0, 50.0, 65.0]
+
+
+def test_exits_the_runtime_chooses_are_classified():
+    stuck = classify_exit("text#0", EXIT_STUCK, None)
+    assert stuck is not None
+    assert stuck.code is Code.TIMEOUT
+    assert stuck.crash
+    restart = classify_exit("text#0", EXIT_RESTART, None)
+    assert restart is not None
+    assert not restart.crash
+    oom = classify_exit("text#0", -9, None, oom_killed=True)
+    assert oom is not None
+    assert oom.code is Code.OOM_RAM
+    assert "out-of-memory killer" in oom.message
+    # A SIGKILL we sent for the memory cap stays the cap's, whatever the counters say.
+    capped = classify_exit("text#0", -9, KillReason.MEMORY, "x", oom_killed=True)
+    assert capped is not None
+    assert "memory cap" in capped.message
