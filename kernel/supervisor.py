@@ -176,8 +176,12 @@ class InstanceStatus:
 
 
 def oom_counters(pid: int) -> tuple[Path, ...]:
-    """The files that count OOM kills for a process: the system's and its memory cgroup's."""
-    files = [Path("/proc/vmstat")]
+    """The files that count OOM kills for a process: its memory cgroup's, else the system's.
+
+    The system's count (/proc/vmstat) includes kills in every other cgroup of the
+    host: it is read only where the process's own cgroup keeps no count.
+    """
+    files: list[Path] = []
     try:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
@@ -190,7 +194,7 @@ def oom_counters(pid: int) -> tuple[Path, ...]:
             files += [Path("/sys/fs/cgroup/unified", rel, "memory.events")]
         elif "memory" in controllers.split(","):
             files.append(Path("/sys/fs/cgroup/memory", rel, "memory.oom_control"))
-    return tuple(files)
+    return tuple(f for f in files if f.is_file()) or (Path("/proc/vmstat"),)
 
 
 def oom_kill_count(files: Sequence[Path]) -> int:
