@@ -1,0 +1,152 @@
+"""A model that takes several heartbeat timeouts to load is loaded, not killed as hung.
+
+Before, a load held the pool's lock that every heartbeat needed: the
+supervisor killed a healthy manager in the middle of loading any model bigger
+than the test fixtures.  Here the fixtures write a real-sized llama (about
+1.6 GB of float32 weights in four shards) and the heartbeat timeout is set
+below its load time, as a 7B model on a slow disk would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kernel.client import KernelClient
+from kernel.supervisor import ManagerSpec, Supervisor
+from tests.model_files import _hf_config, smollm2_path, write_tokenizer
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT_TIMEOUT_S = 0.4
+SHARDS = 4
+
+
+def write_real_size_llama(directory: Path) -> Path:
+    """A llama of ~410 M random float32 parameters, sharded like a hub checkpoint."""
+    import safetensors.numpy
+    import torch
+    import transformers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(directory)
+    config = _hf_config("llama", ids)
+    config.update(
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+        }
+    )
+    config.save_pretrained(str(directory))
+    with torch.device("meta"):
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()
+        }
+    rng = np.random.default_rng(0)
+    names = sorted(shapes)
+    weight_map = {}
+    for shard in range(SHARDS):
+        file = f"model-{shard + 1:05d}-of-{SHARDS:05d}.safetensors"
+        tensors = {}
+        for name in names[shard::SHARDS]:
+            shape = shapes[name]
+            if len(shape) == 1:
+                tensors[name] = np.ones(shape, dtype=np.float32)
+            else:
+                tensors[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[-1] ** -0.5)
+            weight_map[name] = file
+        safetensors.numpy.save_file(tensors, str(directory / file), metadata={"format": "pt"})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def big_llama(tmp_path_factory) -> Path:
+    return write_real_size_llama(tmp_path_factory.mktemp("real-size") / "llama-410m")
+
+
+@contextlib.asynccontextmanager
+async def impatient_text_manager(settings: dict[str, Any]) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
+    runtime_dir = Path(tempfile.mkdtemp(prefix="allm-r-"))
+    endpoint = f"ipc://{runtime_dir}/text-0.sock"
+    spec = ManagerSpec("text", "managers.text.manager", endpoint, settings=settings, step_limit_s=60)
+    client = KernelClient(
+        {"text": [endpoint]}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, hello_interval_s=0.05
+    )
+    supervisor = Supervisor(
+        [spec], client, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, heartbeat_interval_s=0.05, cwd=str(ROOT)
+    )
+    await client.start()
+    await supervisor.start()
+    try:
+        await client.wait_live(timeout_s=60)
+        yield client, supervisor
+    finally:
+        await supervisor.stop()
+        await client.close()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+async def test_a_model_slower_to_load_than_the_heartbeat_timeout_loads_and_answers(big_llama):
+    settings = {
+        "models": [{"id": "big", "path": str(big_llama), "options": {"n_ctx": 256}}],
+        "load_stall_s": 60,
+    }
+    async with impatient_text_manager(settings) as (client, supervisor):
+        pid = supervisor.pid_of("text#0")
+        params = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+        answer = asyncio.create_task(client.call("text", "chat", model="big", params=params, timeout_s=300))
+        loading: list[dict[str, Any]] = []
+        while not answer.done():
+            hb = next(v.heartbeat for v in client.instances())
+            if hb is not None and "big" in hb.extra.get("loading", {}):
+                loading.append(hb.extra["loading"]["big"])
+            await asyncio.sleep(0.05)
+        reply = (await answer).data
+        assert reply["usage"]["completion_tokens"] >= 1
+        longest = max((r["elapsed_s"] for r in loading), default=0.0)
+        assert longest > 2 * HEARTBEAT_TIMEOUT_S, (
+            f"the model loaded in {longest} s: too fast to show anything"
+        )
+        fractions = [r["fraction"] for r in loading if r["fraction"] is not None]
+        assert fractions == sorted(fractions)
+        assert fractions[0] < 0.5 < fractions[-1]  # read shard by shard, seen on the way
+        status = supervisor.status()[0]
+        assert status.restarts == 0  # never mistaken for a hang
+        assert supervisor.pid_of("text#0") == pid
+        hb = next(v.heartbeat for v in client.instances())
+        assert hb is not None
+        assert hb.models == ("big",)
+        assert hb.extra["loading"] == {}
+
+
+def test_llama_cpp_reports_its_load_progress():
+    from managers.text.manager import plan_load
+    from managers.text.pool import ModelEntry
+
+    seen: list[float] = []
+    plan = plan_load(ModelEntry("smol", smollm2_path(), options={"n_ctx": 256}))
+    engine = plan.load(seen.append, lambda _bytes, _what: None)
+    try:
+        assert seen, "llama.cpp's progress_callback never reached us"
+        assert seen == sorted(seen)
+        assert seen[-1] == pytest.approx(1.0)
+    finally:
+        engine.close()
