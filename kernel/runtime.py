@@ -318,11 +318,11 @@ class Runtime:
             # From here a crash costs this request; until here the client may send it elsewhere.
             self._post(ctx.peer, p.encode(p.Started(ctx.rid)), None)
             try:
-                terminal = self.run_request(ctx)
+                # Posted while still active: a drain must not end between the two.
+                self._post(ctx.peer, p.encode(self.run_request(ctx)), None)
             finally:
                 with self._lock:
                     self._active.pop(ctx.key, None)
-            self._post(ctx.peer, p.encode(terminal), None)
 
     def run_request(self, ctx: RequestContext) -> p.Result | p.Error:
         """Run one request and return its terminal message: the one blind except."""

@@ -326,10 +326,14 @@ class LlamaEngine:
             if sampling.json_object:
                 return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+            # The gateway lets through only schemas the converter handles; one that still
+            # fails went through llama.cpp's grammar parser, whose failures have been seen
+            # to damage the heap for later requests (docs/reliability.md): restart.
             raise UnsupportedError(
                 f"the JSON schema cannot be turned into a grammar: {exc}",
                 reason="invalid_request",
                 param="response_format",
+                restart=True,
             ) from exc
         return None
 
@@ -354,7 +358,8 @@ class LlamaEngine:
         except MemoryError as exc:
             raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
         except RuntimeError as exc:
-            raise InternalError(f"llama.cpp failed while generating: {exc}") from exc
+            # A failed llama_decode leaves the context's cache in an unknown state: restart.
+            raise InternalError(f"llama.cpp failed while generating: {exc}", restart=True) from exc
 
     def _generate(
         self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from kernel.codes import UnsupportedError
+from kernel.codes import InternalError, UnsupportedError
 from kernel.runtime import ManagerInfo, Reply, RequestContext
 
 
@@ -64,6 +64,10 @@ class FaultManager:
             case "sleep":
                 time.sleep(float(params.get("seconds", 1.0)))  # deaf to cancel on purpose
                 return Reply({"slept": True})
+            case "suspect":
+                # An engine error after which the process cannot be trusted (a damaged heap).
+                time.sleep(float(params.get("seconds", 0.0)))
+                raise InternalError("the engine failed in C", restart=True)
             case "block_in_c":
                 # A call into C that never returns and lets the GIL go: heartbeats keep
                 # leaving, so only the watchdog can tell the request is stuck.

@@ -108,7 +108,7 @@ async def test_a_manager_killed_by_the_oom_killer_is_oom_ram(cluster: Cluster):
     try:
         before = cluster.pid()
         (group / "cgroup.procs").write_text(str(before))
-        await asyncio.sleep(0.3)  # a health check reads where its OOM kills are counted
+        await asyncio.sleep(1.0)  # health checks (every 0.05 s) read where its OOM kills are counted
         with pytest.raises(AllmError) as info:
             await cluster.client.call("fault", "allocate", timeout_s=60)
         assert info.value.code is Code.OOM_RAM
@@ -123,3 +123,30 @@ async def test_a_manager_killed_by_the_oom_killer_is_oom_ram(cluster: Cluster):
                 break
             except OSError:
                 await asyncio.sleep(0.1)
+
+
+async def test_an_engine_error_that_taints_the_process_restarts_it_once_idle():
+    # Not a crash: even with no crash allowed, the manager is not marked failed.
+    policy = RestartPolicy(backoff_initial_s=60, max_crashes=0, failed_retry_s=3600)
+    async with running_cluster(policy) as cluster:
+        before = cluster.pid()
+        suspect = asyncio.create_task(
+            cluster.client.call("fault", "suspect", params={"seconds": 0.5}, timeout_s=60)
+        )
+        await asyncio.sleep(0.2)
+        queued = [
+            asyncio.create_task(cluster.client.call("fault", "echo", params={"i": i}, timeout_s=60))
+            for i in range(4)
+        ]
+        with pytest.raises(AllmError) as info:
+            await suspect
+        assert info.value.code is Code.INTERNAL
+        assert info.value.message == "the engine failed in C"
+        results = await asyncio.gather(*queued)  # handed back unstarted, served by the next process
+        assert [r.data["echo"] for r in results] == [{"i": i} for i in range(4)]
+        assert {r.data["pid"] for r in results} == {cluster.pid()} != {before}
+        async with asyncio.timeout(10):  # the supervisor's next health check sees it up
+            while (status := {s.name: s for s in cluster.supervisor.status()}["fault#0"]).state != "running":
+                await asyncio.sleep(0.05)
+        assert status.restarts == 1
+        assert "restarted itself after an engine error" in status.last_exit
