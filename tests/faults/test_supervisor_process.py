@@ -40,13 +40,13 @@ def _start_host(runtime_dir: Path) -> tuple[subprocess.Popen[str], list[int]]:
     return host, pids
 
 
-def _wait_gone(pids: list[int]) -> list[int]:
-    for _ in range(200):
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
         alive = [pid for pid in pids if not process_gone(pid)]
-        if not alive:
-            return []
+        if not alive or time.monotonic() > deadline:
+            return alive
         time.sleep(0.05)
-    return alive
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -66,3 +66,31 @@ def test_managers_die_with_a_killed_supervisor(tmp_path):
     host.kill()
     host.communicate(timeout=30)
     assert _wait_gone(pids) == []
+
+
+def test_a_manager_busy_in_a_deaf_handler_still_exits_after_its_supervisor_is_killed(tmp_path):
+    """Nobody is left to escalate: the drain's own grace ends the manager."""
+    import zmq
+
+    from kernel import protocol as p
+
+    host, pids = _start_host(tmp_path)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"ipc://{tmp_path}/fault-0.sock")
+    try:
+        deaf = p.Request(rid=1, op="sleep", params={"seconds": 600}, timeout_ms=600_000)
+        dealer.send_multipart(p.encode(deaf))
+        deadline = time.monotonic() + 10
+        while True:  # until a worker has taken it
+            assert time.monotonic() < deadline, "the deaf request never started"
+            if dealer.poll(1000) and isinstance(p.decode(dealer.recv_multipart()), p.Started):
+                break
+        host.kill()
+        host.communicate(timeout=30)
+        # The drain time of the host's managers is 5 s; then the grace, then exit.
+        assert _wait_gone(pids, timeout_s=30) == []
+    finally:
+        dealer.close()
+        ctx.term()
