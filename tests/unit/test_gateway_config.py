@@ -62,6 +62,8 @@ def test_catalog_models_and_modality_options(tmp_path):
             "['a'] appear more than once",
         ),
         ("[text]\nqueue_size = 'many'\n", "setting text.queue_size must be int"),
+        ("[text]\nqueue = 4\n", "[text] has unknown setting(s) ['queue']"),
+        ("[text]\nload_stall_s = 0\n", "setting text.load_stall_s must be at least 0.1"),
         ("not toml = = =", "not valid TOML"),
     ],
 )
@@ -79,3 +81,18 @@ def test_a_bad_environment_value_names_the_setting():
 def test_a_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load(tmp_path / "nope.toml", environ={})
+
+
+def test_the_memory_budget_is_the_hosts_shared_by_its_instances(tmp_path):
+    from gateway.app import manager_specs
+
+    path = write(
+        tmp_path,
+        "[text]\ninstances = 2\nmemory_budget_mib = 8192\nstep_limit_s = 30\nload_stall_s = 20\n\n"
+        '[[models]]\nid = "m"\npath = "/m.gguf"\n',
+    )
+    specs = manager_specs(load(path, environ={}), tmp_path)
+    assert [s.name for s in specs] == ["text#0", "text#1"]
+    assert {s.settings["memory_budget_bytes"] for s in specs} == {4096 * 1024 * 1024}
+    assert {s.settings["load_stall_s"] for s in specs} == {20.0}
+    assert {s.step_limit_s for s in specs} == {30.0}

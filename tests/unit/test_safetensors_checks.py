@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kernel.codes import AllmError, Code
-from managers.text.safetensors_engine import check_directory, choose_backend
+from managers.text.safetensors_engine import DirectoryInfo, check_directory, choose_backend, kv_cache_bytes_of
 from tests.model_files import truncated_copy, write_hf_model
 
 
@@ -112,3 +112,19 @@ def test_memory_estimate_widens_what_transformers_expands():
     assert widening(info("bfloat16"), "transformers", {"dtype": "bfloat16"}) == 1.0
     assert widening(info("bfloat16", mxfp4=True), "transformers", {}) == 8.0  # 4 bits to 32
     assert widening(info("bfloat16", mxfp4=True), "mlx", {}) == 1.0
+
+
+def test_the_key_value_cache_of_a_full_context_is_counted():
+    config = {
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 2048,
+        "max_position_embeddings": 131072,
+    }
+    info = DirectoryInfo(Path("/m"), "llama", config, 1000, False)
+    # keys and values, layers, context, KV heads, head size, float32: multiplied
+    assert kv_cache_bytes_of(info, {}) == 2 * 16 * 4096 * 8 * 64 * 4  # the default context: 4096
+    assert kv_cache_bytes_of(info, {"n_ctx": 8192, "dtype": "bfloat16"}) == 2 * 16 * 8192 * 8 * 64 * 2
+    small = DirectoryInfo(Path("/m"), "llama", {**config, "max_position_embeddings": 512}, 1000, False)
+    assert kv_cache_bytes_of(small, {"n_ctx": 8192}) == 2 * 16 * 512 * 8 * 64 * 4  # never past its training
