@@ -326,3 +326,21 @@ async def test_gpu_layers_on_a_build_without_gpu_offload_are_refused_by_name(tex
     assert info.value.code is Code.UNSUPPORTED
     assert info.value.param == "n_gpu_layers"
     assert "no GPU offload" in info.value.message
+
+
+async def test_the_embedding_context_takes_its_share_of_the_budget():
+    # SmolLM2 at n_ctx 2048 is estimated at ~240 MiB; its embedding context at ~140 MiB more.
+    settings = {
+        "models": [{"id": SMOL, "path": str(smollm2_path()), "options": {"n_ctx": 2048}}],
+        "memory_budget_bytes": 300 * MIB,
+    }
+    async with text_manager(settings) as (client, _):
+        reply = await chat(client, "Hi", max_tokens=2)
+        assert reply["usage"]["completion_tokens"] >= 1
+        with pytest.raises(AllmError) as info:
+            await client.call("text", "embed", model=SMOL, params={"input": "hello"})
+        assert info.value.code is Code.OOM_RAM
+        assert f"the embedding context of {SMOL} needs about" in info.value.message
+        assert "text memory budget 300 MiB" in info.value.message
+        # The model itself stays loaded and serving.
+        assert (await chat(client, "Hi", max_tokens=2))["usage"]["completion_tokens"] >= 1
