@@ -7,6 +7,7 @@ subprocess under the real runtime; nothing in it is a mock.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import re
 import signal
@@ -64,6 +65,17 @@ class FaultManager:
             case "sleep":
                 time.sleep(float(params.get("seconds", 1.0)))  # deaf to cancel on purpose
                 return Reply({"slept": True})
+            case "map_file":
+                # Touch every page of a mapped file, as llama.cpp does with a GGUF: resident,
+                # but the kernel's to drop, not memory this process allocated.
+                with (
+                    open(str(params["path"]), "rb") as f,
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+                ):
+                    size = len(m)
+                    total = sum(m[i] for i in range(0, size, mmap.PAGESIZE))
+                    time.sleep(0.5)  # several health checks with every page resident
+                return Reply({"mapped": size, "sum": total, "pid": os.getpid()})
             case "suspect":
                 # An engine error after which the process cannot be trusted (a damaged heap).
                 time.sleep(float(params.get("seconds", 0.0)))

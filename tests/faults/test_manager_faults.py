@@ -202,3 +202,14 @@ async def test_a_failed_manager_is_tried_again_after_its_cool_down():
         status = {s.name: s for s in cluster.supervisor.status()}["fault#0"]
         assert status.restarts == 1
         assert status.retry_in_s is None
+
+
+async def test_a_mapped_model_file_does_not_count_against_the_memory_cap(cluster: Cluster, tmp_path):
+    model = tmp_path / "big.gguf"
+    with model.open("wb") as f:
+        f.truncate(600 * 1024 * 1024)  # above the 400 MiB cap once every page is resident
+    before = cluster.pid()
+    result = await cluster.client.call("fault", "map_file", params={"path": str(model)}, timeout_s=60)
+    assert result.data["mapped"] == 600 * 1024 * 1024
+    assert await cluster.serves_again() == before
+    assert {s.name: s for s in cluster.supervisor.status()}["fault#0"].restarts == 0
