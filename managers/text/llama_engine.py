@@ -302,12 +302,23 @@ class LlamaEngine:
         for text in inputs:
             ctx.check()
             tokens = self._embedder.tokenize(text.encode("utf-8"), add_bos=self._add_bos)
+            self._check_not_empty(tokens, "input")
             self._check_fits(len(tokens), 0, "input")
             used += len(tokens)
             vectors.append([float(x) for x in self._embedder.embed(text, normalize=True)])
         return Reply({"embeddings": vectors, "usage": {"prompt_tokens": used}})
 
     # -- generation ---------------------------------------------------------------
+
+    def _check_not_empty(self, tokens: list[int], param: str) -> None:
+        # The tokenizer may drop every character (control bytes): llama.cpp asserts or
+        # fails to decode on no tokens, and a failed decode has damaged its heap here.
+        if not tokens:
+            raise UnsupportedError(
+                f"'{param}' holds no text {self.model_id}'s tokenizer keeps (nothing left to read)",
+                reason="invalid_request",
+                param=param,
+            )
 
     def _check_fits(self, n_prompt: int, n_min_new: int, param: str) -> None:
         n_ctx = self.n_ctx
@@ -364,6 +375,7 @@ class LlamaEngine:
     def _generate(
         self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str
     ) -> Reply:
+        self._check_not_empty(prompt, param)
         self._check_fits(len(prompt), 1, param)
         vocab = self.llm._model.vocab
         with self.lock:

@@ -344,3 +344,18 @@ async def test_the_embedding_context_takes_its_share_of_the_budget():
         assert "text memory budget 300 MiB" in info.value.message
         # The model itself stays loaded and serving.
         assert (await chat(client, "Hi", max_tokens=2))["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("op", "params", "param"), [("complete", "prompt", "prompt"), ("embed", "input", "input")]
+)
+async def test_text_the_tokenizer_drops_entirely_is_refused_before_llama_cpp(text, op, params, param):
+    client, supervisor = text
+    pid = supervisor.pid_of("text#0")
+    with pytest.raises(AllmError) as info:
+        await client.call("text", op, model=SMOL, params={params: "\x04\x06\x13"})
+    assert info.value.code is Code.UNSUPPORTED
+    assert info.value.reason == "invalid_request"
+    assert info.value.param == param
+    assert (await chat(client, "Hi", max_tokens=2))["usage"]["completion_tokens"] >= 1
+    assert supervisor.pid_of("text#0") == pid
