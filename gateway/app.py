@@ -20,14 +20,14 @@ from kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
-from gateway import chat, errors, ops, responses
+from gateway import chat, errors, openapi, ops, responses
 from gateway.config import Config
 from gateway.errors import ApiError
 from gateway.store import ResponseStore
 
 log = logging.getLogger("allm.gateway")
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready"}) | openapi.OPEN_PATHS
 
 
 def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
@@ -63,7 +63,7 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
 
 
 def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
-    app = Sanic(name, configure_logging=False)
+    app = Sanic(name, configure_logging=False, request_class=errors.EdgeRequest)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes
     app.config.RESPONSE_TIMEOUT = int(config.request_timeout_s) + 30
     app.config.KEEP_ALIVE_TIMEOUT = 30
@@ -71,6 +71,7 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
     app.blueprint(chat.bp)
     app.blueprint(responses.bp)
     app.blueprint(ops.bp)
+    app.blueprint(openapi.bp)
     app.error_handler.add(Exception, errors.handle)
     keys = [key.encode() for key in config.api_keys]
 
@@ -78,10 +79,15 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
     async def authorize(request: Request) -> HTTPResponse | None:
         if request.method == "OPTIONS" and config.cors_origins:
             return empty(status=204)
+        if request.method == errors.UNREAD:
+            # Sanic's stand-in for a request it could not read runs the middleware too: a 401
+            # would hide the 400 or 413 that says what was wrong with it.
+            return None
         if not keys or request.path in OPEN_PATHS:
             return None
         supplied = request.headers.get("authorization", "")
-        token = supplied.removeprefix("Bearer ").strip().encode()
+        # Sanic decodes header bytes that are not UTF-8 as surrogates: back to those bytes, never a 500.
+        token = supplied.removeprefix("Bearer ").strip().encode("utf-8", "surrogateescape")
         # Compare against every key in constant time: no early exit leaks which matched.
         matched = False
         for key in keys:

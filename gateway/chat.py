@@ -21,45 +21,53 @@ from kernel.protocol import Chunk
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
-from gateway.errors import bad_field, describe
-from gateway.fields import json_body, model_for, optional, sampling, text_of, tools_of
+from gateway import api_schema
+from gateway.errors import describe
+from gateway.fields import json_body, model_for, sampling, text_of
 
 bp = Blueprint("chat", url_prefix="/v1")
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
-
-def chat_messages(raw: Any) -> list[dict[str, Any]]:
-    if not isinstance(raw, list) or not raw:
-        raise bad_field("messages", "'messages' must be a non-empty list")
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked chat messages in the manager's shape: text content, calls and call ids."""
     out = []
-    for i, msg in enumerate(raw):
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
-            raise bad_field(f"messages[{i}].role", f"each message needs a role, one of {list(ROLES)}")
-        clean: dict[str, Any] = {
-            "role": msg["role"],
-            "content": text_of(msg.get("content"), f"messages[{i}].content"),
-        }
+    for msg in messages:
+        clean: dict[str, Any] = {"role": msg["role"], "content": text_of(msg.get("content"))}
         if msg.get("tool_calls"):
-            clean["tool_calls"] = msg["tool_calls"]
+            clean["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {
+                        "name": call["function"]["name"],
+                        "arguments": call["function"]["arguments"],
+                    },
+                }
+                for call in msg["tool_calls"]
+            ]
         if msg.get("tool_call_id"):
             clean["tool_call_id"] = msg["tool_call_id"]
         out.append(clean)
     return out
 
 
-def response_format(raw: Any) -> dict[str, Any] | None:
-    """OpenAI's response_format → the manager's {"type", "schema"}."""
-    if raw is None:
+def response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's checked response_format → the manager's {"type", "schema"}."""
+    if fmt is None:
         return None
-    if not isinstance(raw, dict) or raw.get("type") not in ("text", "json_object", "json_schema"):
-        raise bad_field("response_format", "response_format.type must be text, json_object or json_schema")
-    if raw["type"] != "json_schema":
-        return {"type": raw["type"]}
-    spec = raw.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise bad_field("response_format.json_schema", "json_schema needs a 'schema' object")
-    return {"type": "json_schema", "schema": spec["schema"]}
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    return {"type": "json_schema", "schema": fmt["json_schema"]["schema"]}
+
+
+def tools_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """Checked chat tools and tool_choice, as the manager takes them."""
+    out: dict[str, Any] = {}
+    if payload.get("tools"):
+        out["tools"] = [{"type": "function", "function": tool["function"]} for tool in payload["tools"]]
+    if "tool_choice" in payload:
+        out["tool_choice"] = payload["tool_choice"]
+    return out
 
 
 def usage(data: dict[str, Any]) -> dict[str, int]:
@@ -100,10 +108,10 @@ async def stream_error(response: Any, exc: Exception) -> None:
 @bp.post("/chat/completions")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     config, client = request.app.ctx.config, request.app.ctx.client
-    payload = json_body(request)
+    payload = api_schema.CHAT.check(json_body(request), "")
     model = model_for(config, payload, "text")
     params: dict[str, Any] = {
-        "messages": chat_messages(payload.get("messages")),
+        "messages": chat_messages(payload["messages"]),
         **sampling(payload, max_tokens_keys=("max_tokens", "max_completion_tokens")),
         **tools_of(payload),
     }
@@ -112,7 +120,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         params["response_format"] = fmt
     created = int(time.time())
     cid = f"chatcmpl-{uuid.uuid4().hex}"
-    if not optional(payload, "stream", bool):
+    if not payload.get("stream"):
         result = await client.call(
             "text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s
         )
@@ -135,8 +143,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
             }
         )
 
-    options = optional(payload, "stream_options", dict) or {}
-    include_usage = bool(options.get("include_usage"))
+    include_usage = bool(payload.get("stream_options", {}).get("include_usage"))
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
@@ -201,13 +208,11 @@ async def _stream_text(
 @bp.post("/completions")
 async def completions(request: Request) -> HTTPResponse | None:
     config, client = request.app.ctx.config, request.app.ctx.client
-    payload = json_body(request)
+    payload = api_schema.COMPLETIONS.check(json_body(request), "")
     model = model_for(config, payload, "text")
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad_field("prompt", "'prompt' must be a string")
+    prompt = payload["prompt"]
+    if isinstance(prompt, list):
+        [prompt] = prompt
     params = {"prompt": prompt, **sampling(payload, max_tokens_keys=("max_tokens",))}
     params.setdefault("max_tokens", 16)  # OpenAI's default for this API
     created = int(time.time())
@@ -221,7 +226,7 @@ async def completions(request: Request) -> HTTPResponse | None:
     def choice(text: str, finish: str | None) -> dict[str, Any]:
         return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-    if not optional(payload, "stream", bool):
+    if not payload.get("stream"):
         result = await client.call(
             "text", "complete", model=model.id, params=params, timeout_s=config.request_timeout_s
         )
@@ -245,16 +250,12 @@ async def completions(request: Request) -> HTTPResponse | None:
 @bp.post("/embeddings")
 async def embeddings(request: Request) -> HTTPResponse:
     config, client = request.app.ctx.config, request.app.ctx.client
-    payload = json_body(request)
+    payload = api_schema.EMBEDDINGS.check(json_body(request), "")
     model = model_for(config, payload, "text")
-    inputs = payload.get("input")
+    inputs = payload["input"]
     if isinstance(inputs, str):
         inputs = [inputs]
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
-        raise bad_field("input", "'input' must be a string or a non-empty list of strings")
-    encoding = payload.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise bad_field("encoding_format", "encoding_format must be float or base64")
+    encoding = payload.get("encoding_format", "float")
     result = await client.call(
         "text", "embed", model=model.id, params={"input": inputs}, timeout_s=config.request_timeout_s
     )

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kernel.codes import AllmError, Code
 from sanic import HTTPResponse, Request, json
-from sanic.exceptions import SanicException
+from sanic.exceptions import BadRequest, SanicException
 
 log = logging.getLogger("allm.gateway")
 
@@ -112,3 +112,36 @@ async def handle(request: Request, exc: Exception) -> HTTPResponse:
     """The one exception handler of the app."""
     status, payload, headers = describe(exc)
     return json(payload, status=status, headers=headers)
+
+
+#: the method Sanic gives the stand-in request it builds to answer a request it could not read
+UNREAD = "NONE"
+
+
+def _escaped(url: bytes) -> bytes:
+    return b"".join(b"%%%02X" % byte if byte <= 0x20 or byte >= 0x7F else bytes([byte]) for byte in url)
+
+
+class EdgeRequest(Request[Any, Any]):
+    """Sanic's request, able to stand in for one whose URL does not parse.
+
+    For a request line httptools' URL parser refuses (a raw NUL or other
+    control byte in the path or query, a target that is not a path such as
+    ``GET abc HTTP/1.1``), Sanic raises BadURL, then builds a stand-in request
+    with the same URL to answer it; that raises again inside its error path
+    and Sanic drops the connection unanswered (sanic 25.12,
+    ``Http.create_empty_request``). The stand-in gets the URL percent-escaped
+    instead, or ``/`` when even that does not parse, so the client gets the
+    400 in OpenAI's shape.
+    """
+
+    def __init__(self, url_bytes: bytes, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(url_bytes, *args, **kwargs)
+        except BadRequest:
+            if kwargs.get("method") != UNREAD:
+                raise
+            try:
+                super().__init__(_escaped(url_bytes), *args, **kwargs)
+            except BadRequest:  # not even a path ("GET abc HTTP/1.1"): the stand-in needs none
+                super().__init__(b"/", *args, **kwargs)

@@ -1,11 +1,26 @@
-"""Reading an OpenAI request body: JSON, typed fields, the model, sampling options.
+"""Reading an OpenAI request body: bounded JSON, the model, and the sampling options in the manager's names.
 
-Each check raises ``ApiError`` 400 naming the field in ``param``.
+A body is parsed with bounds the standard ``json`` module does not keep on
+its own, each of which once answered 500 or crashed further in:
+
+- nesting: ``json.loads`` recurses per level and raises RecursionError near
+  1000; past ``MAX_DEPTH`` a body is refused (no request needs more);
+- integers: Python refuses int strings over 4300 digits with a ValueError,
+  and msgpack cannot carry one past 64 bits to a manager; integers are kept
+  to int64 and the field is named;
+- ``NaN``, ``Infinity`` and numbers that overflow a double are not JSON;
+- a lone UTF-16 surrogate (``"\\ud800"``) is valid JSON text but no Unicode
+  scalar value: it cannot be encoded as UTF-8 on the way to an engine.
+
+Each refusal is an ``ApiError`` 400: ``invalid_json`` for the body as a whole,
+``invalid_value`` naming the field where there is one.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,28 +28,131 @@ from sanic import Request
 
 from gateway.config import Config, ModelConfig
 from gateway.errors import ApiError, bad_field
+from gateway.spec import INT64_MAX, INT64_MIN
+
+#: JSON nesting a body may have; the deepest legitimate body (a response format schema) is far below it
+MAX_DEPTH = 64
+#: digits an integer literal may have before it is parsed (int64 needs 19 and a sign)
+MAX_INT_DIGITS = 40
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits is far outside 64 bits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def _parse_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` with the bounds above; raises ValueError (or RecursionError) on a bad text."""
+    return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+
+
+def _path(trail: tuple[Any, ...] | None) -> str:
+    parts: list[str] = []
+    while trail is not None:
+        trail, key = trail
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return "".join(reversed(parts)).lstrip(".")
+
+
+def check_values(value: Any, path: str = "") -> None:
+    """Depth, int64 and surrogates over a decoded value, without recursion; names the first bad value."""
+    stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 0, None)]
+    while stack:
+        item, depth, trail = stack.pop()
+        if isinstance(item, dict):
+            if depth >= MAX_DEPTH:
+                raise ApiError(
+                    400,
+                    f"the JSON nests deeper than {MAX_DEPTH} levels",
+                    code="invalid_json",
+                    param=path or None,
+                )
+            for key, inner in item.items():
+                if SURROGATE.search(key):
+                    where = _join(path, _path(trail))
+                    raise bad_field(
+                        where or "body", "a key holds a lone UTF-16 surrogate, which is not Unicode text"
+                    )
+                stack.append((inner, depth + 1, (trail, key)))
+        elif isinstance(item, list):
+            if depth >= MAX_DEPTH:
+                raise ApiError(
+                    400,
+                    f"the JSON nests deeper than {MAX_DEPTH} levels",
+                    code="invalid_json",
+                    param=path or None,
+                )
+            stack.extend((inner, depth + 1, (trail, i)) for i, inner in enumerate(item))
+        elif isinstance(item, str):
+            if SURROGATE.search(item):
+                where = _join(path, _path(trail))
+                raise bad_field(
+                    where or "body",
+                    f"'{where or 'body'}' holds a lone UTF-16 surrogate, which is not Unicode text",
+                )
+        elif isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
+            where = _join(path, _path(trail))
+            raise bad_field(where or "body", f"'{where or 'body'}' is an integer outside 64 bits")
+
+
+def _join(path: str, rest: str) -> str:
+    if not path:
+        return rest
+    if not rest:
+        return path
+    return path + rest if rest.startswith("[") else f"{path}.{rest}"
+
+
+def parse_json_text(text: str, path: str) -> Any:
+    """JSON text inside a field (tool-call arguments), held to the body's bounds."""
+    try:
+        value = loads(text)
+    except (ValueError, RecursionError) as exc:
+        message = "nests too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise bad_field(path, f"'{path}' must be JSON text: {message}") from None
+    check_values(value, path)
+    return value
 
 
 def json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: UTF-8, bounded, every string Unicode."""
     try:
-        payload = json.loads(request.body or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = loads((request.body or b"").decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not UTF-8: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(
+            400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json"
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, and the bounds of loads()
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    check_values(payload)
     return payload
 
 
 def model_for(config: Config, payload: Mapping[str, Any], modality: str) -> ModelConfig:
     """The catalog entry the request names; never a silent fallback to another model."""
-    model_id = payload.get("model")
-    if not isinstance(model_id, str) or not model_id:
-        raise bad_field("model", "'model' is required: a model id from GET /v1/models")
+    model_id = payload["model"]
     model = config.model(model_id)
     if model is None:
         raise ApiError(
             404,
-            f"the model {model_id!r} does not exist; GET /v1/models lists the models served here",
+            f"the model {model_id[:256]!r} does not exist; GET /v1/models lists the models served here",
             code="model_not_found",
             param="model",
         )
@@ -45,95 +163,23 @@ def model_for(config: Config, payload: Mapping[str, Any], modality: str) -> Mode
     return model
 
 
-def optional(payload: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    value = payload.get(key)
-    if value is None:
-        return None
-    bad_bool = isinstance(value, bool) and kind in (int, float, (int, float))
-    if not isinstance(value, kind) or bad_bool:
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise bad_field(key, f"'{key}' must be {_article(names)}, got {type(value).__name__}")
-    return value
-
-
-def _article(name: str) -> str:
-    plain = {
-        "str": "a string",
-        "int": "an integer",
-        "float": "a number",
-        "bool": "a boolean",
-        "dict": "an object",
-    }
-    return plain.get(name, "a " + name.replace("int or float", "number"))
-
-
 def sampling(payload: Mapping[str, Any], *, max_tokens_keys: tuple[str, ...]) -> dict[str, Any]:
-    """The sampling options every generation API shares, in the manager's names."""
+    """The sampling options of a checked body, in the manager's names."""
     params: dict[str, Any] = {}
     for key in max_tokens_keys:
-        value = optional(payload, key, int)
-        if value is not None:
-            if value < 1:
-                raise bad_field(key, f"'{key}' must be at least 1, got {value}")
-            params["max_tokens"] = value
-    for key, top in (("temperature", 2.0), ("top_p", 1.0)):
-        value = optional(payload, key, (int, float))
-        if value is not None:
-            if not 0 <= value <= top:
-                raise bad_field(key, f"'{key}' must be between 0 and {top:g}, got {value}")
-            params[key] = value
-    seed = optional(payload, "seed", int)
-    if seed is not None:
-        params["seed"] = seed
+        if key in payload:
+            params["max_tokens"] = payload[key]
+    for key in ("temperature", "top_p", "seed"):
+        if key in payload:
+            params[key] = payload[key]
     stop = payload.get("stop")
     if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-            raise bad_field("stop", "'stop' must be a string or a list of up to 4 strings")
-        params["stop"] = stop
-    n = payload.get("n")
-    if n not in (None, 1):
-        raise bad_field("n", "only n=1 is supported")
+        params["stop"] = [stop] if isinstance(stop, str) else stop
     return params
 
 
-def text_of(content: Any, param: str) -> str:
-    """Message content as text: a string, or a list of text parts."""
-    if content is None:
-        return ""
+def text_of(content: Any) -> str:
+    """Checked message content as text: a string, or the text of its parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict):
-                raise bad_field(f"{param}[{i}]", "each content part must be an object")
-            kind = part.get("type")
-            if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                raise bad_field(f"{param}[{i}]", f"content part type {kind!r} is not supported (text only)")
-        return "".join(texts)
-    raise bad_field(param, "content must be a string or a list of text parts")
-
-
-def tools_of(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Chat-style function tools and tool_choice, checked."""
-    tools = payload.get("tools")
-    if tools is None:
-        return {}
-    if not isinstance(tools, list):
-        raise bad_field("tools", "'tools' must be a list")
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise bad_field(
-                f"tools[{i}]", "only function tools are supported: {'type': 'function', 'function': {...}}"
-            )
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad_field(f"tools[{i}].function.name", "each function needs a name")
-    out: dict[str, Any] = {"tools": tools}
-    if payload.get("tool_choice") is not None:
-        out["tool_choice"] = payload["tool_choice"]
-    return out
+    return "".join(part["text"] for part in content or ())

@@ -24,39 +24,29 @@ from kernel.codes import AllmError
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
+from gateway import api_schema
 from gateway.chat import open_stream, tool_calls
 from gateway.config import Config
-from gateway.errors import ApiError, bad_field, describe
-from gateway.fields import json_body, model_for, optional, sampling, text_of
+from gateway.errors import ApiError, describe
+from gateway.fields import json_body, model_for, sampling, text_of
 
 bp = Blueprint("responses", url_prefix="/v1")
-
-MESSAGE_ROLES = ("system", "developer", "user", "assistant")
 
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def input_messages(raw: Any) -> list[dict[str, Any]]:
-    """Responses ``input`` (a string or a list of items) as chat messages."""
+def input_messages(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked Responses ``input`` (a string or a list of items) as chat messages."""
     if isinstance(raw, str):
         return [{"role": "user", "content": raw}]
-    if not isinstance(raw, list) or not raw:
-        raise bad_field("input", "'input' must be a string or a non-empty list of items")
     out: list[dict[str, Any]] = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise bad_field(f"input[{i}]", "each input item must be an object")
+    for item in raw:
         kind = item.get("type", "message")
         if kind == "message":
-            if item.get("role") not in MESSAGE_ROLES:
-                raise bad_field(f"input[{i}].role", f"role must be one of {list(MESSAGE_ROLES)}")
-            out.append({"role": item["role"], "content": text_of(item.get("content"), f"input[{i}].content")})
+            out.append({"role": item["role"], "content": text_of(item["content"])})
         elif kind == "function_call":
-            for key in ("call_id", "name", "arguments"):
-                if not isinstance(item.get(key), str):
-                    raise bad_field(f"input[{i}].{key}", f"a function_call item needs a string {key!r}")
             call = {
                 "id": item["call_id"],
                 "type": "function",
@@ -66,52 +56,24 @@ def input_messages(raw: Any) -> list[dict[str, Any]]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
-            if not isinstance(item.get("call_id"), str):
-                raise bad_field(f"input[{i}].call_id", "a function_call_output item needs its call_id")
-            output = item.get("output")
-            out.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": item["call_id"],
-                    "content": output if isinstance(output, str) else json.dumps(output),
-                }
-            )
-        else:
-            raise bad_field(f"input[{i}].type", f"input item type {kind!r} is not supported")
+        else:  # function_call_output
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": text_of(item["output"])})
     return out
 
 
 def chat_tools(payload: dict[str, Any]) -> dict[str, Any]:
-    """Responses function tools ({type, name, parameters}) in the manager's chat shape."""
-    tools = payload.get("tools")
-    if not tools:
-        return {}
-    if not isinstance(tools, list):
-        raise bad_field("tools", "'tools' must be a list")
-    converted = []
-    for i, tool in enumerate(tools):
-        if (
-            not isinstance(tool, dict)
-            or tool.get("type") != "function"
-            or not isinstance(tool.get("name"), str)
-        ):
-            raise bad_field(
-                f"tools[{i}]", "only function tools are supported: {'type': 'function', 'name': ...}"
-            )
-        converted.append(
+    """Checked Responses function tools ({type, name, parameters}) in the manager's chat shape."""
+    out: dict[str, Any] = {}
+    if payload.get("tools"):
+        out["tools"] = [
             {
                 "type": "function",
                 "function": {k: tool[k] for k in ("name", "description", "parameters") if k in tool},
             }
-        )
-    out: dict[str, Any] = {"tools": converted}
+            for tool in payload["tools"]
+        ]
     choice = payload.get("tool_choice")
     if isinstance(choice, dict):
-        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-            raise bad_field(
-                "tool_choice", "tool_choice must be none, auto, required or {'type': 'function', 'name'}"
-            )
         out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif choice is not None:
         out["tool_choice"] = choice
@@ -119,15 +81,10 @@ def chat_tools(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def text_format(payload: dict[str, Any]) -> dict[str, Any] | None:
-    text = optional(payload, "text", dict) or {}
-    fmt = text.get("format")
+    fmt = payload.get("text", {}).get("format")
     if fmt is None:
         return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise bad_field("text.format", "text.format.type must be text, json_object or json_schema")
     if fmt["type"] == "json_schema":
-        if not isinstance(fmt.get("schema"), dict):
-            raise bad_field("text.format.schema", "a json_schema format needs a 'schema' object")
         return {"type": "json_schema", "schema": fmt["schema"]}
     return {"type": fmt["type"]}
 
@@ -138,15 +95,10 @@ class Turn:
     def __init__(self, payload: dict[str, Any], model: str, history: list[dict[str, Any]]) -> None:
         self.payload = payload
         self.model = model
-        metadata = optional(payload, "metadata", dict) or {}
-        if len(metadata) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-        ):
-            raise bad_field("metadata", "metadata holds at most 16 string keys with string values")
-        self.metadata = metadata
-        instructions = optional(payload, "instructions", str)
+        self.metadata = payload.get("metadata", {})
+        instructions = payload.get("instructions")
         self.instructions = instructions
-        messages = input_messages(payload.get("input"))
+        messages = input_messages(payload["input"])
         system = [{"role": "system", "content": instructions}] if instructions else []
         # Instructions of an earlier response are not carried over (as OpenAI does).
         self.messages = system + [m for m in history if m["role"] != "system"] + messages
@@ -253,10 +205,10 @@ class Turn:
 
 async def _turn(request: Request) -> Turn:
     config: Config = request.app.ctx.config
-    payload = json_body(request)
+    payload = api_schema.RESPONSES.check(json_body(request), "")
     model = model_for(config, payload, "text")
     history: list[dict[str, Any]] = []
-    previous = optional(payload, "previous_response_id", str)
+    previous = payload.get("previous_response_id")
     if previous:
         stored = await request.app.ctx.store.get(previous)
         if stored is None:
@@ -275,7 +227,7 @@ async def create(request: Request) -> HTTPResponse | None:
     config: Config = request.app.ctx.config
     client = request.app.ctx.client
     turn = await _turn(request)
-    if not optional(turn.payload, "stream", bool):
+    if not turn.payload.get("stream"):
         result = await client.call(
             "text", "chat", model=turn.model, params=turn.params, timeout_s=config.request_timeout_s
         )
@@ -374,6 +326,7 @@ def _open_message(event: Callable[..., str], turn: Turn) -> str:
 
 @bp.get("/responses/<response_id:str>")
 async def retrieve(request: Request, response_id: str) -> HTTPResponse:
+    api_schema.RESPONSE_ID.check(response_id, "response_id")
     stored = await request.app.ctx.store.get(response_id)
     if stored is None:
         raise ApiError(404, f"no stored response with id {response_id!r}", code="not_found")
@@ -382,6 +335,7 @@ async def retrieve(request: Request, response_id: str) -> HTTPResponse:
 
 @bp.delete("/responses/<response_id:str>")
 async def delete(request: Request, response_id: str) -> HTTPResponse:
+    api_schema.RESPONSE_ID.check(response_id, "response_id")
     if not await request.app.ctx.store.delete(response_id):
         raise ApiError(404, f"no stored response with id {response_id!r}", code="not_found")
     return json_response({"id": response_id, "object": "response", "deleted": True})

@@ -6,6 +6,13 @@ import os
 
 import psutil
 import pytest
+from hypothesis import settings
+
+# The property and fuzz tests draw the same examples on every run of the test command, so
+# CI is repeatable; scripts/fuzz explores new ones (ALLM_FUZZ_PROFILE=explore).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("ALLM_FUZZ_PROFILE", "repeatable"))
 
 
 def _describe(proc: psutil.Process) -> str:

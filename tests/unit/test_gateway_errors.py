@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from sanic.compat import Header
+from sanic.exceptions import BadRequest
 
-from gateway.errors import REASONS, STATUS, ApiError, describe
+from gateway.errors import REASONS, STATUS, UNREAD, ApiError, EdgeRequest, describe
 from kernel.codes import Code, error_for
 
 
@@ -54,3 +56,18 @@ def test_gateway_errors_and_unknown_exceptions():
     status, body, _ = describe(RuntimeError("secret detail"))
     assert status == 500
     assert "secret detail" not in body["error"]["message"]
+
+
+def test_the_stand_in_for_an_unreadable_request_keeps_its_url_escaped():
+    # Sanic builds this stand-in to answer a URL httptools refused; with the raw URL it raised
+    # again and the connection was dropped unanswered.
+    kwargs = {"headers": Header({}), "version": "1.1", "transport": None, "app": None}
+    stand_in = EdgeRequest(url_bytes=b"/v1/responses/\x00 x\x7f", method=UNREAD, **kwargs)
+    assert stand_in.path == "/v1/responses/%00%20x%7F"
+    with pytest.raises(BadRequest, match="Bad URL"):
+        EdgeRequest(url_bytes=b"/v1/responses/\x00", method="GET", **kwargs)
+
+
+def test_the_stand_in_for_a_request_target_that_is_no_path_gets_one():
+    kwargs = {"headers": Header({}), "version": "1.1", "transport": None, "app": None}
+    assert EdgeRequest(url_bytes=b"HTTP/1.1", method=UNREAD, **kwargs).path == "/"
