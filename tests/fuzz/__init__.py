@@ -1,0 +1,1 @@
+"""Fuzzing the HTTP edge of a real allm serve: generated and hand-written hostile requests."""

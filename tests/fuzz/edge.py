@@ -1,0 +1,101 @@
+"""The server the fuzz tests attack, and the invariants every answer of it must keep."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kernel.codes import Code
+from tests.integration.gateway_server import Server, running_server
+from tests.model_files import smollm2_path
+
+KEY = "sk-fuzz"
+MODEL = "smollm2-135m-instruct"
+MAX_BODY_BYTES = 1024 * 1024
+#: a 5xx may only carry an engine's condition, never "internal": no input may cause one
+ENGINE_CODES = frozenset(c.name.lower() for c in Code if c not in (Code.OK, Code.INTERNAL)) | {
+    "manager_failed",
+    "draining",
+}
+
+
+@contextlib.contextmanager
+def fuzz_server(tmp: Path) -> Iterator[Server]:
+    """A real allm serve on SmolLM2 with a small context: whatever a request asks, generation stays short."""
+    config = f"""
+[server]
+api_keys = ["{KEY}"]
+max_body_bytes = {MAX_BODY_BYTES}
+request_timeout_s = 60
+data_dir = "{tmp / "data"}"
+
+[[models]]
+id = "{MODEL}"
+path = "{smollm2_path()}"
+options = {{ n_ctx = 256 }}
+"""
+    with running_server(config, tmp, api_key=KEY) as server:
+        yield server
+
+
+def check_answer(status: int, body: bytes, content_type: str = "application/json") -> Any:
+    """Raise unless the answer keeps the edge's promises; return the decoded body (None for a stream)."""
+    assert 200 <= status < 600, status
+    if content_type.startswith("text/event-stream"):
+        assert status == 200
+        return None
+    data = json.loads(body)
+    if status < 400:
+        return data
+    assert set(data) == {"error"}, data
+    error = data["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str)
+    assert isinstance(error["type"], str)
+    assert error["param"] is None or isinstance(error["param"], str)
+    assert isinstance(error["code"], str)
+    if status >= 500:
+        assert error["code"] in ENGINE_CODES, f"a {status} that is no engine condition: {error}"
+    return data
+
+
+def untouched(server: Server) -> None:
+    """The text manager is up and was never restarted: nothing reached it that could kill it."""
+    managers = server.managers()
+    assert [(m["state"], m["restarts"]) for m in managers] == [("running", 0)] * len(managers), managers
+
+
+def serves(server: Server) -> None:
+    status, body = server.json(
+        "POST",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2},
+    )
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes (or goes quiet): what came back."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and _complete(out):
+                    break
+    return out
+
+
+def _complete(reply: bytes) -> bool:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
