@@ -66,14 +66,15 @@ def test_answering_the_queue_of_a_peer_that_left_keeps_the_loop_alive(tmp_path, 
 
 
 @contextlib.asynccontextmanager
-async def fake_manager(tmp_path, answer) -> AsyncIterator[KernelClient]:
-    """A raw ROUTER that heartbeats like a manager and answers each request with ``answer(rid)``."""
+async def fake_manager(tmp_path, answer, beat: list[bytes] | None = None) -> AsyncIterator[KernelClient]:
+    """A raw ROUTER that heartbeats like a manager (or as ``beat``) and answers each request
+    with ``answer(rid)``."""
     endpoint = f"ipc://{tmp_path}/fake.sock"
     ctx = zmq.asyncio.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(endpoint)
-    beat = p.encode(
+    beat = beat or p.encode(
         p.Heartbeat(
             pid=1, incarnation="fake", modality="fake", instance=0, models=(), active=0, queued=0,
             capacity=8, memory_bytes=0,
@@ -129,36 +130,16 @@ async def test_a_manager_of_another_protocol_version_fails_requests_at_once(tmp_
     def answer(rid: int) -> list[bytes]:
         return [msgpack.packb({"v": 99, "k": "result", "rid": rid, "data": {}})]
 
-    endpoint = f"ipc://{tmp_path}/v99.sock"
-    ctx = zmq.asyncio.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(endpoint)
-    beat = msgpack.packb({"v": 99, "k": "hb", "pid": 1})
-
-    async def serve() -> None:
-        while True:
-            peer, *_ = await router.recv_multipart()
-            await router.send_multipart([peer, beat])
-
-    task = asyncio.create_task(serve())
-    client = KernelClient({"v99": [endpoint]}, heartbeat_timeout_s=60, hello_interval_s=0.1)
-    await client.start()
-    try:
+    beat = [msgpack.packb({"v": 99, "k": "hb", "pid": 1})]
+    async with fake_manager(tmp_path, answer, beat) as client:
         await asyncio.sleep(0.5)
         # A frame it cannot read proves nothing: it is not alive to the client.
-        assert client.last_heard(endpoint) is None
+        assert client.last_heard(f"ipc://{tmp_path}/fake.sock") is None
         async with asyncio.timeout(10):
             with pytest.raises(AllmError) as info:
-                await client.call("v99", "echo", timeout_s=600)
+                await client.call("fake", "echo", timeout_s=600)
         assert info.value.reason == REASON_MANAGER_FAILED
         assert "protocol version 99" in info.value.message
-    finally:
-        await client.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        router.close()
-        ctx.term()
 
 
 async def test_supervision_survives_a_spawn_that_fails():

@@ -16,12 +16,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
-async def text_manager(settings: Mapping[str, Any]) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
+async def text_manager(
+    settings: Mapping[str, Any],
+    *,
+    heartbeat_timeout_s: float = 5.0,
+    heartbeat_interval_s: float = 0.1,
+    step_limit_s: float | None = None,
+) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
     runtime_dir = Path(tempfile.mkdtemp(prefix="allm-x-"))
     endpoint = f"ipc://{runtime_dir}/text-0.sock"
-    spec = ManagerSpec("text", "managers.text.manager", endpoint, settings=settings, queue_size=8)
-    client = KernelClient({"text": [endpoint]}, hello_interval_s=0.1)
-    supervisor = Supervisor([spec], client, heartbeat_interval_s=0.1, cwd=str(ROOT))
+    spec = ManagerSpec(
+        "text", "managers.text.manager", endpoint, settings=settings, queue_size=8, step_limit_s=step_limit_s
+    )
+    client = KernelClient(
+        {"text": [endpoint]}, heartbeat_timeout_s=heartbeat_timeout_s, hello_interval_s=heartbeat_interval_s
+    )
+    supervisor = Supervisor(
+        [spec],
+        client,
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+        cwd=str(ROOT),
+    )
     await client.start()
     await supervisor.start()
     try:

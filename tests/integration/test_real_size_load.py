@@ -10,22 +10,16 @@ below its load time, as a 7B model on a slow disk would be.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import shutil
-import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from kernel.client import KernelClient
-from kernel.supervisor import ManagerSpec, Supervisor
 from tests.model_files import _hf_config, smollm2_path, write_tokenizer
 
-from .conftest import ROOT
+from .conftest import text_manager
 
 pytestmark = pytest.mark.slow
 
@@ -82,34 +76,14 @@ def big_llama(tmp_path_factory) -> Path:
     return write_real_size_llama(tmp_path_factory.mktemp("real-size") / "llama-410m")
 
 
-@contextlib.asynccontextmanager
-async def impatient_text_manager(settings: dict[str, Any]) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
-    runtime_dir = Path(tempfile.mkdtemp(prefix="allm-r-"))
-    endpoint = f"ipc://{runtime_dir}/text-0.sock"
-    spec = ManagerSpec("text", "managers.text.manager", endpoint, settings=settings, step_limit_s=60)
-    client = KernelClient(
-        {"text": [endpoint]}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, hello_interval_s=0.05
-    )
-    supervisor = Supervisor(
-        [spec], client, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, heartbeat_interval_s=0.05, cwd=str(ROOT)
-    )
-    await client.start()
-    await supervisor.start()
-    try:
-        await client.wait_live(timeout_s=60)
-        yield client, supervisor
-    finally:
-        await supervisor.stop()
-        await client.close()
-        shutil.rmtree(runtime_dir, ignore_errors=True)
-
-
 async def test_a_model_slower_to_load_than_the_heartbeat_timeout_loads_and_answers(big_llama):
     settings = {
         "models": [{"id": "big", "path": str(big_llama), "options": {"n_ctx": 256}}],
         "load_stall_s": 60,
     }
-    async with impatient_text_manager(settings) as (client, supervisor):
+    async with text_manager(
+        settings, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, heartbeat_interval_s=0.05, step_limit_s=60
+    ) as (client, supervisor):
         pid = supervisor.pid_of("text#0")
         params = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
         answer = asyncio.create_task(client.call("text", "chat", model="big", params=params, timeout_s=300))
