@@ -72,14 +72,11 @@ def check_values(value: Any, path: str = "") -> None:
     stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 0, None)]
     while stack:
         item, depth, trail = stack.pop()
+        if isinstance(item, dict | list) and depth >= MAX_DEPTH:
+            raise ApiError(
+                400, f"the JSON nests deeper than {MAX_DEPTH} levels", code="invalid_json", param=path or None
+            )
         if isinstance(item, dict):
-            if depth >= MAX_DEPTH:
-                raise ApiError(
-                    400,
-                    f"the JSON nests deeper than {MAX_DEPTH} levels",
-                    code="invalid_json",
-                    param=path or None,
-                )
             for key, inner in item.items():
                 if SURROGATE.search(key):
                     where = _join(path, _path(trail))
@@ -88,13 +85,6 @@ def check_values(value: Any, path: str = "") -> None:
                     )
                 stack.append((inner, depth + 1, (trail, key)))
         elif isinstance(item, list):
-            if depth >= MAX_DEPTH:
-                raise ApiError(
-                    400,
-                    f"the JSON nests deeper than {MAX_DEPTH} levels",
-                    code="invalid_json",
-                    param=path or None,
-                )
             stack.extend((inner, depth + 1, (trail, i)) for i, inner in enumerate(item))
         elif isinstance(item, str):
             if SURROGATE.search(item):
