@@ -104,6 +104,15 @@ def error_problem(payload: Any, status: int | None) -> str | None:
     return None
 
 
+def _record_status_error(rec: Record, exc: openai.APIStatusError) -> None:
+    rec.status = exc.status_code
+    try:
+        payload = exc.response.json()
+    except ValueError:
+        payload = exc.response.text
+    _set_error(rec, payload, exc.status_code)
+
+
 def _set_error(rec: Record, payload: Any, status: int | None) -> None:
     problem = error_problem(payload, status)
     if problem is not None:
@@ -316,12 +325,7 @@ class Traffic:
                 ok = response.status in ("completed", "incomplete") and isinstance(response.output_text, str)
                 finish = response.status
         except openai.APIStatusError as exc:
-            rec.status = exc.status_code
-            try:
-                payload = exc.response.json()
-            except ValueError:
-                payload = exc.response.text
-            _set_error(rec, payload, exc.status_code)
+            _record_status_error(rec, exc)
             return
         rec.outcome = SUCCESS if ok else MALFORMED
         rec.terminal = finish
@@ -385,12 +389,7 @@ class Traffic:
                         rec.outcome = CANCELLED
                         return
         except openai.APIStatusError as exc:
-            rec.status = exc.status_code
-            try:
-                payload = exc.response.json()
-            except ValueError:
-                payload = exc.response.text
-            _set_error(rec, payload, exc.status_code)
+            _record_status_error(rec, exc)
             return
         except openai.APIConnectionError:
             raise
