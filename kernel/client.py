@@ -216,11 +216,12 @@ class KernelClient:
         if inst.pending:
             # Replies the manager sent just before it exited may still be on their
             # way through ZeroMQ's I/O thread: let them land before failing the rest.
-            in_flight = list(inst.pending.values())
+            in_flight = [(pending, pending.sent) for pending in inst.pending.values()]
             slots = _slots(inst)
 
             def fail_in_flight() -> None:
-                self._after_death(in_flight, exc, slots)
+                # Not those sent again meanwhile (the successor's first heartbeat does that).
+                self._after_death([q for q, sent in in_flight if q.sent == sent], exc, slots)
 
             asyncio.get_running_loop().call_later(EXIT_GRACE_S, fail_in_flight)
 

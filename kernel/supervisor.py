@@ -197,14 +197,12 @@ def oom_counters(pid: int) -> tuple[Path, ...]:
     return tuple(f for f in files if f.is_file()) or (Path("/proc/vmstat"),)
 
 
-def oom_kill_count(files: Sequence[Path]) -> int:
-    total = 0
-    for file in files:
-        with contextlib.suppress(OSError, ValueError):
-            for line in file.read_text().splitlines():
-                if line.startswith("oom_kill "):
-                    total += int(line.split()[1])
-    return total
+def oom_kill_count(file: Path) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in file.read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    return 0
 
 
 class _Child:
@@ -220,12 +218,10 @@ class _Child:
         self.restarts = 0
         self.restart_at = 0.0
         self.running_since: float | None = None
-        # Where the OOM kills that concern it are counted (read while it lives:
-        # /proc/<pid>/cgroup goes with the process), and their count when it started
-        # or moved there.  Never re-read later: the counter rises while the killed
-        # process is still tearing down, before its exit can be seen.
-        self.oom_files: tuple[Path, ...] = ()
-        self.oom_kills = 0
+        # Every file that counted OOM kills for it (its cgroups, as it moved), with the
+        # count when first seen; never re-read while it lives: the count rises while a
+        # killed process tears down (then /proc/<pid>/cgroup already shows the root).
+        self.oom_counts: dict[Path, int] = {}
         self.last_exit = ""
         self.last_code = ""
 
@@ -379,8 +375,7 @@ class Supervisor:
         child.state = State.STARTING
         child.started_at = time.monotonic()
         child.running_since = None
-        child.oom_files = oom_counters(child.proc.pid)
-        child.oom_kills = oom_kill_count(child.oom_files)
+        child.oom_counts = {f: oom_kill_count(f) for f in oom_counters(child.proc.pid)}
         child.kill = None
         child.kill_detail = ""
         try:
@@ -428,7 +423,7 @@ class Supervisor:
         oom_killed = (
             returncode == -signal.SIGKILL
             and child.kill is None
-            and oom_kill_count(child.oom_files) > child.oom_kills
+            and any(oom_kill_count(f) > seen for f, seen in child.oom_counts.items())
         )
         death = classify_exit(
             child.spec.name, returncode, child.kill, child.kill_detail, oom_killed=oom_killed
@@ -498,10 +493,9 @@ class Supervisor:
                 detail = f"allocated {used / MIB:.0f} MiB > cap {cap / MIB:.0f} MiB"
                 self._signal(child, signal.SIGKILL, KillReason.MEMORY, detail)
                 return
-        files = oom_counters(proc.pid)
-        if files != child.oom_files:  # moved to another cgroup
-            child.oom_files = files
-            child.oom_kills = oom_kill_count(files)
+        for file in oom_counters(proc.pid):  # it may have been moved to another cgroup
+            if file not in child.oom_counts:
+                child.oom_counts[file] = oom_kill_count(file)
         heard = self.client.last_heard(child.spec.endpoint)
         if heard is not None and heard >= child.started_at:
             if child.running_since is None:
