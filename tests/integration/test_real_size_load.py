@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 from tests.model_files import _hf_config, smollm2_path, write_tokenizer
 
 from .conftest import text_manager
+from .gateway_server import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +127,41 @@ def test_llama_cpp_reports_its_load_progress():
         assert seen[-1] == pytest.approx(1.0)
     finally:
         engine.close()
+
+
+def test_status_and_models_show_a_load_under_way(big_llama, tmp_path):
+    """What an operator sees over HTTP while a big model loads: `loading`, with its progress."""
+    config = f"""
+[server]
+heartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}
+heartbeat_interval_s = 0.05
+
+[[models]]
+id = "smol"
+path = "{smollm2_path()}"
+
+[[models]]
+id = "big"
+path = "{big_llama}"
+options = {{ n_ctx = 256 }}
+"""
+    with running_server(config, tmp_path) as server, ThreadPoolExecutor(1) as pool:
+        body = {"model": "big", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        answer = pool.submit(server.json, "POST", "/v1/chat/completions", body)
+        states, progress = set(), []
+        while not answer.done():
+            models = {m["id"]: m["state"] for m in server.json("GET", "/v1/models")[1]["data"]}
+            states.add(models["big"])
+            [text] = server.managers()
+            if "big" in text["loading"]:
+                progress.append(text["loading"]["big"])
+            time.sleep(0.05)
+        status, reply = answer.result()
+        assert status == 200, reply
+        assert "loading" in states
+        assert progress, "GET /status never showed the load"
+        assert max(p["elapsed_s"] for p in progress) > 2 * HEARTBEAT_TIMEOUT_S
+        assert {m["id"]: m["state"] for m in server.json("GET", "/v1/models")[1]["data"]}["big"] == "loaded"
+        [text] = server.managers()
+        assert text["restarts"] == 0
+        assert text["loading"] == {}
