@@ -81,7 +81,11 @@ class Reply:
 
 
 class Manager(Protocol):
-    """What a modality manager implements.  ``handle`` runs on a worker thread."""
+    """What a modality manager implements.  ``handle`` runs on a worker thread.
+
+    A manager may also define ``status() -> Params``: extras for its heartbeats
+    (the text manager's models loading), under the same rules as ``models()``.
+    """
 
     inline_ops: frozenset[str]  # cheap ops run on the I/O thread, skipping the queue
 
@@ -89,8 +93,6 @@ class Manager(Protocol):
 
     # Called on the I/O thread: cheap, thread-safe, never blocks; a new tuple only when it changed.
     def models(self) -> tuple[str, ...]: ...
-
-    def status(self) -> p.Params: ...  # heartbeat extras (e.g. models loading); same rules as models()
 
     def close(self) -> None: ...
 
