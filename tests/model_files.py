@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import gguf
@@ -84,19 +85,24 @@ SAFETENSORS_ARCHITECTURES = (
 )
 
 
-def write_tokenizer(directory: Path) -> dict[str, int]:
-    """A byte-level BPE tokenizer trained here, offline, with a ChatML template; returns ids."""
+def write_tokenizer(directory: Path, added: Sequence[str] = ()) -> dict[str, int]:
+    """A byte-level BPE tokenizer trained here, offline, with a ChatML template; returns ids.
+
+    ``added``: more tokens that stay whole (a template's markers, such as ``<tool_call>``).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=384 + len(added),
+        special_tokens=[*SPECIALS, *added],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(directory / "tokenizer.json"))
-    ids = {name: tok.token_to_id(name) for name in SPECIALS}
+    ids = {name: tok.token_to_id(name) for name in [*SPECIALS, *added]}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|endoftext|>",
@@ -235,16 +241,43 @@ def write_hf_model(directory: Path, arch: str) -> Path:
     return directory
 
 
-def write_tiny_llama_gguf(path: Path) -> Path:
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+#: the markers of each fixture template, kept whole by its tokenizer
+TEMPLATE_TOKENS = {
+    "qwen2.5": ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+    "qwen-think": (
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    ),
+    "llama3.1": (
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ),
+}
+#: the end of a turn for each fixture template (ChatML's by default)
+TEMPLATE_EOS = {"llama3.1": "<|eot_id|>"}
+
+
+def write_tiny_llama_gguf(path: Path, template: str | None = None) -> Path:
     """A tiny random llama GGUF that llama.cpp loads and chats with (ENGINE-NOTES' recipe).
 
     Its tokenizer is the byte-level BPE trained by ``write_tokenizer`` (GGUF type
     gpt2, pre-tokenizer gpt-2), special tokens are CONTROL so ``<|im_start|>`` is
-    one token, and the chat template is ChatML.
+    one token, and the chat template is ChatML, or the named one of
+    tests/fixtures/templates (a real model family's template, whose markers the
+    tokenizer keeps whole, as the family's own tokenizer does).
     """
     work = path.parent / (path.stem + "-tokenizer")
     work.mkdir(parents=True, exist_ok=True)
-    ids = write_tokenizer(work)
+    markers = TEMPLATE_TOKENS.get(template or "", ())
+    ids = write_tokenizer(work, markers)
     spec = json.loads((work / "tokenizer.json").read_text())
     vocab: dict[str, int] = spec["model"]["vocab"]
     for added in spec["added_tokens"]:
@@ -253,7 +286,8 @@ def write_tiny_llama_gguf(path: Path) -> Path:
     for text, index in vocab.items():
         tokens[index] = text
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    control = {ids[name] for name in SPECIALS}
+    control = {ids[name] for name in SPECIALS} | {ids[name] for name in markers if name.startswith("<|")}
+    user_defined = {ids[name] for name in markers} - control
     n_vocab, n_embd, n_ff, heads, kv_heads = len(tokens), 64, 128, 4, 2
     head_dim = n_embd // heads
 
@@ -271,13 +305,14 @@ def write_tiny_llama_gguf(path: Path) -> Path:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in control else 1 for i in range(n_vocab)])  # 3 CONTROL, 1 NORMAL
+    # 3 CONTROL, 4 USER_DEFINED (kept whole, shown as text), 1 NORMAL
+    writer.add_token_types([3 if i in control else 4 if i in user_defined else 1 for i in range(n_vocab)])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(ids["<|endoftext|>"])
-    writer.add_eos_token_id(ids["<|im_end|>"])
+    writer.add_eos_token_id(ids[TEMPLATE_EOS.get(template or "", "<|im_end|>")])
     writer.add_pad_token_id(ids["<|endoftext|>"])
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
+    writer.add_chat_template((TEMPLATES / f"{template}.jinja").read_text() if template else CHATML)
 
     rng = np.random.default_rng(0)
 
@@ -303,3 +338,9 @@ def write_tiny_llama_gguf(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def token_id(gguf_path: Path, text: str) -> int:
+    """The id of a token a fixture's tokenizer keeps whole (see ``write_tiny_llama_gguf``)."""
+    spec = json.loads((gguf_path.parent / (gguf_path.stem + "-tokenizer") / "tokenizer.json").read_text())
+    return next(t["id"] for t in spec["added_tokens"] if t["content"] == text)

@@ -25,21 +25,39 @@ from typing import Any
 
 from kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
 from kernel.runtime import Reply, RequestContext
+from managers.text.chat_format import (
+    TEXT_ONLY_GRAMMAR,
+    Family,
+    HarmonyParser,
+    OutputParser,
+    Parser,
+    call_grammar,
+    family_of,
+    gbnf_literal,
+    strict_strings,
+    thinks,
+)
 from managers.text.generation import (
-    Sampling,
+    ChatPlan,
+    ChatRequest,
+    Detokenizer,
     chat_request,
-    parse_tool_output,
     prompt_of,
+    run_chat,
     run_generation,
+    template_messages,
 )
 from managers.text.gguf_header import GGUFHeader
+from managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 import llama_cpp
+import llama_cpp._internals as llama_internals
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 log = logging.getLogger("allm.text.llama")
 
@@ -68,6 +86,22 @@ def _llama_reason() -> str:
 
 
 DEFAULT_N_CTX = 4096
+
+
+class _SamplingLlama(llama_cpp.Llama):
+    """The binding's Llama, generating with a sampler chain of ours when one is set.
+
+    ``generate`` builds its chain in ``_init_sampler`` from a fixed set of arguments
+    and has no logit_bias (its custom-sampler hook calls itself "probably broken");
+    here llama.cpp's own samplers are chained in allm's documented order.
+    """
+
+    chain: Callable[[], llama_internals.LlamaSampler] | None = None
+
+    def _init_sampler(self, *args: Any, **kwargs: Any) -> llama_internals.LlamaSampler:
+        if self.chain is not None:
+            return self.chain()
+        return super()._init_sampler(*args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -197,7 +231,7 @@ class LlamaEngine:
         self.header = header
         self.options = options
         self.lock = threading.Lock()
-        self._embedder: llama_cpp.Llama | None = None
+        self._embedder: _SamplingLlama | None = None
         self._reserve_embedder = reserve_embedder
         self.llm = self._load(embedding=False, progress=progress)
         # llama.cpp may pad the context it allocates; the binding's buffers keep the asked size.
@@ -205,6 +239,8 @@ class LlamaEngine:
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         self._formatter = None
+        self.family = family_of(template)
+        self.think = thinks(template)
         if template:
             eos = self.llm.token_eos()
             bos = self.llm.token_bos()
@@ -220,11 +256,11 @@ class LlamaEngine:
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
-    def _load(self, *, embedding: bool, progress: Callable[[float], None] | None) -> llama_cpp.Llama:
+    def _load(self, *, embedding: bool, progress: Callable[[float], None] | None) -> _SamplingLlama:
         _LOG_LINES.clear()
         try:
             with _load_progress(progress):
-                return llama_cpp.Llama(
+                return _SamplingLlama(
                     str(self.header.path),
                     n_ctx=self.options.n_ctx,
                     n_threads=self.options.n_threads,
@@ -258,24 +294,81 @@ class LlamaEngine:
         req = chat_request(ctx.params)
         if self._formatter is None:
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
+        family, tools = self.family, req.tools
+        extra: dict[str, Any] = {}
+        if tools is not None and family is not Family.GENERIC:
+            extra["tools"] = tools.tools
+        if req.reasoning_effort is not None:
+            extra["reasoning_effort"] = req.reasoning_effort
         try:
-            prompt = self._formatter(messages=req.messages).prompt
+            text = self._formatter(messages=template_messages(req.messages, family, tools), **extra).prompt
         except Exception as exc:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
-        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        tools = req.tools
-        reply = self._generate(
-            ctx, tokens, req.sampling, stream=ctx.stream and tools is None, param="messages"
+        prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        self._check_not_empty(prompt, "messages")
+        self._check_fits(len(prompt), 1, "messages")
+        plan = self._plan(req, thinking=self.think and text.rstrip().endswith("<think>"))
+        sampling = req.sampling
+        if plan.grammar is not None or plan.lazy is not None:
+            # the plan's grammar covers a JSON answer too
+            sampling = dataclasses.replace(sampling, json_schema=None, json_object=False)
+        source = _LlamaSource(self, sampling, special=family is not Family.GENERIC)
+        with self.lock:
+            return run_chat(
+                ctx,
+                source,
+                prompt,
+                plan,
+                sampling,
+                room=self.n_ctx - len(prompt),
+                model_id=self.model_id,
+                logprob_of=self._logprob_of(sampling),
+            )
+
+    def _plan(self, req: ChatRequest, *, thinking: bool) -> ChatPlan:
+        """How this model's reply is constrained and read (see ChatPlan)."""
+        family, tools = self.family, req.tools
+        sampling = req.sampling
+        if family is Family.HARMONY:
+            # gpt-oss's own channels carry calls; its special tokens are not held to a grammar here
+            return ChatPlan(parser=HarmonyParser(tools=tools is not None))
+        answer: dict[str, Any] | None = None
+        if sampling.json_schema is not None:
+            answer = dict(sampling.json_schema)
+        elif sampling.json_object:
+            answer = {"type": "object"}
+        think = "open" if thinking else ("optional" if self.think else None)
+        if tools is None:
+            return ChatPlan(parser=OutputParser(family, tools=False, think=self.think, thinking=thinking))
+        functions = tools.allowed
+        if tools.required or answer is not None:
+            # the reply is constrained from its first token: calls only, or calls or a JSON answer
+            grammar = call_grammar(
+                family,
+                functions,
+                max_calls=tools.max_calls,
+                answer=None if tools.required else answer,
+                think=think,
+            )
+            return ChatPlan(
+                parser=OutputParser(family, tools=True, think=self.think, thinking=thinking),
+                max_calls=tools.max_calls,
+                grammar=grammar,
+            )
+        as_text = None
+        if family is Family.GENERIC:
+
+            def as_text(prefix: str) -> tuple[str, Parser]:
+                grammar = TEXT_ONLY_GRAMMAR.replace("root ::=", f"root ::= {gbnf_literal(prefix)}", 1)
+                return grammar, OutputParser(family, tools=False, think=self.think)
+
+        return ChatPlan(
+            parser=OutputParser(family, tools=True, think=self.think, thinking=thinking, halt_on_open=True),
+            max_calls=tools.max_calls,
+            lazy=lambda prefix: call_grammar(family, functions, max_calls=tools.max_calls, prefix=prefix),
+            answered=req.answered(),
+            as_text=as_text,
         )
-        if tools is not None:
-            text, calls = parse_tool_output(reply.data["text"])
-            reply.data["text"] = text
-            reply.data["tool_calls"] = calls
-            if calls:
-                reply.data["finish_reason"] = "tool_calls"
-            elif ctx.stream and text:
-                ctx.emit({"text": text})
-        return reply
 
     def complete(self, ctx: RequestContext) -> Reply:
         prompt = prompt_of(ctx.params)
@@ -330,10 +423,18 @@ class LlamaEngine:
                 param=param,
             )
 
+    def _compile(self, gbnf: str) -> LlamaGrammar:
+        """A grammar allm wrote itself (tool calls): one that fails to compile is allm's bug."""
+        try:
+            return LlamaGrammar.from_string(gbnf, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise InternalError(f"a tool-call grammar failed to compile: {exc}", restart=True) from exc
+
     def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
         try:
             if sampling.json_schema is not None:
-                return LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)
+                gbnf = strict_strings(json_schema_to_gbnf(json.dumps(sampling.json_schema)))
+                return LlamaGrammar.from_string(gbnf, verbose=False)
             if sampling.json_object:
                 return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         except (ValueError, RuntimeError, TypeError, KeyError) as exc:
@@ -348,29 +449,86 @@ class LlamaEngine:
             ) from exc
         return None
 
-    def _tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        grammar = self._grammar(sampling)
+    def _tokens(self, prompt: list[int], sampling: Sampling, gbnf: str | None = None) -> Iterator[int]:
+        sampling.check_vocab(self.llm.n_vocab())
+        grammar = self._grammar(sampling) if gbnf is None else self._compile(gbnf)
         if sampling.seed is not None:
             # A reused prompt prefix is decoded in other batch shapes, which moves
             # the logits by rounding: a seeded request starts from scratch to reproduce.
             self.llm.reset()
-        self.llm.set_seed(sampling.seed_or_random())
+        seed = sampling.seed_or_random()
+        self.llm.set_seed(seed)
+        self.llm.chain = lambda: self._sampler_chain(sampling, grammar, seed)
         try:
-            yield from self.llm.generate(
-                prompt,
-                temp=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=0 if sampling.top_p < 1.0 else 40,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                reset=True,
-                grammar=grammar,
-            )
+            yield from self.llm.generate(prompt, reset=True, grammar=grammar)
         except MemoryError as exc:
             raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
         except RuntimeError as exc:
             # A failed llama_decode leaves the context's cache in an unknown state: restart.
             raise InternalError(f"llama.cpp failed while generating: {exc}", restart=True) from exc
+        finally:
+            self.llm.chain = None
+
+    def _sampler_chain(
+        self, sampling: Sampling, grammar: LlamaGrammar | None, seed: int
+    ) -> llama_internals.LlamaSampler:
+        """llama.cpp's native samplers in the order of managers/text/sampling.py."""
+        chain = llama_internals.LlamaSampler()
+        n_vocab = self.llm.n_vocab()
+        if sampling.logit_bias:
+            chain.add_logit_bias(n_vocab, dict(sampling.logit_bias))
+        if sampling.penalized:
+            chain.add_penalties(
+                n_vocab,
+                PENALTY_LAST_N,
+                sampling.repeat_penalty,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
+            )
+        if grammar is not None:
+            chain.add_grammar(self.llm._model, grammar)
+        if sampling.temperature == 0:
+            chain.add_greedy()
+            return chain
+        if sampling.top_k > 0:
+            chain.add_top_k(sampling.top_k)
+        if sampling.top_p < 1.0:
+            chain.add_top_p(sampling.top_p, 1)
+        if sampling.min_p > 0.0:
+            chain.add_min_p(sampling.min_p, 1)
+        chain.add_temp(sampling.temperature)
+        chain.add_dist(seed)
+        return chain
+
+    def logprob_entry(self, token: int, top_n: int) -> dict[str, Any]:
+        """OpenAI's logprobs entry for ``token``, just yielded by generation.
+
+        Call it before the next token is pulled: it reads the logits llama.cpp
+        holds for the position ``token`` was drawn at. These are the model's own
+        distribution (the log-softmax of the raw logits), before logit_bias,
+        penalties, grammar or any filter, as OpenAI's logprobs are.
+        """
+        n_vocab = self.llm.n_vocab()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+        return logprob_entry(logits, token, top_n, self._token_bytes)
+
+    def _token_bytes(self, token: int) -> bytes:
+        """A token's own bytes: no leading space stripped, special tokens as their text."""
+        vocab = self.llm._model.vocab
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n
+
+    def _logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
+        """What the token loop calls for each token's logprobs, when the request asks for them."""
+        if not sampling.logprobs:
+            return None
+        top_n = sampling.top_logprobs
+        return lambda token: self.logprob_entry(token, top_n)
 
     def _generate(
         self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str
@@ -389,19 +547,49 @@ class LlamaEngine:
                 room=self.n_ctx - len(prompt),
                 stream=stream,
                 model_id=self.model_id,
+                logprob_of=self._logprob_of(sampling),
             )
 
 
-class _LlamaDetokenizer:
-    """Token bytes through an incremental UTF-8 decoder: no character is split."""
+class _LlamaSource:
+    """A LlamaEngine as the chat loop's TokenSource, for one request's sampling."""
 
-    def __init__(self, llm: llama_cpp.Llama, prompt: list[int]) -> None:
+    def __init__(self, engine: LlamaEngine, sampling: Sampling, *, special: bool) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.special = special
+        self.vocab = engine.llm._model.vocab
+
+    def tokens(self, prompt: list[int], grammar: str | None) -> Iterator[int]:
+        return self.engine._tokens(prompt, self.sampling, grammar)
+
+    def detokenizer(self, prompt: list[int]) -> Detokenizer:
+        return _LlamaDetokenizer(self.engine.llm, prompt, special=self.special)
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+class _LlamaDetokenizer:
+    """Token bytes through an incremental UTF-8 decoder: no character is split.
+
+    ``special``: control tokens show as their text, for models whose tool and
+    channel markers are such tokens (``[TOOL_CALLS]``, ``<|channel|>``).
+    """
+
+    def __init__(self, llm: llama_cpp.Llama, prompt: list[int], *, special: bool = False) -> None:
         self.llm = llm
         self.previous = list(prompt[-4:])  # context for tokenizers that strip leading spaces
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.special = special
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an unfinished character are held back."""
+        return bool(self.decoder.getstate()[0])
 
     def feed(self, token: int) -> str:
-        piece = self.llm.detokenize([token], prev_tokens=self.previous)
+        piece = self.llm.detokenize([token], prev_tokens=self.previous, special=self.special)
         self.previous = [*self.previous[-3:], token]
         return self.decoder.decode(piece)
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kernel.codes import (
     InternalError,
     LoadFailedError,
@@ -36,7 +38,9 @@ from kernel.codes import (
     UnsupportedError,
 )
 from kernel.runtime import Reply, RequestContext
-from managers.text.generation import Sampling, chat_request, prompt_of, run_generation
+from managers.text.chat_format import Family
+from managers.text.generation import chat_request, prompt_of, run_generation, template_messages
+from managers.text.sampling import Sampling, TokenPicker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -260,30 +264,19 @@ class _Transformers:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def piece(self, token: int) -> bytes:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
+
+    def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
         torch = self.torch
-        generator = torch.Generator().manual_seed(sampling.seed_or_random())
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
             while True:
-                logits = out.logits[0, -1].float()
-                token = _sample(torch, logits, sampling, generator)
+                token = picker.pick(out.logits[0, -1].float().numpy())
                 yield token
                 out = self.model(
                     input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
                 )
-
-
-def _sample(torch: Any, logits: Any, sampling: Sampling, generator: Any) -> int:
-    if sampling.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        ordered, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(ordered, dim=-1) - ordered < sampling.top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class _Mlx:
@@ -310,16 +303,27 @@ class _Mlx:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def tokens(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    def piece(self, token: int) -> bytes:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
+
+    def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
         from mlx_lm.generate import generate_step
-        from mlx_lm.sample_utils import make_sampler
 
         mx = self.mx
-        mx.random.seed(sampling.seed_or_random())
-        sampler = make_sampler(
-            temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0
-        )
-        for token, _logprobs in generate_step(mx.array(prompt), self.model, max_tokens=-1, sampler=sampler):
+
+        def pick(_tokens: Any, logits: Any) -> Any:
+            # The whole order runs in the picker; mlx-lm's sampler then takes its token.
+            token = picker.pick(np.array(logits[0].astype(mx.float32)))
+            return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, float("-inf"))[None]
+
+        # generate_step computes one token ahead: the picker pairs logprobs with tokens in order.
+        for token, _logprobs in generate_step(
+            mx.array(prompt),
+            self.model,
+            max_tokens=-1,
+            sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
+            logits_processors=[pick],
+        ):
             yield int(token)
 
 
@@ -378,6 +382,9 @@ class SafetensorsEngine:
                 raise OomVramError(f"out of GPU memory loading {model_id}: {exc}") from exc
             raise LoadFailedError(f"{backend} could not load {model_id}: {exc}") from exc
         self.n_ctx = min(context_of(info, options), self.backend.n_ctx)
+        text_config = info.config.get("text_config")
+        self.n_vocab = int(info.config.get("vocab_size") or (text_config or {}).get("vocab_size") or 0)
+        self._picker: TokenPicker | None = None
         if progress is not None:
             progress(1.0)
 
@@ -394,7 +401,8 @@ class SafetensorsEngine:
         if req.tools is not None:
             raise UnsupportedError("tool calls need a GGUF model here", param="tools")
         try:
-            prompt = self.backend.chat_ids(req.messages)
+            # no tool format here: tool traffic in the history is shown as text
+            prompt = self.backend.chat_ids(template_messages(req.messages, Family.GENERIC, None))
         except Exception as exc:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
         return self._generate(ctx, prompt, req.sampling, param="messages")
@@ -406,6 +414,13 @@ class SafetensorsEngine:
     def embed(self, ctx: RequestContext) -> Reply:
         raise UnsupportedError(f"{self.model_id}: embeddings need a GGUF model here", param="model")
 
+    def _logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
+        """What the token loop calls for each token's logprobs, when the request asks for them."""
+        if not sampling.logprobs:
+            return None
+        top_n = sampling.top_logprobs
+        return lambda token: self.logprob_entry(token, top_n)
+
     def _generate(self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, param: str) -> Reply:
         if len(prompt) >= self.n_ctx:
             raise UnsupportedError(
@@ -414,12 +429,19 @@ class SafetensorsEngine:
                 reason="context_length_exceeded",
                 param=param,
             )
+        if sampling.json_schema is not None or sampling.json_object:
+            raise UnsupportedError(
+                "structured output (response_format) needs a GGUF model here", param="response_format"
+            )
+        if self.n_vocab:
+            sampling.check_vocab(self.n_vocab)
         eos = self.backend.eos
         with self.lock:
+            self._picker = picker = TokenPicker(sampling, sampling.seed_or_random())
             try:
                 return run_generation(
                     ctx,
-                    self.backend.tokens(prompt, sampling),
+                    self.backend.tokens(prompt, picker),
                     _TextDiff(self.backend.decode),
                     lambda token: token in eos,
                     sampling,
@@ -427,8 +449,23 @@ class SafetensorsEngine:
                     room=self.n_ctx - len(prompt),
                     stream=ctx.stream,
                     model_id=self.model_id,
+                    logprob_of=self._logprob_of(sampling),
                 )
             except MemoryError as exc:
                 raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
             except RuntimeError as exc:
                 raise InternalError(f"{self.backend.name} failed while generating: {exc}") from exc
+            finally:
+                self._picker = None
+
+    def logprob_entry(self, token: int, top_n: int) -> dict[str, Any]:
+        """OpenAI's logprobs entry for ``token``, just yielded by generation.
+
+        Call it once per token, in order, before the next token is pulled: the
+        model's own distribution there (log-softmax of the raw logits, before any
+        sampling step), as managers/text/sampling.py documents. A token's bytes are
+        its decoded text in UTF-8 (a token that ends mid-character reads U+FFFD).
+        """
+        if self._picker is None:
+            raise InternalError("logprob_entry called outside a generation")
+        return self._picker.logprob_entry(token, top_n, self.backend.piece)

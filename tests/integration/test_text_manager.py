@@ -274,7 +274,7 @@ async def test_a_tiny_written_gguf_chats_through_its_own_template(text):
         pieces = [chunk.data["text"] async for chunk in s]
     assert s.result is not None
     # 13 prompt tokens: <|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n, by the template
-    assert s.result.data["usage"] == {"prompt_tokens": 13, "completion_tokens": 7}
+    assert s.result.data["usage"] == {"prompt_tokens": 13, "completion_tokens": 7, "reasoning_tokens": 0}
     assert "".join(pieces) == s.result.data["text"]
 
 

@@ -7,13 +7,13 @@ import json
 import pytest
 
 from kernel.codes import AllmError, Code
+from managers.text.chat_format import Family
 from managers.text.generation import (
     Sampling,
     StopMatcher,
     check_messages,
-    parse_tool_output,
-    plan_tools,
-    with_tool_prompt,
+    template_messages,
+    tool_spec,
 )
 
 
@@ -103,10 +103,12 @@ def test_bad_messages_are_refused(messages, param):
     assert info.value.param == param
 
 
-def test_developer_messages_are_system_messages_for_templates():
-    assert check_messages([{"role": "developer", "content": "be brief"}]) == [
-        {"role": "system", "content": "be brief"}
-    ]
+def test_developer_messages_are_system_messages_for_templates_without_that_role():
+    messages = check_messages([{"role": "developer", "content": "be brief"}])
+    assert messages == [{"role": "developer", "content": "be brief"}]
+    assert template_messages(messages, Family.GENERIC, None) == [{"role": "system", "content": "be brief"}]
+    assert template_messages(messages, Family.HERMES, None)[0]["role"] == "system"
+    assert template_messages(messages, Family.HARMONY, None)[0]["role"] == "developer"
 
 
 WEATHER = {
@@ -118,58 +120,53 @@ WEATHER = {
 }
 
 
-def test_tools_with_auto_allow_a_call_or_a_reply():
-    plan = plan_tools([WEATHER], "auto")
-    assert plan is not None
-    assert len(plan.schema["anyOf"]) == 2
-    assert "get_weather" in plan.system_text
-
-
-def test_required_or_named_tool_choice_forces_a_call():
+def test_auto_allows_calls_and_text_required_and_named_force_calls():
+    auto = tool_spec([WEATHER], "auto")
+    assert auto is not None
+    assert not auto.required
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        plan = plan_tools([WEATHER], choice)
-        assert plan is not None
-        assert plan.schema["required"] == ["tool_calls"]
+        spec = tool_spec([WEATHER], choice)
+        assert spec is not None
+        assert spec.required
+
+
+def test_parallel_tool_calls_false_bounds_a_reply_to_one_call():
+    spec = tool_spec([WEATHER], "auto", False)
+    assert spec is not None
+    assert spec.max_calls == 1
+    assert tool_spec([WEATHER], "auto").max_calls > 1
 
 
 def test_tool_choice_none_or_no_tools_means_plain_generation():
-    assert plan_tools([WEATHER], "none") is None
-    assert plan_tools(None, "auto") is None
+    assert tool_spec([WEATHER], "none") is None
+    assert tool_spec(None, "auto") is None
 
 
 def test_tool_choice_naming_an_unknown_function_is_refused():
     with pytest.raises(AllmError) as info:
-        plan_tools([WEATHER], {"type": "function", "function": {"name": "nope"}})
+        tool_spec([WEATHER], {"type": "function", "function": {"name": "nope"}})
     assert info.value.param == "tool_choice"
 
 
-def test_tool_output_parses_into_calls_or_text():
-    text, calls = parse_tool_output(
-        '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}'
-    )
-    assert text == ""
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Oslo"})]
-    assert calls[0]["id"].startswith("call_")
-    assert parse_tool_output('{"response": "hello"}') == ("hello", [])
-    assert parse_tool_output('{"tool_calls": [') == ('{"tool_calls": [', [])
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+TRAFFIC = [
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+]
 
 
-def test_tool_traffic_is_rendered_for_templates_without_tool_support():
-    plan = plan_tools([WEATHER], "auto")
-    assert plan is not None
-    call = {
-        "id": "c1",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-    }
-    messages = [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
-    ]
-    out = with_tool_prompt(messages, plan)
+def test_tool_traffic_is_rendered_as_text_for_templates_without_tool_support():
+    out = template_messages(check_messages(TRAFFIC), Family.GENERIC, tool_spec([WEATHER], "auto"))
     assert out[0]["role"] == "system"
+    assert "get_weather" in out[0]["content"]
     assert json.loads(out[2]["content"]) == {
         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
     }
-    assert out[3] == {"role": "user", "content": "Function result: sunny"}
+    assert out[3] == {"role": "user", "content": "Result of get_weather (call c1): sunny"}
+
+
+def test_tool_traffic_keeps_its_roles_ids_and_names_for_templates_with_tools():
+    out = template_messages(check_messages(TRAFFIC), Family.HERMES, tool_spec([WEATHER], "auto"))
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # an object, for tojson
+    assert out[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "get_weather"}
