@@ -17,6 +17,9 @@ Why each bound exists:
   the gateway walks these lists per request; bounds keep that walk small.
 - names and ids: OpenAI's function-name rule; response ids are ours
   (``resp_<hex>``) so anything path-like (``../``, ``%00``) is refused early.
+- sampling values: ``gateway.config.SAMPLING_BOUNDS``, shared with the catalog's
+  per-model ``defaults``; ``logit_bias`` as OpenAI bounds it (300 tokens, ±100);
+  ``top_logprobs`` 0 to 20 (OpenAI's).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import schemas
+from gateway.config import SAMPLING_BOUNDS, SAMPLING_DEFAULTS
 from gateway.errors import bad_field
 from gateway.fields import parse_json_text
 from gateway.spec import (
@@ -65,8 +69,6 @@ RESPONSE_ID = Str(
 # -- shared pieces ---------------------------------------------------------------------------
 
 MODEL = Str(min_length=1, max_length=NAME, description="a model id from GET /v1/models")
-TEMPERATURE = Num(minimum=0, maximum=2, description="sampling temperature; 0 decodes greedily")
-TOP_P = Num(minimum=0, maximum=1, description="nucleus sampling mass")
 SEED = Int(minimum=INT64_MIN, maximum=INT64_MAX, description="the same seed reproduces the same text")
 TOKENS = Int(minimum=1, maximum=MAX_TOKENS, description="the most tokens to generate")
 STOP = Either(
@@ -78,12 +80,55 @@ STOP = Either(
 )
 STREAM = Bool(description="answer with server-sent events")
 USER = Str(max_length=NAME, description="accepted for compatibility; not used")
-PARALLEL = Bool(description="accepted for compatibility; several calls may come either way")
+PARALLEL = Bool(description="false: at most one tool call per turn (default true)")
 NOT_IMPLEMENTED = "not implemented: accepted at its neutral value only"
-PENALTIES = {
-    "frequency_penalty": Neutral(value=0, description=NOT_IMPLEMENTED),
-    "presence_penalty": Neutral(value=0, description=NOT_IMPLEMENTED),
+
+
+def _sampling(key: str, description: str) -> Node:
+    lo, hi = SAMPLING_BOUNDS[key]
+    default = SAMPLING_DEFAULTS[key]
+    text = f"{description}; default: the model's catalog default, else {default:g}"
+    if key == "top_k":
+        return Int(minimum=int(lo), maximum=int(hi), description=text)
+    return Num(minimum=lo, maximum=hi, description=text)
+
+
+TEMPERATURE = _sampling("temperature", "sampling temperature; 0 decodes greedily")
+TOP_P = _sampling("top_p", "nucleus sampling mass")
+
+
+def _penalties(prefix: str = "") -> dict[str, Node]:
+    return {
+        "frequency_penalty": _sampling(
+            "frequency_penalty", prefix + "subtracted from a token's logit once per time it was generated"
+        ),
+        "presence_penalty": _sampling(
+            "presence_penalty", prefix + "subtracted from a token's logit if it was generated"
+        ),
+    }
+
+
+PENALTIES = _penalties()
+#: allm's own sampling options, llama.cpp's names and meanings, on every text API
+EXTENSIONS = {
+    "top_k": _sampling("top_k", "allm: sample among the k most likely tokens; 0 turns it off"),
+    "min_p": _sampling("min_p", "allm: drop tokens less likely than min_p times the most likely one"),
+    "repeat_penalty": _sampling(
+        "repeat_penalty", "allm: llama.cpp's penalty on tokens that appeared recently; 1 turns it off"
+    ),
 }
+LOGIT_BIAS = Map(
+    values=Num(minimum=-100, maximum=100),
+    keys=Str(min_length=1, max_length=10, pattern=r"[0-9]+"),
+    max_properties=300,
+    description="token id (as a string) → a bias added to its logit; -100 bans it, 100 forces it",
+)
+TOP_LOGPROBS = Int(minimum=0, maximum=20, description="alternatives returned per token, with their logprobs")
+#: a reasoning effort, passed on as reasoning_effort to chat templates that take one
+EFFORT = Enum(
+    values=("low", "medium", "high"),
+    description="how much a reasoning model thinks, for chat templates that take it; others ignore it",
+)
 ACCEPTED = "accepted for compatibility; not used"
 # OpenAI options that clients (the SDKs, LangChain, the Agents SDK) send as a matter of
 # course and that change nothing a local server answers: accepted, so they keep working.
@@ -192,6 +237,13 @@ def _tools_agree(
     return check
 
 
+def _logprobs_asked(body: Body) -> Body:
+    """top_logprobs without logprobs is a client's mistake, as OpenAI says it is."""
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise bad_field("top_logprobs", "top_logprobs needs logprobs: true")
+    return body
+
+
 # -- Chat Completions -----------------------------------------------------------------------
 
 CHAT_PART = Tagged(
@@ -231,6 +283,9 @@ CHAT_MESSAGE = Tagged(
                 "tool_calls": Arr(items=TOOL_CALL, max_items=CALLS),
                 "refusal": Str(max_length=TEXT),
                 "annotations": Arr(items=AnyJson(), max_items=PARTS),
+                "reasoning_content": Str(
+                    max_length=TEXT, description="allm: the reasoning of an earlier reasoning-model turn"
+                ),
             },
         ),
         "tool": tagged_variant(
@@ -303,8 +358,13 @@ CHAT = Checked(
             "parallel_tool_calls": PARALLEL,
             "user": USER,
             **PENALTIES,
-            "logprobs": Neutral(value=False, description=NOT_IMPLEMENTED),
-            "top_logprobs": Neutral(value=0, description=NOT_IMPLEMENTED),
+            **EXTENSIONS,
+            "logit_bias": LOGIT_BIAS,
+            "logprobs": Bool(description="return each output token's logprob"),
+            "top_logprobs": dataclasses.replace(
+                TOP_LOGPROBS, description=TOP_LOGPROBS.description + "; needs logprobs"
+            ),
+            "reasoning_effort": EFFORT,
             "store": Bool(description=ACCEPTED),
             "metadata": METADATA,
             "modalities": Arr(items=Enum(values=("text",)), max_items=1, description="text only"),
@@ -312,7 +372,9 @@ CHAT = Checked(
         },
         required=("model", "messages"),
     ),
-    then=_tools_agree(lambda tool: tool["function"], lambda choice: choice["function"]["name"]),
+    then=lambda body, path: _logprobs_asked(
+        _tools_agree(lambda tool: tool["function"], lambda choice: choice["function"]["name"])(body, path)
+    ),
 )
 
 COMPLETIONS = Obj(
@@ -332,6 +394,8 @@ COMPLETIONS = Obj(
         "stream": STREAM,
         "user": USER,
         **PENALTIES,
+        **EXTENSIONS,
+        "logit_bias": LOGIT_BIAS,
         "echo": Neutral(value=False, description=NOT_IMPLEMENTED),
         "best_of": Neutral(value=1, description=NOT_IMPLEMENTED),
     },
@@ -370,6 +434,12 @@ INPUT_PART = Tagged(
     },
 )
 INPUT_CONTENT = Either(options=(Str(max_length=TEXT), Arr(items=INPUT_PART, max_items=PARTS)))
+
+
+def _text_part(kind: str) -> Obj:
+    return Obj(fields={"type": Enum(values=(kind,)), "text": Str(max_length=TEXT)}, required=("type", "text"))
+
+
 ITEM_STATUS = Enum(values=("in_progress", "completed", "incomplete"))
 ITEM_ID = Str(max_length=NAME)
 INPUT_ITEM = Tagged(
@@ -402,11 +472,22 @@ INPUT_ITEM = Tagged(
             {"call_id": CALL_ID, "output": INPUT_CONTENT, "id": ITEM_ID, "status": ITEM_STATUS},
             ("call_id", "output"),
         ),
+        # an earlier turn's reasoning, sent back by clients that keep the conversation themselves
+        "reasoning": tagged_variant(
+            "type",
+            {
+                "id": ITEM_ID,
+                "summary": Arr(items=_text_part("summary_text"), max_items=PARTS),
+                "content": Arr(items=_text_part("reasoning_text"), max_items=PARTS),
+                "encrypted_content": Str(max_length=TEXT, description="accepted; allm never makes any"),
+                "status": ITEM_STATUS,
+            },
+            ("summary",),
+        ),
     },
     unsupported={
-        kind: "messages and function calls only"
+        kind: "messages, reasoning and function calls only"
         for kind in (
-            "reasoning",
             "item_reference",
             "file_search_call",
             "web_search_call",
@@ -492,7 +573,10 @@ RESPONSES = Checked(
             "max_output_tokens": TOKENS,
             "temperature": TEMPERATURE,
             "top_p": TOP_P,
-            # allm's own, as in Chat Completions (OpenAI's Responses API has neither)
+            **EXTENSIONS,
+            # allm's own, as in Chat Completions (OpenAI's Responses API has none of these)
+            **_penalties("allm: "),
+            "logit_bias": dataclasses.replace(LOGIT_BIAS, description="allm: " + LOGIT_BIAS.description),
             "seed": dataclasses.replace(SEED, description="allm: " + SEED.description),
             "stop": dataclasses.replace(STOP, description="allm: " + STOP.description),
             "text": Obj(
@@ -510,17 +594,40 @@ RESPONSES = Checked(
             "include": Arr(
                 items=Enum(values=INCLUDABLE),
                 max_items=len(INCLUDABLE),
-                description="accepted; output text always carries (empty) logprobs; there is nothing else",
+                description="message.output_text.logprobs: each output token's logprob, in the text "
+                "deltas and the output_text part; the others are accepted and have nothing to add",
             ),
             "truncation": Enum(values=("disabled",)),
             "stream": STREAM,
             "user": USER,
             "background": Neutral(value=False, description=NOT_IMPLEMENTED),
-            "top_logprobs": Neutral(value=0, description=NOT_IMPLEMENTED),
+            "top_logprobs": dataclasses.replace(
+                TOP_LOGPROBS,
+                description=TOP_LOGPROBS.description + "; with include message.output_text.logprobs",
+            ),
+            "reasoning": Obj(
+                fields={
+                    "effort": EFFORT,
+                    "summary": Enum(
+                        values=("auto", "concise", "detailed"),
+                        description="accepted; reasoning items carry the reasoning text itself",
+                    ),
+                }
+            ),
             "stream_options": Obj(fields={"include_obfuscation": Bool()}),
             **HABITS,
         },
         required=("model", "input"),
     ),
     then=_tools_agree(lambda tool: tool, lambda choice: choice["name"]),
+)
+
+#: GET /v1/responses/{id}/input_items: the query string, as OpenAI's list endpoints take it
+INPUT_ITEMS_QUERY = Obj(
+    fields={
+        "limit": Int(minimum=1, maximum=100, description="items per page (default 20)"),
+        "order": Enum(values=("asc", "desc"), description="desc (the default): the newest item first"),
+        "after": Str(max_length=NAME, description="an item id: the page starts after it"),
+        "include": Arr(items=Enum(values=INCLUDABLE), max_items=len(INCLUDABLE), description=ACCEPTED),
+    }
 )

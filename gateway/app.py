@@ -138,7 +138,11 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
         await supervisor.start()
         app.ctx.client = client
         app.ctx.supervisor = supervisor
-        app.ctx.store = ResponseStore(config.data_dir.expanduser() / "responses.sqlite3")
+        app.ctx.store = ResponseStore(
+            config.data_dir.expanduser() / "responses.sqlite3",
+            ttl_s=config.responses_ttl_s,
+            max_stored=config.responses_max_stored,
+        )
         log.info("managers: %s", ", ".join(s.name for s in specs) or "none")
 
     @app.after_server_stop

@@ -47,6 +47,8 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ]
         if msg.get("tool_call_id"):
             clean["tool_call_id"] = msg["tool_call_id"]
+        if msg.get("reasoning_content"):
+            clean["reasoning_content"] = msg["reasoning_content"]
         out.append(clean)
     return out
 
@@ -73,6 +75,12 @@ def tools_of(payload: dict[str, Any]) -> dict[str, Any]:
 def usage(data: dict[str, Any]) -> dict[str, int]:
     prompt, completion = data["usage"]["prompt_tokens"], data["usage"]["completion_tokens"]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_usage(data: dict[str, Any]) -> dict[str, Any]:
+    """Usage with the reasoning tokens counted apart (0 where the model does not reason)."""
+    reasoning = data["usage"].get("reasoning_tokens", 0)
+    return {**usage(data), "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def tool_calls(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,12 +120,19 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     model = model_for(config, payload, "text")
     params: dict[str, Any] = {
         "messages": chat_messages(payload["messages"]),
-        **sampling(payload, max_tokens_keys=("max_tokens", "max_completion_tokens")),
+        **sampling(payload, model, max_tokens_keys=("max_tokens", "max_completion_tokens")),
         **tools_of(payload),
     }
     fmt = response_format(payload.get("response_format"))
     if fmt is not None:
         params["response_format"] = fmt
+    asks_logprobs = bool(payload.get("logprobs"))
+    if asks_logprobs:
+        params["logprobs"] = True
+        params["top_logprobs"] = payload.get("top_logprobs", 0)
+    for key in ("parallel_tool_calls", "reasoning_effort"):
+        if key in payload:
+            params[key] = payload[key]
     created = int(time.time())
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if not payload.get("stream"):
@@ -126,9 +141,12 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         )
         data = result.data
         calls = tool_calls(data)
-        message: dict[str, Any] = {"role": "assistant", "content": data["text"] if not calls else None}
+        message: dict[str, Any] = {"role": "assistant", "content": data["text"] or (None if calls else "")}
+        if data.get("reasoning"):
+            message["reasoning_content"] = data["reasoning"]
         if calls:
             message["tool_calls"] = calls
+        logprobs = {"content": data.get("logprobs") or [], "refusal": None} if asks_logprobs else None
         return json_response(
             {
                 "id": cid,
@@ -136,46 +154,99 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                 "created": created,
                 "model": model.id,
                 "choices": [
-                    {"index": 0, "message": message, "finish_reason": data["finish_reason"], "logprobs": None}
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": data["finish_reason"],
+                        "logprobs": logprobs,
+                    }
                 ],
-                "usage": usage(data),
+                "usage": chat_usage(data),
                 "system_fingerprint": None,
             }
         )
 
-    include_usage = bool(payload.get("stream_options", {}).get("include_usage"))
-    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id}
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return sse(
-            {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        )
-
-    await _stream_text(
-        request,
-        client,
-        op="chat",
-        model_id=model.id,
-        params=params,
-        timeout_s=config.request_timeout_s,
-        first=chunk({"role": "assistant", "content": ""}),
-        delta=lambda text: chunk({"content": text}),
-        finish=lambda data: _chat_finish(data, chunk, base, include_usage),
+    deltas = ChatDeltas(
+        {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id},
+        logprobs=asks_logprobs,
+        include_usage=bool(payload.get("stream_options", {}).get("include_usage")),
     )
+    async with client.stream(
+        "text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s
+    ) as stream:
+        response, opening, pieces = await open_stream(request, stream)
+        head = deltas.chunk({"role": "assistant", "content": ""})
+        await response.send(head + (deltas.feed(opening.data) if opening is not None else ""))
+        try:
+            async for piece in pieces:
+                await response.send(deltas.feed(piece.data))
+        except AllmError as exc:
+            await stream_error(response, exc)
+        else:
+            assert stream.result is not None
+            await response.send(deltas.finish(stream.result.data))
+        await response.eof()
     return None
 
 
-def _chat_finish(
-    data: dict[str, Any], chunk: Callable[..., str], base: dict[str, Any], include_usage: bool
-) -> str:
-    out = ""
-    calls = tool_calls(data)
-    if calls:
-        out += chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-    out += chunk({}, data["finish_reason"])
-    if include_usage:
-        out += sse({**base, "choices": [], "usage": usage(data)})
-    return out + "data: [DONE]\n\n"
+class ChatDeltas:
+    """The manager's stream chunks as chat.completion.chunk lines: text, reasoning, calls as generated."""
+
+    def __init__(self, base: dict[str, Any], *, logprobs: bool, include_usage: bool) -> None:
+        self.base = base
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.announced: set[int] = set()  # calls whose first delta went out
+
+    def chunk(
+        self, delta: dict[str, Any], finish: str | None = None, logprobs: list[Any] | None = None
+    ) -> str:
+        shown = {"content": logprobs, "refusal": None} if logprobs is not None else None
+        return sse(
+            {
+                **self.base,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": shown}],
+            }
+        )
+
+    def feed(self, data: dict[str, Any]) -> str:
+        """One chunk's line: exactly one of text, reasoning, a call's start, a call's arguments."""
+        if "text" in data:
+            entries = (data.get("logprobs") or []) if self.logprobs else None
+            return self.chunk({"content": data["text"]}, logprobs=entries)
+        if "reasoning" in data:
+            return self.chunk({"reasoning_content": data["reasoning"]})
+        if "call" in data:
+            call = data["call"]
+            self.announced.add(call["index"])
+            return self.chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": call["index"],
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        if "arguments" in data:
+            return self.chunk(
+                {"tool_calls": [{"index": data["index"], "function": {"arguments": data["arguments"]}}]}
+            )
+        return ""
+
+    def finish(self, data: dict[str, Any]) -> str:
+        """Calls the stream never announced (in one delta each), the finish reason, usage, [DONE]."""
+        out = ""
+        for index, call in enumerate(tool_calls(data)):
+            if index not in self.announced:
+                out += self.chunk({"tool_calls": [{"index": index, **call}]})
+        out += self.chunk({}, data["finish_reason"])
+        if self.include_usage:
+            out += sse({**self.base, "choices": [], "usage": chat_usage(data)})
+        return out + "data: [DONE]\n\n"
 
 
 async def _stream_text(
@@ -213,7 +284,7 @@ async def completions(request: Request) -> HTTPResponse | None:
     prompt = payload["prompt"]
     if isinstance(prompt, list):
         [prompt] = prompt
-    params = {"prompt": prompt, **sampling(payload, max_tokens_keys=("max_tokens",))}
+    params = {"prompt": prompt, **sampling(payload, model, max_tokens_keys=("max_tokens",))}
     params.setdefault("max_tokens", 16)  # OpenAI's default for this API
     created = int(time.time())
     base = {

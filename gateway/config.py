@@ -33,6 +33,34 @@ MODALITY_SETTINGS = frozenset(
 )
 
 
+#: Sampling values a request leaves out, when its model's catalog entry gives none: llama.cpp's
+#: own server's defaults, so a model answers here as it does there.
+SAMPLING_DEFAULTS: Mapping[str, float] = {
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.05,
+    "repeat_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
+#: (lowest, highest) of each sampling value, in requests and in catalog defaults alike.
+#: top_k is a C int (0 turns it off); a repeat penalty of 0 would divide logits by zero.
+SAMPLING_BOUNDS: Mapping[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "top_k": (0, 2**31 - 1),
+    "min_p": (0.0, 1.0),
+    "repeat_penalty": (0.1, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+}
+#: The embedded SmolLM2's model card recommends these.
+DEFAULT_MODEL_SAMPLING: Mapping[str, float] = {"temperature": 0.2, "top_p": 0.9}
+RESPONSES_TTL_S = 30 * 24 * 3600.0
+RESPONSES_MAX_STORED = 10_000
+
+
 class ConfigError(ValueError):
     """A setting that stops start-up; the message names it."""
 
@@ -44,6 +72,12 @@ class ModelConfig:
     modality: str = "text"
     format: str | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: sampling values for requests that leave them out (before SAMPLING_DEFAULTS)
+    defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def sampling_default(self, key: str) -> float:
+        """The value of a sampling option a request leaves out: the model's, else allm's."""
+        return self.defaults.get(key, SAMPLING_DEFAULTS[key])
 
     def settings(self) -> dict[str, Any]:
         """What the manager is told about this model."""
@@ -75,6 +109,8 @@ class Config:
     heartbeat_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
     restart_cooldown_s: float = 300.0  # a manager failed by a crash loop is tried again after this
+    responses_ttl_s: float = RESPONSES_TTL_S  # a stored response is forgotten this long after it was made
+    responses_max_stored: int = RESPONSES_MAX_STORED  # past this many, the oldest are forgotten first
     modalities: Mapping[str, ModalityConfig] = dataclasses.field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
 
@@ -116,7 +152,7 @@ def _model(i: int, raw: Any, base: Path) -> ModelConfig:
     where = f"models[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - {"id", "path", "modality", "format", "options"}
+    unknown = set(raw) - {"id", "path", "modality", "format", "options", "defaults"}
     if unknown:
         raise ConfigError(f"{where} has unknown field(s) {sorted(unknown)}")
     for field in ("id", "path"):
@@ -135,7 +171,31 @@ def _model(i: int, raw: Any, base: Path) -> ModelConfig:
     path = Path(raw["path"]).expanduser()
     if not path.is_absolute():
         path = base / path
-    return ModelConfig(raw["id"], str(path), modality, fmt, options)
+    defaults = _sampling_defaults(where, raw.get("defaults", {}))
+    if defaults and modality != "text":
+        raise ConfigError(f"{where}: field 'defaults' holds sampling values, which only text models take")
+    return ModelConfig(raw["id"], str(path), modality, fmt, options, defaults)
+
+
+def _sampling_defaults(where: str, raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: field 'defaults' must be a table")
+    unknown = set(raw) - set(SAMPLING_BOUNDS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: field 'defaults' has unknown sampling value(s) {sorted(unknown)}; "
+            f"known: {sorted(SAMPLING_BOUNDS)}"
+        )
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        kind = int if key == "top_k" else float
+        lo, hi = SAMPLING_BOUNDS[key]
+        name = f"{where}: defaults.{key}"
+        _typed(name, value, kind, minimum=lo)
+        if value > hi:
+            raise ConfigError(f"setting {name} must be at most {hi:g}, got {value!r}")
+        out[key] = kind(value)
+    return out
 
 
 def load(
@@ -180,7 +240,12 @@ def load(
                 raise ConfigError(f"setting {key} must be {kind.__name__}, got {value!r}") from None
         return _typed(key, value, kind, minimum=minimum)
 
-    known = {f.name for f in dataclasses.fields(Config)} - {"modalities", "models"}
+    known = {f.name for f in dataclasses.fields(Config)} - {
+        "modalities",
+        "models",
+        "responses_ttl_s",
+        "responses_max_stored",
+    }
     unknown = set(server) - known
     if unknown:
         raise ConfigError(f"[server] has unknown setting(s) {sorted(unknown)}")
@@ -210,6 +275,19 @@ def load(
             values[key] = _str_tuple(key, server[key])
 
     modalities = {}
+    responses = doc.get("responses", {})
+    if not isinstance(responses, dict):
+        raise ConfigError("[responses] must be a table")
+    unknown = set(responses) - {"ttl_s", "max_stored"}
+    if unknown:
+        raise ConfigError(f"[responses] has unknown setting(s) {sorted(unknown)}")
+    if "ttl_s" in responses:
+        values["responses_ttl_s"] = _typed("responses.ttl_s", responses["ttl_s"], float, minimum=0.001)
+    if "max_stored" in responses:
+        values["responses_max_stored"] = _typed(
+            "responses.max_stored", responses["max_stored"], int, minimum=1
+        )
+
     for name in MANAGERS:
         raw = doc.get(name, {})
         if not isinstance(raw, dict):
@@ -247,5 +325,15 @@ def load(
     if not any(m.modality == "text" for m in models):
         default = default_model_path()
         if default is not None:
-            models.insert(0, ModelConfig(DEFAULT_MODEL_ID, str(default), "text", "gguf", {"n_ctx": 4096}))
+            models.insert(
+                0,
+                ModelConfig(
+                    DEFAULT_MODEL_ID,
+                    str(default),
+                    "text",
+                    "gguf",
+                    {"n_ctx": 4096},
+                    dict(DEFAULT_MODEL_SAMPLING),
+                ),
+            )
     return Config(**values, modalities=modalities, models=tuple(models))

@@ -26,7 +26,7 @@ from typing import Any
 
 from sanic import Request
 
-from gateway.config import Config, ModelConfig
+from gateway.config import SAMPLING_DEFAULTS, Config, ModelConfig
 from gateway.errors import ApiError, bad_field
 from gateway.spec import INT64_MAX, INT64_MIN
 
@@ -153,18 +153,28 @@ def model_for(config: Config, payload: Mapping[str, Any], modality: str) -> Mode
     return model
 
 
-def sampling(payload: Mapping[str, Any], *, max_tokens_keys: tuple[str, ...]) -> dict[str, Any]:
-    """The sampling options of a checked body, in the manager's names."""
+def sampling(
+    payload: Mapping[str, Any], model: ModelConfig, *, max_tokens_keys: tuple[str, ...]
+) -> dict[str, Any]:
+    """The sampling options of a checked body, in the manager's names, every one of them set.
+
+    A value the request leaves out comes from the model's catalog defaults, then from
+    allm's (``SAMPLING_DEFAULTS``): the engine is always told, so what a response echoes
+    is what was used.
+    """
     params: dict[str, Any] = {}
     for key in max_tokens_keys:
         if key in payload:
             params["max_tokens"] = payload[key]
-    for key in ("temperature", "top_p", "seed"):
-        if key in payload:
-            params[key] = payload[key]
+    for key in SAMPLING_DEFAULTS:
+        params[key] = payload[key] if key in payload else model.sampling_default(key)
+    if "seed" in payload:
+        params["seed"] = payload["seed"]
     stop = payload.get("stop")
     if stop is not None:
         params["stop"] = [stop] if isinstance(stop, str) else stop
+    if payload.get("logit_bias"):
+        params["logit_bias"] = payload["logit_bias"]
     return params
 
 

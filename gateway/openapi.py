@@ -16,7 +16,7 @@ from sanic import json as json_response
 
 from gateway import api_schema as api
 from gateway.config import Config
-from gateway.spec import Node, Schema
+from gateway.spec import Node, Obj, Schema
 
 bp = Blueprint("openapi")
 
@@ -76,6 +76,14 @@ TEXT_COMPLETION = _object(
     "text_completion", ["id", "created", "model", "choices", "usage"], id=STRING, model=STRING, choices=LIST
 )
 EMBEDDINGS = _object("list", ["data", "model", "usage"], data=LIST, model=STRING)
+ITEMS = _object(
+    "list",
+    ["data", "first_id", "last_id", "has_more"],
+    data=LIST,
+    first_id={"type": ["string", "null"]},
+    last_id={"type": ["string", "null"]},
+    has_more={"type": "boolean"},
+)
 DELETED = _object("response", ["id", "deleted"], id=STRING, deleted={"const": True})
 MODELS = _object("list", ["data"], data=LIST)
 STATUS = _object(None, ["status"], status=STRING)
@@ -89,6 +97,7 @@ class Route:
     summary: str
     ok: Schema
     body: Node | None = None
+    query: Obj | None = None
     streams: bool = False
     open: bool = False  # no API key needed
     other: dict[str, Schema] = dataclasses.field(default_factory=dict)  # more statuses and their bodies
@@ -98,6 +107,13 @@ ROUTES = (
     Route("post", "/v1/responses", "Create a response", RESPONSE, api.RESPONSES, streams=True),
     Route("get", "/v1/responses/{response_id}", "Retrieve a stored response", RESPONSE),
     Route("delete", "/v1/responses/{response_id}", "Delete a stored response", DELETED),
+    Route(
+        "get",
+        "/v1/responses/{response_id}/input_items",
+        "The input items of a stored response, earlier turns' included",
+        ITEMS,
+        query=api.INPUT_ITEMS_QUERY,
+    ),
     Route(
         "post", "/v1/chat/completions", "Create a chat completion", CHAT_COMPLETION, api.CHAT, streams=True
     ),
@@ -155,6 +171,11 @@ def _operation(route: Route, config: Config) -> Schema:
         op["parameters"] = [
             {"name": "response_id", "in": "path", "required": True, "schema": api.RESPONSE_ID.schema()}
         ]
+    if route.query is not None:
+        op.setdefault("parameters", []).extend(
+            {"name": name, "in": "query", "required": False, "schema": node.schema()}
+            for name, node in route.query.fields.items()
+        )
     if route.body is not None:
         body = route.body.schema()
         models = [m.id for m in config.models if m.modality == "text"]

@@ -337,6 +337,9 @@ class Map(Node):
                     f"the keys of '{path}' must be {self.keys.min_length} to {self.keys.max_length} "
                     f"characters long, got {len(key)}",
                 )
+            if self.keys.pattern is not None and re.fullmatch(self.keys.pattern, key) is None:
+                shown = key if len(key) <= 64 else key[:64] + "…"
+                raise bad_field(path, f"the keys of '{path}' must match {self.keys.pattern}, got {shown!r}")
         return {key: self.values.check(item, child(path, key)) for key, item in value.items()}
 
     def schema(self) -> Schema:

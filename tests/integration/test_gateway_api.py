@@ -522,10 +522,13 @@ def test_chat_stream_with_a_required_tool_sends_the_call_then_tool_calls_finish(
             stream=True,
         )
     )
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [c.function.name for c in calls] == ["get_weather"]
-    assert "city" in json.loads(calls[0].function.arguments)
-    assert calls[0].id.startswith("call_")
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    # a call's first delta names it; the rest (if it is streamed as generated) carry arguments
+    firsts = [d for d in deltas if d.id is not None]
+    assert [d.function.name for d in firsts] == ["get_weather"]
+    assert {d.index for d in deltas} == {0}
+    assert "city" in json.loads("".join(d.function.arguments or "" for d in deltas))
+    assert firsts[0].id.startswith("call_")
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "tool_calls"
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import DEFAULT_MODEL_ID, ConfigError, load
+from gateway.config import DEFAULT_MODEL_ID, SAMPLING_DEFAULTS, ConfigError, load
 
 
 def write(tmp_path, text):
@@ -65,6 +65,24 @@ def test_catalog_models_and_modality_options(tmp_path):
         ("[text]\nqueue = 4\n", "[text] has unknown setting(s) ['queue']"),
         ("[text]\nload_stall_s = 0\n", "setting text.load_stall_s must be at least 0.1"),
         ("not toml = = =", "not valid TOML"),
+        (
+            "[[models]]\nid = 'a'\npath = '/x'\ndefaults = { temperature = 0.2, mirostat = 2 }\n",
+            "model 'a': field 'defaults' has unknown sampling value(s) ['mirostat']",
+        ),
+        (
+            "[[models]]\nid = 'a'\npath = '/x'\ndefaults = { top_p = 1.5 }\n",
+            "defaults.top_p must be at most 1",
+        ),
+        ("[[models]]\nid = 'a'\npath = '/x'\ndefaults = { top_k = 2.5 }\n", "defaults.top_k must be int"),
+        (
+            "[[models]]\nid = 'a'\npath = '/x'\ndefaults = { min_p = -0.1 }\n",
+            "defaults.min_p must be at least 0",
+        ),
+        ("[[models]]\nid = 'a'\npath = '/x'\ndefaults = 0.2\n", "field 'defaults' must be a table"),
+        ("[responses]\nttl_s = 'long'\n", "setting responses.ttl_s must be float"),
+        ("[responses]\nmax_stored = 0\n", "setting responses.max_stored must be at least 1"),
+        ("[responses]\nkeep = 1\n", "[responses] has unknown setting(s) ['keep']"),
+        ("[server]\nresponses_ttl_s = 1\n", "[server] has unknown setting(s) ['responses_ttl_s']"),
     ],
 )
 def test_a_bad_catalog_stops_start_up_naming_the_entry_and_field(tmp_path, text, needle):
@@ -96,3 +114,39 @@ def test_the_memory_budget_is_the_hosts_shared_by_its_instances(tmp_path):
     assert {s.settings["memory_budget_bytes"] for s in specs} == {4096 * 1024 * 1024}
     assert {s.settings["load_stall_s"] for s in specs} == {20.0}
     assert {s.step_limit_s for s in specs} == {30.0}
+
+
+def test_sampling_defaults_come_from_the_catalog_then_from_allm(tmp_path):
+    path = write(
+        tmp_path,
+        '[[models]]\nid = "m"\npath = "/m.gguf"\ndefaults = { temperature = 0.2, top_k = 20 }\n'
+        '[[models]]\nid = "n"\npath = "/n.gguf"\n',
+    )
+    m, n = load(path, environ={}).models
+    assert dict(m.defaults) == {"temperature": 0.2, "top_k": 20}
+    assert (m.sampling_default("temperature"), m.sampling_default("top_k"), m.sampling_default("top_p")) == (
+        0.2,
+        20,
+        0.95,
+    )
+    assert {key: n.sampling_default(key) for key in SAMPLING_DEFAULTS} == {
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repeat_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+    }
+
+
+def test_the_embedded_model_samples_as_its_model_card_recommends():
+    [model] = load(environ={}).models
+    assert dict(model.defaults) == {"temperature": 0.2, "top_p": 0.9}
+
+
+def test_the_response_store_settings(tmp_path):
+    config = load(environ={})
+    assert (config.responses_ttl_s, config.responses_max_stored) == (30 * 24 * 3600, 10_000)
+    config = load(write(tmp_path, "[responses]\nttl_s = 60\nmax_stored = 5\n"), environ={})
+    assert (config.responses_ttl_s, config.responses_max_stored) == (60.0, 5)
