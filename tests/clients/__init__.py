@@ -1,0 +1,1 @@
+"""Real client libraries (Agents SDK, LangChain, instructor) against `allm serve`, from .venv-clients."""
