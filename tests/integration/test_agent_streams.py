@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.event_grammar import check_chat_chunks, check_response_events, plain
-from tests.model_files import smollm2_path
+from tests.model_files import smollm2_path, write_tiny_llama_gguf
 
 from .gateway_server import running_server
 
@@ -48,13 +48,14 @@ SCHEMA = {
 }
 CHOICES = ("auto", "none", "required", "named")
 FORMATS = ("text", "json_object", "json_schema")
-# TODO(issue 8): add the reasoning fixture model (a <think> or harmony GGUF the fixtures write)
-# here once the text manager emits {"reasoning": ...} chunks; every combination below then
-# also runs on it, and the grammar checker already follows reasoning items.
-STREAM_MODELS = (MODEL,)
+# A reasoning model: random weights under an R1-style template (Qwen2.5's tools, a prompt that
+# opens <think>), so every reply begins with a reasoning item and the grammar checker follows it.
+THINKER = "thinker"
+STREAM_MODELS = (MODEL, THINKER)
 
 
 def _config(tmp, extra: str = "") -> str:
+    thinker = write_tiny_llama_gguf(tmp / "thinker.gguf", "qwen-think")
     return f"""
 [server]
 data_dir = "{tmp / "data"}"
@@ -68,6 +69,11 @@ defaults = {{ temperature = {CATALOG["temperature"]}, top_p = {CATALOG["top_p"]}
 [[models]]
 id = "{PLAIN}"
 path = "{smollm2_path()}"
+
+[[models]]
+id = "{THINKER}"
+path = "{thinker}"
+options = {{ n_ctx = 2048 }}
 """
 
 
@@ -113,6 +119,9 @@ def test_responses_stream_helper_follows_the_event_grammar(sdk, model, choice, f
         events = list(stream)
     items = check_response_events(events)
     final = events[-1].response
+    if model == THINKER:  # its prompt opened <think>: the reply begins with reasoning
+        assert items[0]["type"] == "reasoning"
+        assert final.usage.output_tokens_details.reasoning_tokens > 0
     calls = [item for item in items if item["type"] == "function_call"]
     if choice == "none":
         assert not calls
