@@ -238,6 +238,7 @@ class OutputParser:
         events: list[Event] = []
         self.buffer += text
         self.fed += len(text)
+        self.unconsumed = ""  # a halt is for the piece that opened the section only
         while self.buffer:
             before = (self.state, len(self.buffer))
             self._step(events)

@@ -140,6 +140,13 @@ def test_halting_at_a_marker_leaves_the_rest_to_a_grammar():
     assert parser.feed('Hi <tool_call>\n{"na') == [Text("Hi ")]
     assert parser.section_start == 3
     assert parser.unconsumed == '\n{"na'
+    # the continuation under the grammar is read whole, however large its pieces
+    continuation = '\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert [*parser.feed(continuation), *parser.finish()] == [
+        CallStart("get_weather"),
+        Arguments('{"city": "Oslo"}'),
+        CallEnd(),
+    ]
 
 
 @pytest.mark.parametrize("family", [Family.HERMES, Family.LLAMA3, Family.MISTRAL, Family.GENERIC])
