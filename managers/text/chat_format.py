@@ -234,6 +234,10 @@ class OutputParser:
     def in_call_section(self) -> bool:
         return self.state in ("head", "args", "tail", "done")
 
+    @property
+    def in_reasoning(self) -> bool:
+        return self.state == "reasoning"
+
     def feed(self, text: str) -> list[Event]:
         events: list[Event] = []
         self.buffer += text
@@ -412,13 +416,18 @@ class HarmonyParser:
         self.buffer = ""
         self.kind = "text"
         self.calls = 0
-        self.section_start: int | None = None
+        self.section_start: int | None = None  # never set: harmony calls are not continued lazily
+        self.marker = ""
         self.unconsumed = ""
         self.fed = 0
 
     @property
     def in_call_section(self) -> bool:
         return self.kind == "call"
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.kind == "reasoning"
 
     def feed(self, text: str) -> list[Event]:
         events: list[Event] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from kernel.codes import UnsupportedError
@@ -354,14 +354,21 @@ def run_generation(
     return Reply(data)
 
 
+class ChatDetokenizer(Detokenizer, Protocol):
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an unfinished character are held back (no clean token boundary)."""
+        ...
+
+
 class TokenSource(Protocol):
     """What the chat loop needs of an engine that can continue under a grammar."""
 
-    def tokens(self, prompt: list[int], grammar: str | None) -> Iterator[int]:
+    def tokens(self, prompt: list[int], grammar: str | None) -> Generator[int, None, None]:
         """Generated tokens after ``prompt``, constrained by the GBNF ``grammar`` if given."""
         ...
 
-    def detokenizer(self, prompt: list[int]) -> Detokenizer: ...
+    def detokenizer(self, prompt: list[int]) -> ChatDetokenizer: ...
 
     def is_end(self, token: int) -> bool: ...
 
@@ -475,7 +482,7 @@ class _ChatLoop:
     def feed(self, token: int, piece: str, *, clean: bool) -> bool:
         """Take one token and its text; True when a stop sequence ended the reply."""
         parser = self.parser
-        in_reasoning = parser.state == "reasoning" or getattr(parser, "kind", "") == "reasoning"
+        in_reasoning = parser.in_reasoning
         if self.logprob_of is not None and not in_reasoning and not parser.in_call_section:
             self.pending.append(self.logprob_of(token))
         self.out.append(token)
@@ -541,7 +548,7 @@ def run_chat(
             if source.is_end(token):
                 finish = "stop"
                 break
-            if loop.feed(token, detok.feed(token), clean=not getattr(detok, "pending", False)):
+            if loop.feed(token, detok.feed(token), clean=not detok.pending):
                 finish = "stop"
                 break
             if loop.ended:
@@ -567,14 +574,12 @@ def run_chat(
             start = loop.parser.section_start
             assert start is not None
             assert plan.lazy is not None
-            grammar = plan.lazy(loop.rewind(start + len(getattr(loop.parser, "marker", ""))))
+            grammar = plan.lazy(loop.rewind(start + len(loop.parser.marker)))
         else:
             break
         constrained = True
         finish = "length"
-        close = getattr(tokens, "close", None)
-        if close is not None:
-            close()  # the old generation lets go of the engine before the new one starts
+        tokens.close()  # the old generation lets go of the engine before the new one starts
         tokens = source.tokens(prompt + loop.out, grammar)
         detok = source.detokenizer(prompt + loop.out)
     for event in loop.parser.finish():

@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
 
 from kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
@@ -38,9 +38,9 @@ from managers.text.chat_format import (
     thinks,
 )
 from managers.text.generation import (
+    ChatDetokenizer,
     ChatPlan,
     ChatRequest,
-    Detokenizer,
     chat_request,
     prompt_of,
     run_chat,
@@ -449,7 +449,9 @@ class LlamaEngine:
             ) from exc
         return None
 
-    def _tokens(self, prompt: list[int], sampling: Sampling, gbnf: str | None = None) -> Iterator[int]:
+    def _tokens(
+        self, prompt: list[int], sampling: Sampling, gbnf: str | None = None
+    ) -> Generator[int, None, None]:
         sampling.check_vocab(self.llm.n_vocab())
         grammar = self._grammar(sampling) if gbnf is None else self._compile(gbnf)
         if sampling.seed is not None:
@@ -560,10 +562,10 @@ class _LlamaSource:
         self.special = special
         self.vocab = engine.llm._model.vocab
 
-    def tokens(self, prompt: list[int], grammar: str | None) -> Iterator[int]:
+    def tokens(self, prompt: list[int], grammar: str | None) -> Generator[int, None, None]:
         return self.engine._tokens(prompt, self.sampling, grammar)
 
-    def detokenizer(self, prompt: list[int]) -> Detokenizer:
+    def detokenizer(self, prompt: list[int]) -> ChatDetokenizer:
         return _LlamaDetokenizer(self.engine.llm, prompt, special=self.special)
 
     def is_end(self, token: int) -> bool:
