@@ -164,6 +164,23 @@ def test_call_grammars_compile(family, extra):
     LlamaGrammar.from_string(call_grammar(family, [WEATHER["function"]], max_calls=3, **extra), verbose=False)
 
 
+TRAFFIC = [
+    {"role": "user", "content": "weather?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }
+        ],
+    },
+    {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+]
+
+
 def render(template, messages, tools=None):
     formatter = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
     extra = {"tools": tools.tools} if tools is not None else {}
@@ -171,25 +188,10 @@ def render(template, messages, tools=None):
 
 
 def test_qwen_template_gets_the_tools_calls_and_results_with_ids():
-    traffic = [
-        {"role": "user", "content": "weather?"},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                }
-            ],
-        },
-        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
-    ]
     tools = tool_spec([WEATHER], "auto")
     prompt = render(
         (TEMPLATES / "qwen2.5.jinja").read_text(),
-        template_messages(check_messages(traffic), Family.HERMES, tools),
+        template_messages(check_messages(TRAFFIC), Family.HERMES, tools),
         tools,
     )
     assert json.dumps(WEATHER) in prompt  # the template lists the tools itself
@@ -199,25 +201,10 @@ def test_qwen_template_gets_the_tools_calls_and_results_with_ids():
 
 
 def test_llama3_template_gets_the_tools_and_the_call():
-    traffic = [
-        {"role": "user", "content": "weather?"},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                }
-            ],
-        },
-        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
-    ]
     tools = tool_spec([WEATHER], "auto")
     prompt = render(
         (TEMPLATES / "llama3.1.jinja").read_text(),
-        template_messages(check_messages(traffic), Family.LLAMA3, tools),
+        template_messages(check_messages(TRAFFIC), Family.LLAMA3, tools),
         tools,
     )
     assert '"name": "get_weather"' in prompt
