@@ -29,9 +29,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from allm.gateway.config import default_model_path
 from bench.text import MESSAGES as PROMPT
 from bench.text import direct_run
-from gateway.config import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,8 +28,8 @@ import uvloop
 import zmq
 import zmq.asyncio
 
-from kernel.client import KernelClient
-from kernel.supervisor import ManagerSpec, Supervisor
+from allm.kernel.client import KernelClient
+from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = {"model": "m", "input": "x" * 150}

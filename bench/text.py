@@ -21,9 +21,9 @@ from pathlib import Path
 
 import uvloop
 
-from gateway.config import default_model_path
-from kernel.client import KernelClient
-from kernel.supervisor import ManagerSpec, Supervisor
+from allm.gateway.config import default_model_path
+from allm.kernel.client import KernelClient
+from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
@@ -70,7 +70,7 @@ async def run(args: argparse.Namespace) -> None:
     options = {"n_ctx": 2048, "n_threads": args.threads}
     spec = ManagerSpec(
         "text",
-        "managers.text.manager",
+        "allm.managers.text.manager",
         endpoint,
         settings={"models": [{"id": "smol", "path": str(path), "options": options}]},
     )
@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> None:
     kernel_ttft = statistics.median(r[0] for r in results["kernel"])
     kernel_rate = statistics.median(r[1] for r in results["kernel"])
     added_ms = 1000 * (kernel_ttft - base_ttft)
-    print(f"  kernel/direct: {kernel_rate / base_rate:.3f}× tokens/s, {added_ms:+.2f} ms TTFT")
+    print(f"  allm/kernel/direct: {kernel_rate / base_rate:.3f}× tokens/s, {added_ms:+.2f} ms TTFT")
     print(f"(python {sys.version.split()[0]}, {os.cpu_count()} cores)")
 
 

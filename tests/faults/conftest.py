@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel.client import KernelClient
-from kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
+from allm.kernel.client import KernelClient
+from allm.kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULT_MODULE = "tests.faults.fault_manager"

@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
-from kernel.codes import InternalError, UnsupportedError
-from kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.codes import InternalError, UnsupportedError
+from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
 
 
 class FaultManager:

@@ -11,8 +11,8 @@ import asyncio
 import signal
 import sys
 
-from kernel.client import KernelClient
-from kernel.supervisor import ManagerSpec, Supervisor
+from allm.kernel.client import KernelClient
+from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 MODULE = "tests.faults.fault_manager"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel.codes import AllmError, Code
-from kernel.supervisor import RestartPolicy
+from allm.kernel.codes import AllmError, Code
+from allm.kernel.supervisor import RestartPolicy
 
 from .conftest import Cluster, running_cluster
 

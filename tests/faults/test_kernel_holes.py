@@ -19,12 +19,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from kernel import protocol as p
-from kernel.client import KernelClient
-from kernel.codes import REASON_MANAGER_FAILED, AllmError, Code
-from kernel.runtime import ManagerInfo, Runtime
-from kernel.supervisor import RestartPolicy
-from kernel.transport import Router
+from allm.kernel import protocol as p
+from allm.kernel.client import KernelClient
+from allm.kernel.codes import REASON_MANAGER_FAILED, AllmError, Code
+from allm.kernel.runtime import ManagerInfo, Runtime
+from allm.kernel.supervisor import RestartPolicy
+from allm.kernel.transport import Router
 
 from .conftest import running_cluster
 from .fault_manager import FaultManager

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from kernel import runtime
-from kernel.codes import AllmError, Code
+from allm.kernel import runtime
+from allm.kernel.codes import AllmError, Code
 
 from .conftest import HEARTBEAT_TIMEOUT_S, ROOT, Cluster, process_gone, running_cluster
 
@@ -124,7 +124,7 @@ def test_a_manager_exits_when_its_lifeline_closes_without_prctl(tmp_path):
         [
             sys.executable,
             "-m",
-            "kernel.runtime",
+            "allm.kernel.runtime",
             "fault",
             "--module",
             "tests.faults.fault_manager",

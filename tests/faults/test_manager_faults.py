@@ -12,12 +12,12 @@ import signal
 
 import pytest
 
-from kernel.codes import (
+from allm.kernel.codes import (
     REASON_MANAGER_FAILED,
     AllmError,
     Code,
 )
-from kernel.supervisor import RestartPolicy
+from allm.kernel.supervisor import RestartPolicy
 
 from .conftest import Cluster, process_gone, running_cluster
 

@@ -9,8 +9,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from kernel import protocol as p
-from kernel.codes import Code
+from allm.kernel import protocol as p
+from allm.kernel.codes import Code
 
 from .conftest import Cluster
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from kernel.client import KernelClient
-from kernel.codes import REASON_QUEUE_FULL, REASON_SLOW_CONSUMER, AllmError, Code
+from allm.kernel.client import KernelClient
+from allm.kernel.codes import REASON_QUEUE_FULL, REASON_SLOW_CONSUMER, AllmError, Code
 
 from .conftest import Cluster, running_cluster
 

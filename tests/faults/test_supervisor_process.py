@@ -19,7 +19,7 @@ def test_ps_shows_which_manager_is_which(cluster: Cluster):
     for name, modality in (("fault#0", "fault"), ("other#0", "other")):
         proc = psutil.Process(cluster.pid(name))
         cmdline = proc.cmdline()
-        assert cmdline[1:4] == ["-m", "kernel.runtime", modality]
+        assert cmdline[1:4] == ["-m", "allm.kernel.runtime", modality]
         assert proc.name() == f"allm-{modality}-0"
 
 
@@ -72,7 +72,7 @@ def test_a_manager_busy_in_a_deaf_handler_still_exits_after_its_supervisor_is_ki
     """Nobody is left to escalate: the drain's own grace ends the manager."""
     import zmq
 
-    from kernel import protocol as p
+    from allm.kernel import protocol as p
 
     host, pids = _start_host(tmp_path)
     ctx = zmq.Context()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kernel.codes import Code
+from allm.kernel.codes import Code
 from tests.integration.gateway_server import Server, running_server
 from tests.model_files import smollm2_path
 

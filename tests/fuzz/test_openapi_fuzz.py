@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.openapi import ROUTES
+from allm.gateway.openapi import ROUTES
 from tests.unit.test_schema_compile import SUBSET, mutated
 
 from .edge import KEY, MODEL, check_answer, fuzz_server, serves, untouched

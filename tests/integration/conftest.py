@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from kernel.client import KernelClient
-from kernel.supervisor import ManagerSpec, Supervisor
+from allm.kernel.client import KernelClient
+from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,12 @@ async def text_manager(
     runtime_dir = Path(tempfile.mkdtemp(prefix="allm-x-"))
     endpoint = f"ipc://{runtime_dir}/text-0.sock"
     spec = ManagerSpec(
-        "text", "managers.text.manager", endpoint, settings=settings, queue_size=8, step_limit_s=step_limit_s
+        "text",
+        "allm.managers.text.manager",
+        endpoint,
+        settings=settings,
+        queue_size=8,
+        step_limit_s=step_limit_s,
     )
     client = KernelClient(
         {"text": [endpoint]}, heartbeat_timeout_s=heartbeat_timeout_s, hello_interval_s=heartbeat_interval_s

@@ -13,7 +13,7 @@ import json
 import pytest
 import pytest_asyncio
 
-from kernel.codes import AllmError, Code
+from allm.kernel.codes import AllmError, Code
 from tests.model_files import SAFETENSORS_ARCHITECTURES, write_hf_model
 
 from .conftest import text_manager

@@ -9,8 +9,8 @@ import math
 import pytest
 import pytest_asyncio
 
-from kernel.client import KernelClient
-from kernel.codes import AllmError, Code
+from allm.kernel.client import KernelClient
+from allm.kernel.codes import AllmError, Code
 from tests.model_files import smollm2_path, truncated_copy, with_bytes, write_gguf, write_tiny_llama_gguf
 
 from .conftest import text_manager

@@ -1,4 +1,4 @@
-"""Sampling options on real engines through the text manager (managers/text/sampling.py).
+"""Sampling options on real engines through the text manager (allm/managers/text/sampling.py).
 
 SmolLM2 runs on llama.cpp; a tiny random-weight llama directory runs on
 transformers + torch and on mlx-lm. Each option must change what greedy
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import pytest_asyncio
 
-from kernel.codes import AllmError, Code
+from allm.kernel.codes import AllmError, Code
 from tests.model_files import smollm2_path, write_hf_model
 
 from .conftest import text_manager

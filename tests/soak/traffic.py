@@ -35,8 +35,8 @@ from typing import Any
 import httpx2
 import openai
 
-from gateway.errors import REASONS, STATUS
-from kernel.codes import Code
+from allm.gateway.errors import REASONS, STATUS
+from allm.kernel.codes import Code
 
 MODEL = "smollm2-135m-instruct"
 SUCCESS, ERROR, CANCELLED, DISCONNECTED = "success", "error", "cancelled", "disconnected"
@@ -74,7 +74,7 @@ class Record:
 
 
 def expected_status(code: str) -> int | None:
-    """The HTTP status gateway/errors.py gives an error code; None for codes of the HTTP edge."""
+    """The HTTP status allm/gateway/errors.py gives an error code; None for codes of the HTTP edge."""
     if code in REASONS:
         return REASONS[code][0]
     try:
@@ -100,7 +100,7 @@ def error_problem(payload: Any, status: int | None) -> str | None:
         return f"error param is {err['param']!r}"
     expected = expected_status(err["code"])
     if status is not None and expected is not None and status != expected:
-        return f"code {err['code']} came with HTTP {status}, gateway/errors.py says {expected}"
+        return f"code {err['code']} came with HTTP {status}, allm/gateway/errors.py says {expected}"
     return None
 
 

@@ -9,7 +9,7 @@ import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from managers.text.chat_format import (
+from allm.managers.text.chat_format import (
     Arguments,
     CallEnd,
     CallStart,
@@ -22,7 +22,7 @@ from managers.text.chat_format import (
     family_of,
     thinks,
 )
-from managers.text.generation import check_messages, template_messages, tool_spec
+from allm.managers.text.generation import check_messages, template_messages, tool_spec
 
 TEMPLATES = Path(__file__).parents[1] / "fixtures" / "templates"
 WEATHER = {

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kernel import codes
-from kernel.codes import AllmError, Code, error_for
+from allm.kernel import codes
+from allm.kernel.codes import AllmError, Code, error_for
 
 DESIGN_TABLE = {
     0: "OK",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import api_schema as api
-from gateway.errors import ApiError
+from allm.gateway import api_schema as api
+from allm.gateway.errors import ApiError
 
 M = "smollm2-135m-instruct"
 USER = [{"role": "user", "content": "hi"}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import DEFAULT_MODEL_ID, SAMPLING_DEFAULTS, ConfigError, load
+from allm.gateway.config import DEFAULT_MODEL_ID, SAMPLING_DEFAULTS, ConfigError, load
 
 
 def write(tmp_path, text):
@@ -102,7 +102,7 @@ def test_a_missing_config_file_is_named(tmp_path):
 
 
 def test_the_memory_budget_is_the_hosts_shared_by_its_instances(tmp_path):
-    from gateway.app import manager_specs
+    from allm.gateway.app import manager_specs
 
     path = write(
         tmp_path,

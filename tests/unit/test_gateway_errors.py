@@ -6,8 +6,8 @@ import pytest
 from sanic.compat import Header
 from sanic.exceptions import BadRequest
 
-from gateway.errors import REASONS, STATUS, UNREAD, ApiError, EdgeRequest, describe
-from kernel.codes import Code, error_for
+from allm.gateway.errors import REASONS, STATUS, UNREAD, ApiError, EdgeRequest, describe
+from allm.kernel.codes import Code, error_for
 
 
 def test_every_error_code_has_a_row():

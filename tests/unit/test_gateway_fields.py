@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.errors import ApiError
-from gateway.fields import MAX_DEPTH, json_body, parse_json_text
+from allm.gateway.errors import ApiError
+from allm.gateway.fields import MAX_DEPTH, json_body, parse_json_text
 
 
 def refused(raw: bytes) -> ApiError:

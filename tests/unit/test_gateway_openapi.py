@@ -9,11 +9,11 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
-from gateway import api_schema as api
-from gateway import openapi
-from gateway.app import OPEN_PATHS, create_app
-from gateway.config import load
-from gateway.errors import ApiError
+from allm.gateway import api_schema as api
+from allm.gateway import openapi
+from allm.gateway.app import OPEN_PATHS, create_app
+from allm.gateway.config import load
+from allm.gateway.errors import ApiError
 
 from .test_gateway_api_schema import GOOD_CHAT, M
 

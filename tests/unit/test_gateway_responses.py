@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from gateway import api_schema
-from gateway.chat import ChatDeltas
-from gateway.config import ModelConfig
-from gateway.items import input_items, item_messages, output_items
-from gateway.responses import Events, Turn
+from allm.gateway import api_schema
+from allm.gateway.chat import ChatDeltas
+from allm.gateway.config import ModelConfig
+from allm.gateway.items import input_items, item_messages, output_items
+from allm.gateway.responses import Events, Turn
 from tests.event_grammar import check_chat_chunks, check_response_events
 
 MODEL = ModelConfig("m", "/m.gguf", defaults={"temperature": 0.2, "top_p": 0.9})

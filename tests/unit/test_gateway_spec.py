@@ -5,8 +5,21 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from gateway.errors import ApiError
-from gateway.spec import AnyJson, Arr, Bool, Either, Enum, Int, Map, Num, Obj, Str, Tagged, tagged_variant
+from allm.gateway.errors import ApiError
+from allm.gateway.spec import (
+    AnyJson,
+    Arr,
+    Bool,
+    Either,
+    Enum,
+    Int,
+    Map,
+    Num,
+    Obj,
+    Str,
+    Tagged,
+    tagged_variant,
+)
 
 BODY = Obj(
     fields={

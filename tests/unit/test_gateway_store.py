@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
-from gateway.store import ResponseStore
+from allm.gateway.store import ResponseStore
 
 
 class Clock:

@@ -3,8 +3,8 @@
 import msgpack
 import pytest
 
-from kernel import protocol as p
-from kernel.codes import Code
+from allm.kernel import protocol as p
+from allm.kernel.codes import Code
 
 MESSAGES = {
     "hello": p.Hello(client="c1"),

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from kernel.codes import AllmError, Code
-from managers.text.safetensors_engine import DirectoryInfo, check_directory, choose_backend, kv_cache_bytes_of
+from allm.kernel.codes import AllmError, Code
+from allm.managers.text.safetensors_engine import (
+    DirectoryInfo,
+    check_directory,
+    choose_backend,
+    kv_cache_bytes_of,
+)
 from tests.model_files import truncated_copy, write_hf_model
 
 
@@ -101,8 +106,8 @@ def test_backend_choice():
 
 
 def test_memory_estimate_widens_what_transformers_expands():
-    from managers.text.manager import widening
-    from managers.text.safetensors_engine import DirectoryInfo
+    from allm.managers.text.manager import widening
+    from allm.managers.text.safetensors_engine import DirectoryInfo
 
     def info(dtype: str, mxfp4: bool = False) -> DirectoryInfo:
         return DirectoryInfo(Path("/m"), "llama", {"torch_dtype": dtype}, 1000, mxfp4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import schemas
-from gateway.errors import ApiError
+from allm.gateway import schemas
+from allm.gateway.errors import ApiError
 
 from .grammar import compile_schema
 

@@ -1,4 +1,4 @@
-"""The property behind gateway/schemas.py: what the edge accepts compiles in llama.cpp, and nothing else."""
+"""The property behind allm/gateway/schemas.py: the edge accepts what compiles in llama.cpp, nothing else."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import schemas
-from gateway.errors import ApiError
+from allm.gateway import schemas
+from allm.gateway.errors import ApiError
 
 from .grammar import compile_schema
 

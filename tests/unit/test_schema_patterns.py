@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from gateway.errors import ApiError
-from gateway.patterns import check_pattern
+from allm.gateway.errors import ApiError
+from allm.gateway.patterns import check_pattern
 
 from .grammar import compile_schema
 

@@ -4,10 +4,16 @@ import signal
 
 import pytest
 
-from kernel.codes import Code
-from kernel.registry import MANAGERS, module_for
-from kernel.runtime import EXIT_RESTART, EXIT_STUCK
-from kernel.supervisor import KillReason, RestartPolicy, classify_exit, crash_history, next_restart_delay_s
+from allm.kernel.codes import Code
+from allm.kernel.registry import MANAGERS, module_for
+from allm.kernel.runtime import EXIT_RESTART, EXIT_STUCK
+from allm.kernel.supervisor import (
+    KillReason,
+    RestartPolicy,
+    classify_exit,
+    crash_history,
+    next_restart_delay_s,
+)
 
 POLICY = RestartPolicy(backoff_initial_s=0.5, backoff_max_s=4.0, crash_window_s=60.0, max_crashes=5)
 

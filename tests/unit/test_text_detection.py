@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from kernel.codes import AllmError, Code
-from managers.text.detect import Format, detect
-from managers.text.gguf_header import read_header
+from allm.kernel.codes import AllmError, Code
+from allm.managers.text.detect import Format, detect
+from allm.managers.text.gguf_header import read_header
 from tests.model_files import smollm2_path, truncated_copy, with_bytes, write_gguf
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kernel.codes import AllmError, Code
-from managers.text.chat_format import Family
-from managers.text.generation import (
+from allm.kernel.codes import AllmError, Code
+from allm.managers.text.chat_format import Family
+from allm.managers.text.generation import (
     Sampling,
     StopMatcher,
     check_messages,

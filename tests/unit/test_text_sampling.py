@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kernel.codes import UnsupportedError
-from managers.text.sampling import (
+from allm.kernel.codes import UnsupportedError
+from allm.managers.text.sampling import (
     PENALTY_LAST_N,
     Sampling,
     TokenPicker,

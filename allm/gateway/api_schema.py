@@ -1,0 +1,633 @@
+"""Every request body and path parameter of the HTTP API, as data: checked at the edge, published as OpenAPI.
+
+The handlers check a body with ``CHAT.check(payload, "")`` (and so on), and
+allm/gateway/openapi.py renders the same definitions as the OpenAPI 3.1 document
+GET /openapi.json serves: what is published is what is enforced. What a type
+cannot say (tool-call arguments are JSON text, a JSON Schema compiles, a
+forced tool exists) is a ``Checked`` step beside the type, named in its description.
+
+Why each bound exists:
+
+- ``MAX_TOKENS``: a C ``int`` in llama.cpp; anything larger is a client bug.
+- ``SEED``: int64, what every engine's seed takes (torch's and llama.cpp's, masked).
+- ``TEXT``: 4 Mi characters per string; more than any context this server runs holds.
+- ``STOP``: 4 strings (OpenAI's limit) of at most 256 characters: stop matching
+  runs on every token and costs the square of a stop string's length.
+- ``MESSAGES`` (2048), ``TOOLS`` (128, OpenAI's), ``PARTS`` (256), ``CALLS`` (128):
+  the gateway walks these lists per request; bounds keep that walk small.
+- names and ids: OpenAI's function-name rule; response ids are ours
+  (``resp_<hex>``) so anything path-like (``../``, ``%00``) is refused early.
+- sampling values: ``gateway.config.SAMPLING_BOUNDS``, shared with the catalog's
+  per-model ``defaults``; ``logit_bias`` as OpenAI bounds it (300 tokens, ±100);
+  ``top_logprobs`` 0 to 20 (OpenAI's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+from allm.gateway import schemas
+from allm.gateway.config import SAMPLING_BOUNDS, SAMPLING_DEFAULTS
+from allm.gateway.errors import bad_field
+from allm.gateway.fields import parse_json_text
+from allm.gateway.spec import (
+    INT64_MAX,
+    INT64_MIN,
+    AnyJson,
+    Arr,
+    Bool,
+    Checked,
+    Either,
+    Enum,
+    Int,
+    Map,
+    Neutral,
+    Node,
+    Num,
+    Obj,
+    Str,
+    Tagged,
+    tagged_variant,
+)
+
+TEXT = 4 * 1024 * 1024
+MAX_TOKENS = 2**31 - 1
+MESSAGES = 2048
+TOOLS = 128
+PARTS = 256
+CALLS = 128
+NAME = 256
+DESCRIPTION = 8192
+FUNCTION_NAME = r"[a-zA-Z0-9_-]{1,64}"
+RESPONSE_ID = Str(
+    min_length=1, max_length=128, pattern=r"[A-Za-z0-9_-]+", description="a stored response's id"
+)
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+MODEL = Str(min_length=1, max_length=NAME, description="a model id from GET /v1/models")
+SEED = Int(minimum=INT64_MIN, maximum=INT64_MAX, description="the same seed reproduces the same text")
+TOKENS = Int(minimum=1, maximum=MAX_TOKENS, description="the most tokens to generate")
+STOP = Either(
+    options=(
+        Str(max_length=256),
+        Arr(items=Str(max_length=256), max_items=4),
+    ),
+    description="up to 4 sequences where generation stops; they are not part of the text",
+)
+STREAM = Bool(description="answer with server-sent events")
+USER = Str(max_length=NAME, description="accepted for compatibility; not used")
+PARALLEL = Bool(description="false: at most one tool call per turn (default true)")
+NOT_IMPLEMENTED = "not implemented: accepted at its neutral value only"
+
+
+def _sampling(key: str, description: str) -> Node:
+    lo, hi = SAMPLING_BOUNDS[key]
+    default = SAMPLING_DEFAULTS[key]
+    text = f"{description}; default: the model's catalog default, else {default:g}"
+    if key == "top_k":
+        return Int(minimum=int(lo), maximum=int(hi), description=text)
+    return Num(minimum=lo, maximum=hi, description=text)
+
+
+TEMPERATURE = _sampling("temperature", "sampling temperature; 0 decodes greedily")
+TOP_P = _sampling("top_p", "nucleus sampling mass")
+
+
+def _penalties(prefix: str = "") -> dict[str, Node]:
+    return {
+        "frequency_penalty": _sampling(
+            "frequency_penalty", prefix + "subtracted from a token's logit once per time it was generated"
+        ),
+        "presence_penalty": _sampling(
+            "presence_penalty", prefix + "subtracted from a token's logit if it was generated"
+        ),
+    }
+
+
+PENALTIES = _penalties()
+#: allm's own sampling options, llama.cpp's names and meanings, on every text API
+EXTENSIONS = {
+    "top_k": _sampling("top_k", "allm: sample among the k most likely tokens; 0 turns it off"),
+    "min_p": _sampling("min_p", "allm: drop tokens less likely than min_p times the most likely one"),
+    "repeat_penalty": _sampling(
+        "repeat_penalty", "allm: llama.cpp's penalty on tokens that appeared recently; 1 turns it off"
+    ),
+}
+LOGIT_BIAS = Map(
+    values=Num(minimum=-100, maximum=100),
+    keys=Str(min_length=1, max_length=10, pattern=r"[0-9]+"),
+    max_properties=300,
+    description="token id (as a string) → a bias added to its logit; -100 bans it, 100 forces it",
+)
+TOP_LOGPROBS = Int(minimum=0, maximum=20, description="alternatives returned per token, with their logprobs")
+#: a reasoning effort, passed on as reasoning_effort to chat templates that take one
+EFFORT = Enum(
+    values=("low", "medium", "high"),
+    description="how much a reasoning model thinks, for chat templates that take it; others ignore it",
+)
+ACCEPTED = "accepted for compatibility; not used"
+# OpenAI options that clients (the SDKs, LangChain, the Agents SDK) send as a matter of
+# course and that change nothing a local server answers: accepted, so they keep working.
+HABITS = {
+    "service_tier": Enum(values=("auto", "default", "flex", "scale", "priority"), description=ACCEPTED),
+    "prompt_cache_key": Str(max_length=NAME, description=ACCEPTED),
+    "safety_identifier": Str(max_length=NAME, description=ACCEPTED),
+}
+METADATA = Map(values=Str(max_length=512), keys=Str(min_length=1, max_length=64), max_properties=16)
+
+
+def _json_text(value: str, path: str) -> str:
+    """Tool-call arguments are JSON text: the engine parses them to show the model its calls."""
+    if value.strip():
+        parse_json_text(value, path)
+    return value
+
+
+def _has_text(value: str, path: str) -> str:
+    """Text the engine tokenizes as it is: control characters alone may become no token at all.
+
+    SmolLM2's tokenizer drops \\x04, \\x06, \\x13, \\x14, \\x16 and \\x1d; llama.cpp then
+    gets an empty batch: an assert (INTERNAL) for a completion, a failed decode and
+    a corrupted heap for an embedding. (Chat templates always add tokens of their own.)
+    """
+    if all(unicodedata.category(c) == "Cc" and not c.isspace() for c in value):
+        raise bad_field(path, f"'{path}' holds no text, only control characters")
+    return value
+
+
+#: a completion prompt or an embedding input: text of its own, as it reaches the tokenizer
+RAW_TEXT = Checked(
+    node=Str(min_length=1, max_length=TEXT), then=_has_text, description="not only control characters"
+)
+
+
+def _schema(allow_refs: bool) -> Checked:
+    def check(value: Any, path: str) -> Any:
+        schemas.check(value, path, allow_refs=allow_refs)
+        return value
+
+    return Checked(
+        node=Map(values=AnyJson(), keys=Str(max_length=NAME), max_properties=64),
+        then=check,
+        description="a JSON Schema in the subset llama.cpp's grammar converter compiles safely",
+    )
+
+
+RESPONSE_SCHEMA = _schema(allow_refs=True)
+PARAMETERS_SCHEMA = _schema(allow_refs=False)
+ARGUMENTS = Checked(node=Str(max_length=TEXT), then=_json_text, description="JSON text")
+FUNCTION = Str(max_length=64, pattern=FUNCTION_NAME)
+CALL_ID = Str(min_length=1, max_length=NAME)
+
+
+def _function() -> dict[str, Node]:
+    return {
+        "name": FUNCTION,
+        "description": Str(max_length=DESCRIPTION),
+        "parameters": PARAMETERS_SCHEMA,
+        "strict": Bool(),
+    }
+
+
+Body = dict[str, Any]
+
+
+def _tools_agree(
+    function_of: Callable[[Body], Body], forced_of: Callable[[Body], str]
+) -> Callable[[Body, str], Body]:
+    """A body-level check: tool names are distinct, a forced function is one of them, grammars stay small."""
+
+    def names_of(tool: Body) -> str:
+        name: str = function_of(tool)["name"]
+        return name
+
+    def parameters_of(tool: Body) -> Body | None:
+        return function_of(tool).get("parameters")
+
+    def check(body: Body, path: str) -> Body:
+        names: list[str] = []
+        repeats = 0
+        for i, tool in enumerate(body.get("tools", ())):
+            name = names_of(tool)
+            if name in names:
+                raise bad_field(f"tools[{i}]", f"two tools are named {name!r}")
+            names.append(name)
+            # The engine compiles all tools' parameters into one grammar: one budget for all.
+            parameters = parameters_of(tool)
+            if parameters is not None:
+                repeats += schemas.check(parameters, f"tools[{i}].parameters", allow_refs=False)
+            if repeats > schemas.MAX_REPEAT_TOTAL:
+                raise bad_field(
+                    f"tools[{i}].parameters",
+                    f"the tools' parameters repeat more than {schemas.MAX_REPEAT_TOTAL} items in all",
+                )
+        choice = body.get("tool_choice")
+        if (isinstance(choice, dict) or choice == "required") and not names:
+            raise bad_field("tool_choice", "tool_choice requires tools")
+        if isinstance(choice, dict) and forced_of(choice) not in names:
+            raise bad_field(
+                "tool_choice", f"tool_choice names {forced_of(choice)!r}, which is not among the tools"
+            )
+        return body
+
+    return check
+
+
+def _logprobs_asked(body: Body) -> Body:
+    """top_logprobs without logprobs is a client's mistake, as OpenAI says it is."""
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise bad_field("top_logprobs", "top_logprobs needs logprobs: true")
+    return body
+
+
+# -- Chat Completions -----------------------------------------------------------------------
+
+CHAT_PART = Tagged(
+    tag="type",
+    variants={"text": tagged_variant("type", {"text": Str(max_length=TEXT)}, ("text",))},
+    unsupported={
+        "image_url": "text only",
+        "input_audio": "text only",
+        "file": "text only",
+        "refusal": "text only",
+    },
+)
+CHAT_CONTENT = Either(options=(Str(max_length=TEXT), Arr(items=CHAT_PART, max_items=PARTS)))
+TOOL_CALL = Obj(
+    fields={
+        "id": CALL_ID,
+        "type": Enum(values=("function",)),
+        "function": Obj(fields={"name": FUNCTION, "arguments": ARGUMENTS}, required=("name", "arguments")),
+    },
+    required=("id", "type", "function"),
+)
+NAMED = {"name": Str(max_length=NAME)}
+CHAT_MESSAGE = Tagged(
+    tag="role",
+    param_at_tag=True,
+    variants={
+        **{
+            role: tagged_variant("role", {"content": CHAT_CONTENT, **NAMED}, ("content",))
+            for role in ("system", "developer", "user")
+        },
+        # content may be left out (or null) when the assistant called tools instead
+        "assistant": tagged_variant(
+            "role",
+            {
+                "content": CHAT_CONTENT,
+                **NAMED,
+                "tool_calls": Arr(items=TOOL_CALL, max_items=CALLS),
+                "refusal": Str(max_length=TEXT),
+                "annotations": Arr(items=AnyJson(), max_items=PARTS),
+                "reasoning_content": Str(
+                    max_length=TEXT, description="allm: the reasoning of an earlier reasoning-model turn"
+                ),
+            },
+        ),
+        "tool": tagged_variant(
+            "role", {"content": CHAT_CONTENT, "tool_call_id": CALL_ID}, ("content", "tool_call_id")
+        ),
+    },
+)
+CHAT_TOOL = Tagged(
+    tag="type",
+    variants={
+        "function": tagged_variant(
+            "type", {"function": Obj(fields=_function(), required=("name",))}, ("function",)
+        )
+    },
+    unsupported={"custom": "only function tools are supported"},
+)
+CHAT_TOOL_CHOICE = Either(
+    options=(
+        Enum(values=("none", "auto", "required")),
+        Tagged(
+            tag="type",
+            variants={
+                "function": tagged_variant(
+                    "type", {"function": Obj(fields={"name": FUNCTION}, required=("name",))}, ("function",)
+                )
+            },
+            unsupported={"allowed_tools": "name one function", "custom": "only function tools are supported"},
+        ),
+    )
+)
+RESPONSE_FORMAT = Tagged(
+    tag="type",
+    variants={
+        "text": tagged_variant("type", {}),
+        "json_object": tagged_variant("type", {}),
+        "json_schema": tagged_variant(
+            "type",
+            {
+                "json_schema": Obj(
+                    fields={
+                        "name": FUNCTION,
+                        "description": Str(max_length=DESCRIPTION),
+                        "schema": RESPONSE_SCHEMA,
+                        "strict": Bool(),
+                    },
+                    required=("name", "schema"),
+                )
+            },
+            ("json_schema",),
+        ),
+    },
+)
+CHAT = Checked(
+    node=Obj(
+        fields={
+            "model": MODEL,
+            "messages": Arr(items=CHAT_MESSAGE, min_items=1, max_items=MESSAGES),
+            "max_tokens": TOKENS,
+            "max_completion_tokens": TOKENS,
+            "temperature": TEMPERATURE,
+            "top_p": TOP_P,
+            "seed": SEED,
+            "stop": STOP,
+            "n": Int(minimum=1, maximum=1, description="only one choice is generated"),
+            "stream": STREAM,
+            "stream_options": Obj(fields={"include_usage": Bool(), "include_obfuscation": Bool()}),
+            "response_format": RESPONSE_FORMAT,
+            "tools": Arr(items=CHAT_TOOL, max_items=TOOLS),
+            "tool_choice": CHAT_TOOL_CHOICE,
+            "parallel_tool_calls": PARALLEL,
+            "user": USER,
+            **PENALTIES,
+            **EXTENSIONS,
+            "logit_bias": LOGIT_BIAS,
+            "logprobs": Bool(description="return each output token's logprob"),
+            "top_logprobs": dataclasses.replace(
+                TOP_LOGPROBS, description=TOP_LOGPROBS.description + "; needs logprobs"
+            ),
+            "reasoning_effort": EFFORT,
+            "store": Bool(description=ACCEPTED),
+            "metadata": METADATA,
+            "modalities": Arr(items=Enum(values=("text",)), max_items=1, description="text only"),
+            **HABITS,
+        },
+        required=("model", "messages"),
+    ),
+    then=lambda body, path: _logprobs_asked(
+        _tools_agree(lambda tool: tool["function"], lambda choice: choice["function"]["name"])(body, path)
+    ),
+)
+
+COMPLETIONS = Obj(
+    fields={
+        "model": MODEL,
+        "prompt": Either(
+            # an empty prompt trips an assert in llama-cpp-python's generate (an INTERNAL error)
+            options=(RAW_TEXT, Arr(items=RAW_TEXT, min_items=1, max_items=1)),
+            description="one prompt: a non-empty string, or a list holding one",
+        ),
+        "max_tokens": TOKENS,
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "seed": SEED,
+        "stop": STOP,
+        "n": Int(minimum=1, maximum=1, description="only one choice is generated"),
+        "stream": STREAM,
+        "user": USER,
+        **PENALTIES,
+        **EXTENSIONS,
+        "logit_bias": LOGIT_BIAS,
+        "echo": Neutral(value=False, description=NOT_IMPLEMENTED),
+        "best_of": Neutral(value=1, description=NOT_IMPLEMENTED),
+    },
+    required=("model", "prompt"),
+)
+
+EMBEDDINGS = Obj(
+    fields={
+        "model": MODEL,
+        "input": Either(
+            options=(RAW_TEXT, Arr(items=RAW_TEXT, min_items=1, max_items=2048)),
+        ),
+        "encoding_format": Enum(values=("float", "base64")),
+        "user": USER,
+    },
+    required=("model", "input"),
+)
+
+# -- Responses --------------------------------------------------------------------------------
+
+ANNOTATED = {
+    "annotations": Arr(items=AnyJson(), max_items=PARTS),
+    "logprobs": Arr(items=AnyJson(), max_items=65536),
+}
+INPUT_PART = Tagged(
+    tag="type",
+    variants={
+        "input_text": tagged_variant("type", {"text": Str(max_length=TEXT)}, ("text",)),
+        "output_text": tagged_variant("type", {"text": Str(max_length=TEXT), **ANNOTATED}, ("text",)),
+    },
+    unsupported={
+        "input_image": "text only",
+        "input_file": "text only",
+        "input_audio": "text only",
+        "refusal": "text only",
+    },
+)
+INPUT_CONTENT = Either(options=(Str(max_length=TEXT), Arr(items=INPUT_PART, max_items=PARTS)))
+
+
+def _text_part(kind: str) -> Obj:
+    return Obj(fields={"type": Enum(values=(kind,)), "text": Str(max_length=TEXT)}, required=("type", "text"))
+
+
+ITEM_STATUS = Enum(values=("in_progress", "completed", "incomplete"))
+ITEM_ID = Str(max_length=NAME)
+INPUT_ITEM = Tagged(
+    tag="type",
+    default="message",
+    variants={
+        "message": tagged_variant(
+            "type",
+            {
+                "role": Enum(values=("system", "developer", "user", "assistant")),
+                "content": INPUT_CONTENT,
+                "id": ITEM_ID,
+                "status": ITEM_STATUS,
+            },
+            ("role", "content"),
+        ),
+        "function_call": tagged_variant(
+            "type",
+            {
+                "call_id": CALL_ID,
+                "name": FUNCTION,
+                "arguments": ARGUMENTS,
+                "id": ITEM_ID,
+                "status": ITEM_STATUS,
+            },
+            ("call_id", "name", "arguments"),
+        ),
+        "function_call_output": tagged_variant(
+            "type",
+            {"call_id": CALL_ID, "output": INPUT_CONTENT, "id": ITEM_ID, "status": ITEM_STATUS},
+            ("call_id", "output"),
+        ),
+        # an earlier turn's reasoning, sent back by clients that keep the conversation themselves
+        "reasoning": tagged_variant(
+            "type",
+            {
+                "id": ITEM_ID,
+                "summary": Arr(items=_text_part("summary_text"), max_items=PARTS),
+                "content": Arr(items=_text_part("reasoning_text"), max_items=PARTS),
+                "encrypted_content": Str(max_length=TEXT, description="accepted; allm never makes any"),
+                "status": ITEM_STATUS,
+            },
+            ("summary",),
+        ),
+    },
+    unsupported={
+        kind: "messages, reasoning and function calls only"
+        for kind in (
+            "item_reference",
+            "file_search_call",
+            "web_search_call",
+            "computer_call",
+            "computer_call_output",
+            "image_generation_call",
+            "code_interpreter_call",
+            "local_shell_call",
+            "local_shell_call_output",
+            "mcp_call",
+            "mcp_list_tools",
+            "mcp_approval_request",
+            "mcp_approval_response",
+            "custom_tool_call",
+            "custom_tool_call_output",
+        )
+    },
+)
+HOSTED_TOOLS = (
+    "file_search",
+    "web_search",
+    "web_search_preview",
+    "computer_use_preview",
+    "code_interpreter",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "custom",
+)
+RESPONSE_TOOL = Tagged(
+    tag="type",
+    variants={"function": tagged_variant("type", _function(), ("name",))},
+    unsupported={kind: "only function tools are supported" for kind in HOSTED_TOOLS},
+)
+RESPONSE_TOOL_CHOICE = Either(
+    options=(
+        Enum(values=("none", "auto", "required")),
+        Tagged(
+            tag="type",
+            variants={"function": tagged_variant("type", {"name": FUNCTION}, ("name",))},
+            unsupported={
+                "allowed_tools": "name one function",
+                **{kind: "only function tools are supported" for kind in HOSTED_TOOLS},
+            },
+        ),
+    )
+)
+TEXT_FORMAT = Tagged(
+    tag="type",
+    variants={
+        "text": tagged_variant("type", {}),
+        "json_object": tagged_variant("type", {}),
+        "json_schema": tagged_variant(
+            "type",
+            {
+                "name": FUNCTION,
+                "description": Str(max_length=DESCRIPTION),
+                "schema": RESPONSE_SCHEMA,
+                "strict": Bool(),
+            },
+            ("schema",),
+        ),
+    },
+)
+INCLUDABLE = (
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+)
+RESPONSES = Checked(
+    node=Obj(
+        fields={
+            "model": MODEL,
+            "input": Either(
+                options=(Str(max_length=TEXT), Arr(items=INPUT_ITEM, min_items=1, max_items=MESSAGES))
+            ),
+            "instructions": Str(max_length=TEXT),
+            "max_output_tokens": TOKENS,
+            "temperature": TEMPERATURE,
+            "top_p": TOP_P,
+            **EXTENSIONS,
+            # allm's own, as in Chat Completions (OpenAI's Responses API has none of these)
+            **_penalties("allm: "),
+            "logit_bias": dataclasses.replace(LOGIT_BIAS, description="allm: " + LOGIT_BIAS.description),
+            "seed": dataclasses.replace(SEED, description="allm: " + SEED.description),
+            "stop": dataclasses.replace(STOP, description="allm: " + STOP.description),
+            "text": Obj(
+                fields={
+                    "format": TEXT_FORMAT,
+                    "verbosity": Enum(values=("low", "medium", "high"), description="accepted; not used"),
+                }
+            ),
+            "tools": Arr(items=RESPONSE_TOOL, max_items=TOOLS),
+            "tool_choice": RESPONSE_TOOL_CHOICE,
+            "parallel_tool_calls": PARALLEL,
+            "metadata": METADATA,
+            "store": Bool(description="keep the response for GET and previous_response_id (default true)"),
+            "previous_response_id": RESPONSE_ID,
+            "include": Arr(
+                items=Enum(values=INCLUDABLE),
+                max_items=len(INCLUDABLE),
+                description="message.output_text.logprobs: each output token's logprob, in the text "
+                "deltas and the output_text part; the others are accepted and have nothing to add",
+            ),
+            "truncation": Enum(values=("disabled",)),
+            "stream": STREAM,
+            "user": USER,
+            "background": Neutral(value=False, description=NOT_IMPLEMENTED),
+            "top_logprobs": dataclasses.replace(
+                TOP_LOGPROBS,
+                description=TOP_LOGPROBS.description + "; with include message.output_text.logprobs",
+            ),
+            "reasoning": Obj(
+                fields={
+                    "effort": EFFORT,
+                    "summary": Enum(
+                        values=("auto", "concise", "detailed"),
+                        description="accepted; reasoning items carry the reasoning text itself",
+                    ),
+                }
+            ),
+            "stream_options": Obj(fields={"include_obfuscation": Bool()}),
+            **HABITS,
+        },
+        required=("model", "input"),
+    ),
+    then=_tools_agree(lambda tool: tool, lambda choice: choice["name"]),
+)
+
+#: GET /v1/responses/{id}/input_items: the query string, as OpenAI's list endpoints take it
+INPUT_ITEMS_QUERY = Obj(
+    fields={
+        "limit": Int(minimum=1, maximum=100, description="items per page (default 20)"),
+        "order": Enum(values=("asc", "desc"), description="desc (the default): the newest item first"),
+        "after": Str(max_length=NAME, description="an item id: the page starts after it"),
+        "include": Arr(items=Enum(values=INCLUDABLE), max_items=len(INCLUDABLE), description=ACCEPTED),
+    }
+)

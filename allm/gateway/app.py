@@ -1,0 +1,156 @@
+"""create_app(config): the Sanic app, its routes, auth, CORS, and the kernel's lifecycle.
+
+In ``allm serve`` the supervisor and the kernel client run in the gateway's
+event loop: the supervisor starts one subprocess per manager instance and
+tells the client of every death, so requests in flight end with its code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sanic import HTTPResponse, Request, Sanic
+from sanic.response import BaseHTTPResponse, empty
+
+from allm.gateway import chat, errors, openapi, ops, responses
+from allm.gateway.config import Config
+from allm.gateway.errors import ApiError
+from allm.gateway.store import ResponseStore
+from allm.kernel.client import KernelClient
+from allm.kernel.registry import MANAGERS
+from allm.kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
+
+log = logging.getLogger("allm.gateway")
+
+OPEN_PATHS = frozenset({"/health", "/ready"}) | openapi.OPEN_PATHS
+
+
+def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
+    """One spec per manager instance of every modality that has models."""
+    specs = []
+    for modality, module in MANAGERS.items():
+        models = [m.settings() for m in config.models if m.modality == modality]
+        if not models:
+            continue
+        options = config.modality(modality)
+        budget = options.memory_budget_bytes
+        settings = {
+            "models": models,
+            # The budget is the host's: its instances share it.
+            "memory_budget_bytes": None if budget is None else budget // options.instances,
+            "idle_unload_s": options.idle_unload_s,
+            "load_stall_s": options.load_stall_s,
+        }
+        for instance in range(options.instances):
+            specs.append(
+                ManagerSpec(
+                    modality,
+                    module,
+                    f"ipc://{runtime_dir}/{modality}-{instance}.sock",
+                    instance=instance,
+                    queue_size=options.queue_size,
+                    settings=settings,
+                    memory_cap_bytes=options.memory_cap_bytes,
+                    step_limit_s=options.step_limit_s,
+                )
+            )
+    return specs
+
+
+def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
+    app = Sanic(name, configure_logging=False, request_class=errors.EdgeRequest)
+    app.config.REQUEST_MAX_SIZE = config.max_body_bytes
+    app.config.RESPONSE_TIMEOUT = int(config.request_timeout_s) + 30
+    app.config.KEEP_ALIVE_TIMEOUT = 30
+    app.ctx.config = config
+    app.blueprint(chat.bp)
+    app.blueprint(responses.bp)
+    app.blueprint(ops.bp)
+    app.blueprint(openapi.bp)
+    app.error_handler.add(Exception, errors.handle)
+    keys = [key.encode() for key in config.api_keys]
+
+    @app.on_request
+    async def authorize(request: Request) -> HTTPResponse | None:
+        if request.method == "OPTIONS" and config.cors_origins:
+            return empty(status=204)
+        if request.method == errors.UNREAD:
+            # Sanic's stand-in for a request it could not read runs the middleware too: a 401
+            # would hide the 400 or 413 that says what was wrong with it.
+            return None
+        if not keys or request.path in OPEN_PATHS:
+            return None
+        supplied = request.headers.get("authorization", "")
+        # Sanic decodes header bytes that are not UTF-8 as surrogates: back to those bytes, never a 500.
+        token = supplied.removeprefix("Bearer ").strip().encode("utf-8", "surrogateescape")
+        # Compare against every key in constant time: no early exit leaks which matched.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(token, key)
+        if not matched:
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                type="authentication_error",
+            )
+        return None
+
+    async def cors(request: Request, response: BaseHTTPResponse) -> None:
+        origin = request.headers.get("origin")
+        if origin and ("*" in config.cors_origins or origin in config.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+
+    app.register_middleware(cors, "response")
+
+    @app.before_server_start
+    async def start_kernel(app: Sanic[Any, Any]) -> None:
+        runtime_dir = config.runtime_dir or Path(tempfile.mkdtemp(prefix="allm-"))
+        runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        runtime_dir.chmod(0o700)
+        app.ctx.runtime_dir = runtime_dir
+        specs = manager_specs(config, runtime_dir)
+        routes: dict[str, list[str]] = {}
+        for spec in specs:
+            routes.setdefault(spec.modality, []).append(spec.endpoint)
+        client = KernelClient(
+            routes,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            hello_interval_s=config.heartbeat_interval_s,
+        )
+        supervisor = Supervisor(
+            specs,
+            client,
+            policy=RestartPolicy(failed_retry_s=config.restart_cooldown_s),
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            drain_timeout_s=config.drain_timeout_s,
+        )
+        await client.start()
+        await supervisor.start()
+        app.ctx.client = client
+        app.ctx.supervisor = supervisor
+        app.ctx.store = ResponseStore(
+            config.data_dir.expanduser() / "responses.sqlite3",
+            ttl_s=config.responses_ttl_s,
+            max_stored=config.responses_max_stored,
+        )
+        log.info("managers: %s", ", ".join(s.name for s in specs) or "none")
+
+    @app.after_server_stop
+    async def stop_kernel(app: Sanic[Any, Any]) -> None:
+        await app.ctx.supervisor.stop()
+        await app.ctx.client.close()
+        app.ctx.store.close()
+        if config.runtime_dir is None:
+            shutil.rmtree(app.ctx.runtime_dir, ignore_errors=True)
+
+    return app

@@ -1,0 +1,148 @@
+"""The one table from protocol code to HTTP status, and the one error handler.
+
+Every error leaves as OpenAI's shape::
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+``code`` is the protocol code's name in lower case (``oom_ram``,
+``model_corrupt``, …).  A few reasons refine a code into OpenAI's own status
+and code string (``context_length_exceeded``, ``queue_full``, …); conditions
+that exist only at the HTTP edge are ``ApiError``s with their own codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from sanic import HTTPResponse, Request, json
+from sanic.exceptions import BadRequest, SanicException
+
+from allm.kernel.codes import AllmError, Code
+
+log = logging.getLogger("allm.gateway")
+
+#: protocol code → (HTTP status, OpenAI error type)
+STATUS: Final[Mapping[Code, tuple[int, str]]] = {
+    Code.OOM_VRAM: (503, "server_error"),
+    Code.OOM_RAM: (503, "server_error"),
+    Code.MODEL_CORRUPT: (500, "server_error"),
+    Code.TIMEOUT: (504, "server_error"),
+    Code.CANCELLED: (499, "invalid_request_error"),
+    Code.UNSUPPORTED: (400, "invalid_request_error"),
+    Code.INTERNAL: (500, "server_error"),
+    Code.FORMAT_MISMATCH: (500, "server_error"),
+    Code.LOAD_FAILED: (503, "server_error"),
+}
+
+#: reason → (HTTP status, OpenAI error type); the reason becomes the body's code
+REASONS: Final[Mapping[str, tuple[int, str]]] = {
+    "queue_full": (429, "rate_limit_error"),
+    "context_length_exceeded": (400, "invalid_request_error"),
+    "invalid_request": (400, "invalid_request_error"),
+    "model_not_found": (404, "invalid_request_error"),
+    "manager_failed": (503, "server_error"),
+    "draining": (503, "server_error"),
+}
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An error of the HTTP edge: bad JSON, a bad field, an unknown model, auth, size."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type
+        self.headers = dict(headers or {})
+
+
+def bad_field(param: str, message: str) -> ApiError:
+    return ApiError(400, message, code="invalid_value", param=param)
+
+
+def body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, OpenAI body and headers for any exception a route lets out."""
+    if isinstance(exc, ApiError):
+        return exc.status, body(exc.message, exc.type, exc.code, exc.param), exc.headers
+    if isinstance(exc, AllmError):
+        headers: dict[str, str] = {}
+        if exc.reason in REASONS:
+            status, type_ = REASONS[exc.reason]
+            code = exc.reason
+        else:
+            status, type_ = STATUS[exc.code]
+            code = exc.code.name.lower()
+        if status == 429:
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+        return status, body(exc.message, type_, code, exc.param or None), headers
+    if isinstance(exc, SanicException):
+        status = int(exc.status_code)
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "request_too_large",
+            408: "request_timeout",
+        }
+        code = codes.get(status, "invalid_request" if status < 500 else "server_error")
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        return status, body(str(exc), type_, code), {}
+    log.error("unhandled error", exc_info=exc)
+    return 500, body(f"internal error: {type(exc).__name__}", "server_error", "internal"), {}
+
+
+async def handle(request: Request, exc: Exception) -> HTTPResponse:
+    """The one exception handler of the app."""
+    status, payload, headers = describe(exc)
+    return json(payload, status=status, headers=headers)
+
+
+#: the method Sanic gives the stand-in request it builds to answer a request it could not read
+UNREAD = "NONE"
+
+
+def _escaped(url: bytes) -> bytes:
+    return b"".join(b"%%%02X" % byte if byte <= 0x20 or byte >= 0x7F else bytes([byte]) for byte in url)
+
+
+class EdgeRequest(Request[Any, Any]):
+    """Sanic's request, able to stand in for one whose URL does not parse.
+
+    For a request line httptools' URL parser refuses (a raw NUL or other
+    control byte in the path or query, a target that is not a path such as
+    ``GET abc HTTP/1.1``), Sanic raises BadURL, then builds a stand-in request
+    with the same URL to answer it; that raises again inside its error path
+    and Sanic drops the connection unanswered (sanic 25.12,
+    ``Http.create_empty_request``). The stand-in gets the URL percent-escaped
+    instead, or ``/`` when even that does not parse, so the client gets the
+    400 in OpenAI's shape.
+    """
+
+    def __init__(self, url_bytes: bytes, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(url_bytes, *args, **kwargs)
+        except BadRequest:
+            if kwargs.get("method") != UNREAD:
+                raise
+            try:
+                super().__init__(_escaped(url_bytes), *args, **kwargs)
+            except BadRequest:  # not even a path ("GET abc HTTP/1.1"): the stand-in needs none
+                super().__init__(b"/", *args, **kwargs)

@@ -1,0 +1,217 @@
+"""GET /openapi.json: the HTTP API as an OpenAPI 3.1 document, from the definitions the edge checks with.
+
+The request bodies and path parameters come from allm/gateway/api_schema.py, the
+very nodes the handlers validate with, so the document cannot drift from
+what is enforced. Like /health, the document needs no key: it holds nothing
+but the API's shape and the catalog's model ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+
+from sanic import Blueprint, HTTPResponse, Request
+from sanic import json as json_response
+
+from allm.gateway import api_schema as api
+from allm.gateway.config import Config
+from allm.gateway.spec import Node, Obj, Schema
+
+bp = Blueprint("openapi")
+
+PATH = "/openapi.json"
+
+ERROR: Schema = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _object(kind: str | None, required: list[str], **props: Schema) -> Schema:
+    """A response body's outline: its ``object`` name and the fields every client reads."""
+    if kind is not None:
+        props = {"object": {"const": kind}, **props}
+        required = ["object", *required]
+    return {"type": "object", "required": required, "properties": props}
+
+
+STRING: Schema = {"type": "string"}
+#: one server-sent event (OpenAPI 3.1: the schema of an event stream describes each event)
+EVENT: Schema = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end of a chat stream"},
+    },
+}
+INTEGER: Schema = {"type": "integer"}
+LIST: Schema = {"type": "array"}
+RESPONSE = _object(
+    "response",
+    ["id", "created_at", "status", "model", "output"],
+    id=STRING,
+    created_at=INTEGER,
+    status={"enum": ["completed", "incomplete", "failed", "in_progress"]},
+    model=STRING,
+    output=LIST,
+)
+CHAT_COMPLETION = _object(
+    "chat.completion", ["id", "created", "model", "choices", "usage"], id=STRING, model=STRING, choices=LIST
+)
+TEXT_COMPLETION = _object(
+    "text_completion", ["id", "created", "model", "choices", "usage"], id=STRING, model=STRING, choices=LIST
+)
+EMBEDDINGS = _object("list", ["data", "model", "usage"], data=LIST, model=STRING)
+ITEMS = _object(
+    "list",
+    ["data", "first_id", "last_id", "has_more"],
+    data=LIST,
+    first_id={"type": ["string", "null"]},
+    last_id={"type": ["string", "null"]},
+    has_more={"type": "boolean"},
+)
+DELETED = _object("response", ["id", "deleted"], id=STRING, deleted={"const": True})
+MODELS = _object("list", ["data"], data=LIST)
+STATUS = _object(None, ["status"], status=STRING)
+MANAGERS = _object(None, ["managers"], managers=LIST)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    summary: str
+    ok: Schema
+    body: Node | None = None
+    query: Obj | None = None
+    streams: bool = False
+    open: bool = False  # no API key needed
+    other: dict[str, Schema] = dataclasses.field(default_factory=dict)  # more statuses and their bodies
+
+
+ROUTES = (
+    Route("post", "/v1/responses", "Create a response", RESPONSE, api.RESPONSES, streams=True),
+    Route("get", "/v1/responses/{response_id}", "Retrieve a stored response", RESPONSE),
+    Route("delete", "/v1/responses/{response_id}", "Delete a stored response", DELETED),
+    Route(
+        "get",
+        "/v1/responses/{response_id}/input_items",
+        "The input items of a stored response, earlier turns' included",
+        ITEMS,
+        query=api.INPUT_ITEMS_QUERY,
+    ),
+    Route(
+        "post", "/v1/chat/completions", "Create a chat completion", CHAT_COMPLETION, api.CHAT, streams=True
+    ),
+    Route(
+        "post", "/v1/completions", "Create a text completion", TEXT_COMPLETION, api.COMPLETIONS, streams=True
+    ),
+    Route("post", "/v1/embeddings", "Create embeddings", EMBEDDINGS, api.EMBEDDINGS),
+    Route("get", "/v1/models", "The catalog's models, each with its modality and state", MODELS),
+    Route("get", "/health", "Liveness: the process answers", STATUS, open=True),
+    Route(
+        "get",
+        "/ready",
+        "Readiness: every manager is up and the default text model loads",
+        STATUS,
+        open=True,
+        other={"503": _object(None, ["status", "reason"], status=STRING, reason=STRING)},
+    ),
+    Route("get", "/status", "Each manager instance: pid, state, restarts, models, queue, memory", MANAGERS),
+    Route("get", PATH, "This document", {"type": "object"}, open=True),
+)
+OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("allm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _operation(route: Route, config: Config) -> Schema:
+    json_ok: Schema = {"schema": route.ok}
+    content: Schema = {"application/json": json_ok}
+    if route.streams:
+        content["text/event-stream"] = {"schema": EVENT}
+    responses: Schema = {"200": {"description": "success", "content": content}}
+    for status, schema in route.other.items():
+        responses[status] = {
+            "description": "see the body",
+            "content": {"application/json": {"schema": schema}},
+        }
+    for status, what in (("4XX", "a client error"), ("5XX", "a server or engine error")):
+        responses[status] = {
+            "description": f"{what}, in OpenAI's shape; code names the condition",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+    op: Schema = {
+        "operationId": f"{route.method}_{route.path.strip('/').replace('/', '_').replace('.', '_')}".replace(
+            "{", ""
+        ).replace("}", ""),
+        "summary": route.summary,
+        "responses": responses,
+    }
+    if "{response_id}" in route.path:
+        op["parameters"] = [
+            {"name": "response_id", "in": "path", "required": True, "schema": api.RESPONSE_ID.schema()}
+        ]
+    if route.query is not None:
+        op.setdefault("parameters", []).extend(
+            {"name": name, "in": "query", "required": False, "schema": node.schema()}
+            for name, node in route.query.fields.items()
+        )
+    if route.body is not None:
+        body = route.body.schema()
+        models = [m.id for m in config.models if m.modality == "text"]
+        if models:
+            body["properties"]["model"]["examples"] = models
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if route.open:
+        op["security"] = []
+    return op
+
+
+def document(config: Config) -> Schema:
+    """The OpenAPI 3.1 document of this server, with its catalog's model ids as examples."""
+    paths: Schema = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route, config)
+    doc: Schema = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "allm",
+            "version": _version(),
+            "description": "A local inference server behind the OpenAI HTTP APIs. Every request field is "
+            "checked as described here; a refusal is a 400 whose error.param names the field.",
+        },
+        "paths": paths,
+        "components": {"schemas": {"Error": ERROR}},
+    }
+    if config.api_keys:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    return doc
+
+
+@bp.get(PATH)
+async def openapi(request: Request) -> HTTPResponse:
+    doc = getattr(request.app.ctx, "openapi", None)
+    if doc is None:
+        doc = request.app.ctx.openapi = document(request.app.ctx.config)
+    return json_response(doc)

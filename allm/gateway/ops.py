@@ -1,0 +1,110 @@
+"""Operations and discovery: liveness, readiness, manager status, the model list.
+
+GET /health      the process answers (no auth)
+GET /ready       every manager is up and the default text model loads (no auth)
+GET /status      each manager instance: pid, state, restarts, last exit and cause, when it is
+                 tried again, models loaded and loading (with progress), what runs, queue, memory
+GET /v1/models   each catalog model with its modality and state (loaded, loading, available, unavailable)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sanic import Blueprint, HTTPResponse, Request
+from sanic import json as json_response
+
+from allm.gateway.config import Config
+from allm.kernel.codes import AllmError
+
+bp = Blueprint("ops")
+
+READY_TIMEOUT_S = 30.0
+
+
+def manager_status(request: Request) -> list[dict[str, Any]]:
+    views = {v.endpoint: v for v in request.app.ctx.client.instances()}
+    out = []
+    for s in request.app.ctx.supervisor.status():
+        view = views.get(s.endpoint)
+        hb = view.heartbeat if view is not None else None
+        extra = hb.extra if hb is not None and s.state == "running" else {}
+        out.append(
+            {
+                "name": s.name,
+                "modality": s.modality,
+                "instance": s.instance,
+                "endpoint": s.endpoint,
+                "pid": s.pid,
+                "state": s.state,
+                "live": bool(view and view.live),
+                "restarts": s.restarts,
+                "last_exit": s.last_exit or None,
+                "last_code": s.last_code or None,
+                "retry_in_s": s.retry_in_s,
+                "models": list(hb.models) if hb else [],
+                "loading": extra.get("loading") or {},
+                "running": extra.get("running") or [],
+                "active": hb.active if hb else 0,
+                "queued": hb.queued if hb else 0,
+                "capacity": hb.capacity if hb else 0,
+                "memory_bytes": s.memory_bytes,
+            }
+        )
+    return out
+
+
+@bp.get("/health")
+async def health(request: Request) -> HTTPResponse:
+    return json_response({"status": "ok"})
+
+
+@bp.get("/ready")
+async def ready(request: Request) -> HTTPResponse:
+    config: Config = request.app.ctx.config
+    managers = manager_status(request)
+    down = [m["name"] for m in managers if not m["live"]]
+    if down:
+        return json_response({"status": "not_ready", "reason": f"managers not up: {down}"}, status=503)
+    default = next((m for m in config.models if m.modality == "text"), None)
+    if default is not None:
+        try:
+            await request.app.ctx.client.call("text", "load", model=default.id, timeout_s=READY_TIMEOUT_S)
+        except AllmError as exc:
+            reason = f"default model {default.id} does not load: {exc.message}"
+            return json_response({"status": "not_ready", "reason": reason}, status=503)
+    return json_response({"status": "ready"})
+
+
+@bp.get("/status")
+async def status(request: Request) -> HTTPResponse:
+    return json_response({"managers": manager_status(request)})
+
+
+@bp.get("/v1/models")
+async def models(request: Request) -> HTTPResponse:
+    config: Config = request.app.ctx.config
+    loaded: set[str] = set()
+    loading: set[str] = set()
+    live: set[str] = set()
+    for m in manager_status(request):
+        loaded.update(m["models"])
+        loading.update(m["loading"])
+        if m["live"]:
+            live.add(m["modality"])
+    data = [
+        {
+            "id": m.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "allm",
+            "modality": m.modality,
+            "state": "loaded"
+            if m.id in loaded
+            else "loading"
+            if m.id in loading
+            else ("available" if m.modality in live else "unavailable"),
+        }
+        for m in config.models
+    ]
+    return json_response({"object": "list", "data": data})

@@ -1,0 +1,510 @@
+"""Start, watch and restart the manager processes; report every death as a code.
+
+Each manager instance is a fresh interpreter (``python -m allm.kernel.runtime
+<modality> …``), never a fork of this process.  The supervisor runs in the
+same event loop as the kernel client and tells it about each death, so the
+requests in flight there end with the code of DESIGN.md's fault table:
+
+    exit by signal / status          INTERNAL, message names the signal or status
+    allocated memory over its cap    OOM_RAM (the supervisor kills it)
+    SIGKILL by the kernel's OOM killer  OOM_RAM (a kill we did not send, while the
+                                     system or the manager's cgroup counts an OOM kill)
+    heartbeats stopped (hung)        TIMEOUT (the supervisor kills it)
+    its watchdog found a stuck call  TIMEOUT (it exits EXIT_STUCK by itself)
+    an engine error left it suspect  restarted at once once idle (EXIT_RESTART)
+
+Restarts back off exponentially up to a cap, counting only the crashes within
+a window; a manager that had run healthy for a while restarts at once (an
+outside kill of a good process is no crash loop).  Too many crashes within
+the window mark the instance failed: its requests fail at once, and it is
+tried again after a cool-down.  The decisions (``classify_exit``,
+``crash_history``, ``next_restart_delay_s``) are pure functions of state and
+time.  A stop the supervisor asked for is marked before the signal is sent, so
+it is never reported as a crash.  The watch loop survives its own errors: a
+spawn that fails (EMFILE, ENOMEM, a missing interpreter) counts as a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from allm.kernel.client import KernelClient
+from allm.kernel.codes import Code, error_for
+from allm.kernel.runtime import (
+    EXIT_RESTART,
+    EXIT_STUCK,
+    LIFELINE_ENV,
+    PARENT_ENV,
+    SETTINGS_ENV,
+    anonymous_memory_bytes,
+)
+from allm.kernel.transport import check_endpoint
+
+log = logging.getLogger("allm.supervisor")
+
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ManagerSpec:
+    """One manager instance to run."""
+
+    modality: str
+    module: str
+    endpoint: str
+    instance: int = 0
+    slots: int = 1
+    queue_size: int = 16
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    memory_cap_bytes: int | None = None  # allocated (anonymous) memory, not mapped model files
+    step_limit_s: float | None = None  # the runtime's watchdog: longest a request may go without progress
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.modality}#{self.instance}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    crash_window_s: float = 60.0
+    max_crashes: int = 5  # more crashes than this within the window: failed
+    healthy_after_s: float = 10.0  # a death after running this long ends any crash streak
+    failed_retry_s: float = 300.0  # a failed manager is tried again after this cool-down
+
+
+class KillReason(enum.Enum):
+    STOP = "stop"  # we asked it to stop
+    MEMORY = "memory"  # resident memory over the cap
+    HUNG = "hung"  # heartbeats stopped
+    START = "start"  # never became ready
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Death:
+    code: Code
+    message: str
+    crash: bool = True  # False: it asked to be restarted; no backoff, not counted
+
+
+def classify_exit(
+    name: str, returncode: int, kill: KillReason | None, detail: str = "", *, oom_killed: bool = False
+) -> Death | None:
+    """What a manager's exit means; None for a stop we asked for."""
+    if kill is KillReason.STOP:
+        return None
+    if kill is KillReason.MEMORY:
+        return Death(Code.OOM_RAM, f"the {name} manager ran out of its memory cap ({detail}) and was killed")
+    if kill is KillReason.HUNG:
+        return Death(Code.TIMEOUT, f"the {name} manager stopped answering ({detail}) and was killed")
+    if kill is KillReason.START:
+        return Death(Code.TIMEOUT, f"the {name} manager did not become ready ({detail}) and was killed")
+    if returncode == -signal.SIGKILL and oom_killed:
+        return Death(
+            Code.OOM_RAM,
+            f"the {name} manager was killed by the kernel's out-of-memory killer (SIGKILL, signal 9)",
+        )
+    if returncode == EXIT_STUCK:
+        return Death(Code.TIMEOUT, f"the {name} manager's watchdog found a stuck operation; it exited")
+    if returncode == EXIT_RESTART:
+        return Death(Code.INTERNAL, f"the {name} manager restarted itself after an engine error", crash=False)
+    if returncode < 0:
+        signum = -returncode
+        try:
+            signame = signal.Signals(signum).name
+        except ValueError:
+            signame = f"signal {signum}"
+        return Death(Code.INTERNAL, f"the {name} manager process died of {signame} (signal {signum})")
+    return Death(Code.INTERNAL, f"the {name} manager process exited with status {returncode}")
+
+
+def crash_history(
+    crashes: Sequence[float], now: float, uptime_s: float | None, policy: RestartPolicy
+) -> list[float]:
+    """The crashes that count after one at ``now``: those in the window, and none before
+    a run that lasted ``healthy_after_s`` (uptime None: it never became ready)."""
+    if uptime_s is not None and uptime_s >= policy.healthy_after_s:
+        return [now]
+    return [t for t in crashes if now - t <= policy.crash_window_s] + [now]
+
+
+def next_restart_delay_s(crashes: Sequence[float], now: float, policy: RestartPolicy) -> float | None:
+    """Seconds to wait before restarting after the crashes at these times; None: give up."""
+    recent = [t for t in crashes if now - t <= policy.crash_window_s]
+    if len(recent) > policy.max_crashes:
+        return None
+    exponent = max(0, len(recent) - 1)
+    return float(min(policy.backoff_max_s, policy.backoff_initial_s * 2**exponent))
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    name: str
+    modality: str
+    instance: int
+    endpoint: str
+    pid: int | None
+    state: str
+    restarts: int
+    last_exit: str
+    last_code: str
+    memory_bytes: int | None
+    retry_in_s: float | None = None  # when a failed or backing-off instance is started again
+
+
+def oom_counters(pid: int) -> tuple[Path, ...]:
+    """The files that count OOM kills for a process: its memory cgroup's, else the system's.
+
+    The system's count (/proc/vmstat) includes kills in every other cgroup of the
+    host: it is read only where the process's own cgroup keeps no count.
+    """
+    files: list[Path] = []
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":  # cgroup v2, mounted alone or beside v1
+            files += [Path("/sys/fs/cgroup", rel, "memory.events")]
+            files += [Path("/sys/fs/cgroup/unified", rel, "memory.events")]
+        elif "memory" in controllers.split(","):
+            files.append(Path("/sys/fs/cgroup/memory", rel, "memory.oom_control"))
+    return tuple(f for f in files if f.is_file()) or (Path("/proc/vmstat"),)
+
+
+def oom_kill_count(file: Path) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in file.read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    return 0
+
+
+class _Child:
+    def __init__(self, spec: ManagerSpec) -> None:
+        self.spec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd: int | None = None
+        self.state = State.STOPPED
+        self.started_at = 0.0
+        self.kill: KillReason | None = None
+        self.kill_detail = ""
+        self.crashes: list[float] = []
+        self.restarts = 0
+        self.restart_at = 0.0
+        self.running_since: float | None = None
+        # Every file that counted OOM kills for it (its cgroups, as it moved), with the
+        # count when first seen; never re-read while it lives: the count rises while a
+        # killed process tears down (then /proc/<pid>/cgroup already shows the root).
+        self.oom_counts: dict[Path, int] = {}
+        self.last_exit = ""
+        self.last_code = ""
+
+
+class Supervisor:
+    """Runs manager subprocesses in the caller's event loop."""
+
+    def __init__(
+        self,
+        specs: Sequence[ManagerSpec],
+        client: KernelClient,
+        *,
+        policy: RestartPolicy | None = None,
+        heartbeat_timeout_s: float = 5.0,
+        heartbeat_interval_s: float = 0.5,
+        start_timeout_s: float = 120.0,
+        drain_timeout_s: float = 10.0,
+        check_interval_s: float = 0.1,
+        python: str = sys.executable,
+        cwd: str | None = None,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"manager instances must be unique: {names}")
+        for spec in specs:
+            check_endpoint(spec.endpoint)
+        self._children = [_Child(spec) for spec in specs]
+        self.client = client
+        self.policy = policy or RestartPolicy()
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.start_timeout_s = start_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.check_interval_s = check_interval_s
+        self.python = python
+        self.cwd = cwd
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
+        # The lifeline: every manager holds the read end; our exit closes the write
+        # end, which each sees as EOF (where prctl's death signal does not exist).
+        self._lifeline_r, self._lifeline_w = os.pipe()
+
+    async def start(self) -> None:
+        for child in self._children:
+            self._start(child)
+        self._watcher = asyncio.create_task(self._watch(), name="supervisor-watch")
+
+    async def stop(self) -> None:
+        """SIGTERM every manager, wait for it to drain, SIGKILL what is left."""
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        running = [c for c in self._children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            self._signal(child, signal.SIGTERM, KillReason.STOP, "")
+        deadline = time.monotonic() + self.drain_timeout_s + 2.0
+        while any(c.proc is not None and c.proc.poll() is None for c in running):
+            if time.monotonic() > deadline:
+                for child in running:
+                    self._signal(child, signal.SIGKILL, KillReason.STOP, "")
+                break
+            await asyncio.sleep(0.02)
+        for child in self._children:
+            if child.proc is not None:
+                child.proc.wait()
+                self._reap(child)
+            child.state = State.STOPPED
+        for fd in (self._lifeline_r, self._lifeline_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def status(self) -> list[InstanceStatus]:
+        now = time.monotonic()
+        return [
+            InstanceStatus(
+                name=c.spec.name,
+                modality=c.spec.modality,
+                instance=c.spec.instance,
+                endpoint=c.spec.endpoint,
+                pid=c.proc.pid if c.proc is not None else None,
+                state=c.state.value,
+                restarts=c.restarts,
+                last_exit=c.last_exit,
+                last_code=c.last_code,
+                memory_bytes=anonymous_memory_bytes(c.proc.pid) if c.proc is not None else None,
+                retry_in_s=(
+                    round(max(0.0, c.restart_at - now), 1)
+                    if c.state in (State.BACKOFF, State.FAILED)
+                    else None
+                ),
+            )
+            for c in self._children
+        ]
+
+    def pid_of(self, name: str) -> int | None:
+        for child in self._children:
+            if child.spec.name == name and child.proc is not None:
+                return child.proc.pid
+        return None
+
+    # -- internals -------------------------------------------------------------
+
+    def _command(self, spec: ManagerSpec) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            "allm.kernel.runtime",
+            spec.modality,
+            "--module",
+            spec.module,
+            "--endpoint",
+            spec.endpoint,
+            "--instance",
+            str(spec.instance),
+            "--slots",
+            str(spec.slots),
+            "--queue-size",
+            str(spec.queue_size),
+            "--heartbeat-interval-s",
+            str(self.heartbeat_interval_s),
+            "--drain-timeout-s",
+            str(self.drain_timeout_s),
+            "--step-limit-s",
+            str(spec.step_limit_s or 0),
+        ]
+
+    def _spawn(self, child: _Child) -> None:
+        spec = child.spec
+        env = {
+            **os.environ,
+            # ggml's OpenMP threads busy-wait by default; on few cores that starves I/O.
+            "OMP_WAIT_POLICY": "PASSIVE",
+            # Otherwise an abort inside ggml starts gdb to print a backtrace.
+            "GGML_NO_BACKTRACE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **spec.env,
+            SETTINGS_ENV: json.dumps(dict(spec.settings)),
+            PARENT_ENV: str(os.getpid()),
+            LIFELINE_ENV: str(self._lifeline_r),
+        }
+        # Popen forks and execs at once: a fresh interpreter, no inherited sockets.
+        child.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self._command(spec),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
+            close_fds=True,
+            pass_fds=(self._lifeline_r,),
+        )
+        child.state = State.STARTING
+        child.started_at = time.monotonic()
+        child.running_since = None
+        child.oom_counts = {f: oom_kill_count(f) for f in oom_counters(child.proc.pid)}
+        child.kill = None
+        child.kill_detail = ""
+        try:
+            child.pidfd = os.pidfd_open(child.proc.pid)
+        except (AttributeError, OSError):
+            child.pidfd = None  # the watcher's poll() still notices the exit
+        else:
+            asyncio.get_running_loop().add_reader(child.pidfd, self._check_exit, child)
+        log.info("started %s (pid %d)", spec.name, child.proc.pid)
+
+    def _start(self, child: _Child) -> None:
+        """Spawn, or count a spawn that failed (EMFILE, ENOMEM, no interpreter) as a crash."""
+        try:
+            self._spawn(child)
+        except OSError as exc:
+            child.proc = None
+            self._died(child, Death(Code.INTERNAL, f"the {child.spec.name} manager could not start: {exc}"))
+
+    def _reap(self, child: _Child) -> None:
+        if child.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
+
+    def _signal(self, child: _Child, signum: int, reason: KillReason, detail: str) -> None:
+        # Mark first: the exit that follows must be read as what we did.
+        if child.kill is None or reason is KillReason.STOP:
+            child.kill = reason
+            child.kill_detail = detail
+        if child.proc is not None and child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signum)
+
+    def _check_exit(self, child: _Child) -> None:
+        proc = child.proc
+        if proc is None:
+            return
+        returncode = proc.poll()
+        if returncode is None:
+            return
+        self._reap(child)
+        if self._stopping:
+            return  # stop() collects it
+        child.proc = None
+        oom_killed = (
+            returncode == -signal.SIGKILL
+            and child.kill is None
+            and any(oom_kill_count(f) > seen for f, seen in child.oom_counts.items())
+        )
+        death = classify_exit(
+            child.spec.name, returncode, child.kill, child.kill_detail, oom_killed=oom_killed
+        )
+        if death is None:
+            child.state = State.STOPPED
+            return
+        self._died(child, death)
+
+    def _died(self, child: _Child, death: Death) -> None:
+        now = time.monotonic()
+        child.last_exit = death.message
+        child.last_code = death.code.name
+        uptime_s = None if child.running_since is None else now - child.running_since
+        delay: float | None = 0.0
+        if death.crash:
+            child.crashes = crash_history(child.crashes, now, uptime_s, self.policy)
+            delay = next_restart_delay_s(child.crashes, now, self.policy)
+            if uptime_s is not None and uptime_s >= self.policy.healthy_after_s:
+                delay = 0.0  # it was serving well: someone killed it, not a crash loop
+        if delay is None:
+            child.state = State.FAILED
+            child.restart_at = now + self.policy.failed_retry_s
+            window = self.policy.crash_window_s
+            message = (
+                f"{death.message}; {len(child.crashes)} crashes in {window:g} s, more than "
+                f"{self.policy.max_crashes}: next try in {self.policy.failed_retry_s:g} s"
+            )
+            log.error("%s", message)
+            self.client.report_down(child.spec.endpoint, error_for(death.code, message), failed=True)
+            return
+        log.warning("%s; restarting in %.1f s", death.message, delay)
+        self.client.report_down(child.spec.endpoint, error_for(death.code, death.message))
+        child.state = State.BACKOFF
+        child.restart_at = now + delay
+
+    async def _watch(self) -> None:
+        while True:
+            now = time.monotonic()
+            for child in self._children:
+                try:
+                    self._watch_one(child, now)
+                except Exception:  # supervision must outlive any one mistake
+                    log.exception("supervising %s failed; going on", child.spec.name)
+            await asyncio.sleep(self.check_interval_s)
+
+    def _watch_one(self, child: _Child, now: float) -> None:
+        if child.state in (State.BACKOFF, State.FAILED) and now >= child.restart_at:
+            if child.state is State.FAILED:
+                log.info("trying the failed %s again after its cool-down", child.spec.name)
+                child.crashes = []
+            child.restarts += 1
+            self._start(child)
+        elif child.proc is not None:
+            self._check_exit(child)
+            if child.proc is not None:
+                self._check_health(child, now)
+
+    def _check_health(self, child: _Child, now: float) -> None:
+        proc = child.proc
+        if proc is None or child.kill is not None:
+            return
+        cap = child.spec.memory_cap_bytes
+        if cap is not None:
+            used = anonymous_memory_bytes(proc.pid)
+            if used is not None and used > cap:
+                detail = f"allocated {used / MIB:.0f} MiB > cap {cap / MIB:.0f} MiB"
+                self._signal(child, signal.SIGKILL, KillReason.MEMORY, detail)
+                return
+        for file in oom_counters(proc.pid):  # it may have been moved to another cgroup
+            if file not in child.oom_counts:
+                child.oom_counts[file] = oom_kill_count(file)
+        heard = self.client.last_heard(child.spec.endpoint)
+        if heard is not None and heard >= child.started_at:
+            if child.running_since is None:
+                child.running_since = now
+            child.state = State.RUNNING
+            silent_s = now - heard
+            if silent_s > self.heartbeat_timeout_s:
+                detail = f"no heartbeat for {silent_s:.1f} s"
+                self._signal(child, signal.SIGKILL, KillReason.HUNG, detail)
+        elif now - child.started_at > self.start_timeout_s:
+            detail = f"no heartbeat {self.start_timeout_s:g} s after start"
+            self._signal(child, signal.SIGKILL, KillReason.START, detail)

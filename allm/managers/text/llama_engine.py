@@ -1,0 +1,599 @@
+"""GGUF models through llama.cpp (llama-cpp-python): chat, completion, embeddings.
+
+Generation is driven token by token here rather than through the binding's
+``create_completion``, so that: each token leaves as it is produced; cancel
+is checked between tokens; ``max_tokens`` is a hard limit (the binding
+overshoots it while text ends mid UTF-8 sequence); usage is the tokenizer's
+count.  Every binding call that can fail is wrapped and raises a coded error.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any
+
+from allm.kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
+from allm.kernel.runtime import Reply, RequestContext
+from allm.managers.text.chat_format import (
+    TEXT_ONLY_GRAMMAR,
+    Family,
+    HarmonyParser,
+    OutputParser,
+    Parser,
+    call_grammar,
+    family_of,
+    gbnf_literal,
+    strict_strings,
+    thinks,
+)
+from allm.managers.text.generation import (
+    ChatDetokenizer,
+    ChatPlan,
+    ChatRequest,
+    chat_request,
+    prompt_of,
+    run_chat,
+    run_generation,
+    template_messages,
+)
+from allm.managers.text.gguf_header import GGUFHeader
+from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+import llama_cpp
+import llama_cpp._internals as llama_internals
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+
+log = logging.getLogger("allm.text.llama")
+
+CONTEXT_EXCEEDED = "context_length_exceeded"
+
+# llama.cpp explains a failed load only in its log: keep the last lines.
+_LOG_LINES: collections.deque[str] = collections.deque(maxlen=50)
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _on_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", "replace").strip()
+    if line:
+        _LOG_LINES.append(line)
+
+
+llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
+
+
+def _llama_reason() -> str:
+    """The most telling recent llama.cpp log line."""
+    for line in reversed(_LOG_LINES):
+        if any(w in line.lower() for w in ("error", "failed", "invalid", "unknown", "not ")):
+            return line
+    return _LOG_LINES[-1] if _LOG_LINES else "no reason logged"
+
+
+DEFAULT_N_CTX = 4096
+
+
+class _SamplingLlama(llama_cpp.Llama):
+    """The binding's Llama, generating with a sampler chain of ours when one is set.
+
+    ``generate`` builds its chain in ``_init_sampler`` from a fixed set of arguments
+    and has no logit_bias (its custom-sampler hook calls itself "probably broken");
+    here llama.cpp's own samplers are chained in allm's documented order.
+    """
+
+    chain: Callable[[], llama_internals.LlamaSampler] | None = None
+
+    def _init_sampler(self, *args: Any, **kwargs: Any) -> llama_internals.LlamaSampler:
+        if self.chain is not None:
+            return self.chain()
+        return super()._init_sampler(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LlamaOptions:
+    n_ctx: int = DEFAULT_N_CTX
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+
+    @classmethod
+    def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
+        unknown = set(options) - {"n_ctx", "n_threads", "n_gpu_layers"}
+        if unknown:
+            raise LoadFailedError(f"{model_id}: unknown llama.cpp option(s) {sorted(unknown)}")
+
+        def count(key: str, default: int, minimum: int) -> int:
+            value = options.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise LoadFailedError(
+                    f"{model_id}: option {key} must be an integer ≥ {minimum}, got {value!r}"
+                )
+            return value
+
+        # By default leave a core for the manager's ZeroMQ I/O (ENGINE-NOTES.md).
+        return cls(
+            n_ctx=count("n_ctx", DEFAULT_N_CTX, 16),
+            n_threads=count("n_threads", max(1, (os.cpu_count() or 2) - 1), 1),
+            n_gpu_layers=count("n_gpu_layers", 0, -1),
+        )
+
+
+def free_vram_bytes() -> int | None:
+    """Free memory of the first NVIDIA GPU, or None where it cannot be read."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run(  # noqa: S603 - a fixed tool and arguments
+            [tool, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return int(done.stdout.split()[0]) * 1024 * 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def check_gpu_fit(model_id: str, header: GGUFHeader, options: LlamaOptions) -> None:
+    """Refuse GPU layers this build cannot offload, or that do not fit the GPU (OOM_VRAM)."""
+    if options.n_gpu_layers == 0:
+        return
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise UnsupportedError(
+            f"{model_id}: n_gpu_layers = {options.n_gpu_layers}, but this llama.cpp build has no GPU offload",
+            param="n_gpu_layers",
+        )
+    layers = header.arch_int("block_count") or 1
+    share = 1.0 if options.n_gpu_layers < 0 else min(1.0, options.n_gpu_layers / layers)
+    need = int((header.file_size + kv_cache_bytes(header, options.n_ctx)) * share)
+    free = free_vram_bytes()
+    if free is not None and need > free:
+        raise OomVramError(
+            f"{model_id} needs about {need / 2**20:.0f} MiB of GPU memory for its offloaded layers; "
+            f"{free / 2**20:.0f} MiB is free"
+        )
+
+
+def kv_cache_bytes(header: GGUFHeader, n_ctx: int) -> int:
+    """Memory the f16 key/value cache of a context of n_ctx tokens takes."""
+    layers = header.arch_int("block_count")
+    embd = header.arch_int("embedding_length")
+    heads = header.arch_int("attention.head_count") or 1
+    kv_heads = header.arch_int("attention.head_count_kv") or heads
+    return 2 * layers * n_ctx * (embd // heads) * kv_heads * 2
+
+
+_PROGRESS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _load_progress(report: Callable[[float], None] | None) -> Iterator[None]:
+    """Feed llama.cpp's load progress to ``report`` during one ``Llama()`` construction.
+
+    llama-cpp-python builds its model parameters inside ``Llama.__init__`` from
+    ``llama_model_default_params()`` and offers no way to pass llama.cpp's
+    ``progress_callback``: hand it defaults that carry ours, for this load only.
+    """
+    if report is None:
+        yield
+        return
+
+    def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:
+        with contextlib.suppress(Exception):  # an exception must never unwind into C
+            report(float(fraction))
+        return True  # False would abort the load
+
+    callback = llama_cpp.llama_progress_callback(on_progress)
+    low_level = llama_cpp.llama_cpp
+    original = low_level.llama_model_default_params
+
+    def with_progress() -> Any:
+        params = original()
+        params.progress_callback = callback
+        return params
+
+    with _PROGRESS_LOCK:
+        low_level.llama_model_default_params = with_progress
+        try:
+            yield
+        finally:
+            low_level.llama_model_default_params = original
+
+
+class LlamaEngine:
+    """One GGUF model in one llama.cpp context; one request at a time."""
+
+    def __init__(
+        self,
+        model_id: str,
+        header: GGUFHeader,
+        options: LlamaOptions,
+        progress: Callable[[float], None] | None = None,
+        reserve_embedder: Callable[[], None] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.header = header
+        self.options = options
+        self.lock = threading.Lock()
+        self._embedder: _SamplingLlama | None = None
+        self._reserve_embedder = reserve_embedder
+        self.llm = self._load(embedding=False, progress=progress)
+        # llama.cpp may pad the context it allocates; the binding's buffers keep the asked size.
+        self.n_ctx = min(self.llm.n_ctx(), options.n_ctx)
+        meta = self.llm.metadata
+        template = meta.get("tokenizer.chat_template")
+        self._formatter = None
+        self.family = family_of(template)
+        self.think = thinks(template)
+        if template:
+            eos = self.llm.token_eos()
+            bos = self.llm.token_bos()
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._piece(eos),
+                bos_token=self._piece(bos) if bos >= 0 else "",
+                add_generation_prompt=True,
+                stop_token_ids=[eos],
+            )
+        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+
+    def _piece(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def _load(self, *, embedding: bool, progress: Callable[[float], None] | None) -> _SamplingLlama:
+        _LOG_LINES.clear()
+        try:
+            with _load_progress(progress):
+                return _SamplingLlama(
+                    str(self.header.path),
+                    n_ctx=self.options.n_ctx,
+                    n_threads=self.options.n_threads,
+                    n_threads_batch=self.options.n_threads,
+                    n_gpu_layers=self.options.n_gpu_layers,
+                    embedding=embedding,
+                    # A causal model has no pooling of its own: average its token states.
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else -1,
+                    verbose=False,
+                )
+        except MemoryError as exc:
+            raise OomRamError(f"out of host memory loading {self.model_id}") from exc
+        except ValueError as exc:
+            reason = _llama_reason()
+            if self.options.n_gpu_layers and any(
+                w in reason.lower() for w in ("cudamalloc", "out of memory")
+            ):
+                raise OomVramError(f"out of GPU memory loading {self.model_id}: {reason}") from exc
+            raise LoadFailedError(f"llama.cpp could not load {self.model_id}: {reason}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()
+        if self._embedder is not None:
+            with contextlib.suppress(Exception):
+                self._embedder.close()
+
+    # -- operations ---------------------------------------------------------------
+
+    def chat(self, ctx: RequestContext) -> Reply:
+        req = chat_request(ctx.params)
+        if self._formatter is None:
+            raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
+        family, tools = self.family, req.tools
+        extra: dict[str, Any] = {}
+        if tools is not None and family is not Family.GENERIC:
+            extra["tools"] = tools.tools
+        if req.reasoning_effort is not None:
+            extra["reasoning_effort"] = req.reasoning_effort
+        try:
+            text = self._formatter(messages=template_messages(req.messages, family, tools), **extra).prompt
+        except Exception as exc:
+            raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
+        prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        self._check_not_empty(prompt, "messages")
+        self._check_fits(len(prompt), 1, "messages")
+        plan = self._plan(req, thinking=self.think and text.rstrip().endswith("<think>"))
+        sampling = req.sampling
+        if plan.grammar is not None or plan.lazy is not None:
+            # the plan's grammar covers a JSON answer too
+            sampling = dataclasses.replace(sampling, json_schema=None, json_object=False)
+        source = _LlamaSource(self, sampling, special=family is not Family.GENERIC)
+        with self.lock:
+            return run_chat(
+                ctx,
+                source,
+                prompt,
+                plan,
+                sampling,
+                room=self.n_ctx - len(prompt),
+                model_id=self.model_id,
+                logprob_of=self._logprob_of(sampling),
+            )
+
+    def _plan(self, req: ChatRequest, *, thinking: bool) -> ChatPlan:
+        """How this model's reply is constrained and read (see ChatPlan)."""
+        family, tools = self.family, req.tools
+        sampling = req.sampling
+        if family is Family.HARMONY:
+            # gpt-oss's own channels carry calls; its special tokens are not held to a grammar here
+            return ChatPlan(parser=HarmonyParser(tools=tools is not None))
+        answer: dict[str, Any] | None = None
+        if sampling.json_schema is not None:
+            answer = dict(sampling.json_schema)
+        elif sampling.json_object:
+            answer = {"type": "object"}
+        think = "open" if thinking else ("optional" if self.think else None)
+        if tools is None:
+            return ChatPlan(parser=OutputParser(family, tools=False, think=self.think, thinking=thinking))
+        functions = tools.allowed
+        if tools.required or answer is not None:
+            # the reply is constrained from its first token: calls only, or calls or a JSON answer
+            grammar = call_grammar(
+                family,
+                functions,
+                max_calls=tools.max_calls,
+                answer=None if tools.required else answer,
+                think=think,
+            )
+            return ChatPlan(
+                parser=OutputParser(family, tools=True, think=self.think, thinking=thinking),
+                max_calls=tools.max_calls,
+                grammar=grammar,
+            )
+        as_text = None
+        if family is Family.GENERIC:
+
+            def as_text(prefix: str) -> tuple[str, Parser]:
+                grammar = TEXT_ONLY_GRAMMAR.replace("root ::=", f"root ::= {gbnf_literal(prefix)}", 1)
+                return grammar, OutputParser(family, tools=False, think=self.think)
+
+        return ChatPlan(
+            parser=OutputParser(family, tools=True, think=self.think, thinking=thinking, halt_on_open=True),
+            max_calls=tools.max_calls,
+            lazy=lambda prefix: call_grammar(family, functions, max_calls=tools.max_calls, prefix=prefix),
+            answered=req.answered(),
+            as_text=as_text,
+        )
+
+    def complete(self, ctx: RequestContext) -> Reply:
+        prompt = prompt_of(ctx.params)
+        sampling = Sampling.from_params(ctx.params)
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=self._add_bos, special=False)
+        return self._generate(ctx, tokens, sampling, stream=ctx.stream, param="prompt")
+
+    def embed(self, ctx: RequestContext) -> Reply:
+        inputs = ctx.params.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
+            raise UnsupportedError(
+                "input must be a string or a list of strings", reason="invalid_request", param="input"
+            )
+        if self._embedder is None:
+            if self._reserve_embedder is not None:
+                self._reserve_embedder()  # its own cache counts against the budget
+            # A second load of the model: a phase of its own for the watchdog.
+            with ctx.phase(f"load of {self.model_id}'s embedding context", ctx.stall_limit_s):
+                self._embedder = self._load(embedding=True, progress=ctx.progress)
+        vectors = []
+        used = 0
+        for text in inputs:
+            ctx.check()
+            tokens = self._embedder.tokenize(text.encode("utf-8"), add_bos=self._add_bos)
+            self._check_not_empty(tokens, "input")
+            self._check_fits(len(tokens), 0, "input")
+            used += len(tokens)
+            vectors.append([float(x) for x in self._embedder.embed(text, normalize=True)])
+        return Reply({"embeddings": vectors, "usage": {"prompt_tokens": used}})
+
+    # -- generation ---------------------------------------------------------------
+
+    def _check_not_empty(self, tokens: list[int], param: str) -> None:
+        # The tokenizer may drop every character (control bytes): llama.cpp asserts or
+        # fails to decode on no tokens, and a failed decode has damaged its heap here.
+        if not tokens:
+            raise UnsupportedError(
+                f"'{param}' holds no text {self.model_id}'s tokenizer keeps (nothing left to read)",
+                reason="invalid_request",
+                param=param,
+            )
+
+    def _check_fits(self, n_prompt: int, n_min_new: int, param: str) -> None:
+        n_ctx = self.n_ctx
+        if n_prompt + n_min_new > n_ctx:
+            raise UnsupportedError(
+                f"the prompt is {n_prompt} tokens, but {self.model_id}'s context holds {n_ctx} tokens"
+                + (f" and {n_min_new} must be left for the reply" if n_min_new else ""),
+                reason=CONTEXT_EXCEEDED,
+                param=param,
+            )
+
+    def _compile(self, gbnf: str) -> LlamaGrammar:
+        """A grammar allm wrote itself (tool calls): one that fails to compile is allm's bug."""
+        try:
+            return LlamaGrammar.from_string(gbnf, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise InternalError(f"a tool-call grammar failed to compile: {exc}", restart=True) from exc
+
+    def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
+        try:
+            if sampling.json_schema is not None:
+                gbnf = strict_strings(json_schema_to_gbnf(json.dumps(sampling.json_schema)))
+                return LlamaGrammar.from_string(gbnf, verbose=False)
+            if sampling.json_object:
+                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+            # The gateway lets through only schemas the converter handles; one that still
+            # fails went through llama.cpp's grammar parser, whose failures have been seen
+            # to damage the heap for later requests (docs/reliability.md): restart.
+            raise UnsupportedError(
+                f"the JSON schema cannot be turned into a grammar: {exc}",
+                reason="invalid_request",
+                param="response_format",
+                restart=True,
+            ) from exc
+        return None
+
+    def _tokens(
+        self, prompt: list[int], sampling: Sampling, gbnf: str | None = None
+    ) -> Generator[int, None, None]:
+        sampling.check_vocab(self.llm.n_vocab())
+        grammar = self._grammar(sampling) if gbnf is None else self._compile(gbnf)
+        if sampling.seed is not None:
+            # A reused prompt prefix is decoded in other batch shapes, which moves
+            # the logits by rounding: a seeded request starts from scratch to reproduce.
+            self.llm.reset()
+        seed = sampling.seed_or_random()
+        self.llm.set_seed(seed)
+        self.llm.chain = lambda: self._sampler_chain(sampling, grammar, seed)
+        try:
+            yield from self.llm.generate(prompt, reset=True, grammar=grammar)
+        except MemoryError as exc:
+            raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
+        except RuntimeError as exc:
+            # A failed llama_decode leaves the context's cache in an unknown state: restart.
+            raise InternalError(f"llama.cpp failed while generating: {exc}", restart=True) from exc
+        finally:
+            self.llm.chain = None
+
+    def _sampler_chain(
+        self, sampling: Sampling, grammar: LlamaGrammar | None, seed: int
+    ) -> llama_internals.LlamaSampler:
+        """llama.cpp's native samplers in the order of allm/managers/text/sampling.py."""
+        chain = llama_internals.LlamaSampler()
+        n_vocab = self.llm.n_vocab()
+        if sampling.logit_bias:
+            chain.add_logit_bias(n_vocab, dict(sampling.logit_bias))
+        if sampling.penalized:
+            chain.add_penalties(
+                n_vocab,
+                PENALTY_LAST_N,
+                sampling.repeat_penalty,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
+            )
+        if grammar is not None:
+            chain.add_grammar(self.llm._model, grammar)
+        if sampling.temperature == 0:
+            chain.add_greedy()
+            return chain
+        if sampling.top_k > 0:
+            chain.add_top_k(sampling.top_k)
+        if sampling.top_p < 1.0:
+            chain.add_top_p(sampling.top_p, 1)
+        if sampling.min_p > 0.0:
+            chain.add_min_p(sampling.min_p, 1)
+        chain.add_temp(sampling.temperature)
+        chain.add_dist(seed)
+        return chain
+
+    def logprob_entry(self, token: int, top_n: int) -> dict[str, Any]:
+        """OpenAI's logprobs entry for ``token``, just yielded by generation.
+
+        Call it before the next token is pulled: it reads the logits llama.cpp
+        holds for the position ``token`` was drawn at. These are the model's own
+        distribution (the log-softmax of the raw logits), before logit_bias,
+        penalties, grammar or any filter, as OpenAI's logprobs are.
+        """
+        n_vocab = self.llm.n_vocab()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+        return logprob_entry(logits, token, top_n, self._token_bytes)
+
+    def _token_bytes(self, token: int) -> bytes:
+        """A token's own bytes: no leading space stripped, special tokens as their text."""
+        vocab = self.llm._model.vocab
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n
+
+    def _logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
+        """What the token loop calls for each token's logprobs, when the request asks for them."""
+        if not sampling.logprobs:
+            return None
+        top_n = sampling.top_logprobs
+        return lambda token: self.logprob_entry(token, top_n)
+
+    def _generate(
+        self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str
+    ) -> Reply:
+        self._check_not_empty(prompt, param)
+        self._check_fits(len(prompt), 1, param)
+        vocab = self.llm._model.vocab
+        with self.lock:
+            return run_generation(
+                ctx,
+                self._tokens(prompt, sampling),
+                _LlamaDetokenizer(self.llm, prompt),
+                lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+                sampling,
+                prompt_tokens=len(prompt),
+                room=self.n_ctx - len(prompt),
+                stream=stream,
+                model_id=self.model_id,
+                logprob_of=self._logprob_of(sampling),
+            )
+
+
+class _LlamaSource:
+    """A LlamaEngine as the chat loop's TokenSource, for one request's sampling."""
+
+    def __init__(self, engine: LlamaEngine, sampling: Sampling, *, special: bool) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.special = special
+        self.vocab = engine.llm._model.vocab
+
+    def tokens(self, prompt: list[int], grammar: str | None) -> Generator[int, None, None]:
+        return self.engine._tokens(prompt, self.sampling, grammar)
+
+    def detokenizer(self, prompt: list[int]) -> ChatDetokenizer:
+        return _LlamaDetokenizer(self.engine.llm, prompt, special=self.special)
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+class _LlamaDetokenizer:
+    """Token bytes through an incremental UTF-8 decoder: no character is split.
+
+    ``special``: control tokens show as their text, for models whose tool and
+    channel markers are such tokens (``[TOOL_CALLS]``, ``<|channel|>``).
+    """
+
+    def __init__(self, llm: llama_cpp.Llama, prompt: list[int], *, special: bool = False) -> None:
+        self.llm = llm
+        self.previous = list(prompt[-4:])  # context for tokenizers that strip leading spaces
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.special = special
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an unfinished character are held back."""
+        return bool(self.decoder.getstate()[0])
+
+    def feed(self, token: int) -> str:
+        piece = self.llm.detokenize([token], prev_tokens=self.previous, special=self.special)
+        self.previous = [*self.previous[-3:], token]
+        return self.decoder.decode(piece)
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)

@@ -1,0 +1,269 @@
+"""The text models in memory: load on demand within a budget, evict LRU, unload when idle.
+
+Before a load, the memory a model needs is estimated from its files (weights
+plus the key/value cache for its context) and compared with the budget and
+with what the host has free.  A model that cannot fit is OOM_RAM with both
+figures, instead of a load that takes the machine down.  A context loaded
+later for a model in memory (llama.cpp's embedding context) reserves its
+share the same way.
+
+A load can take minutes (a 7B model in float32, a slow disk), so nothing that
+heartbeats or status reads waits for one: the bookkeeping lock is never held
+across a load, and ``loaded()``/``loading()`` read snapshots.  One model loads
+at a time; a request for a model being loaded waits for that load (within its
+deadline) instead of loading it twice.  A load runs as its request's
+``phase``: the loader's progress feeds the watchdog, which declares a load
+stuck only when its progress stops for ``load_stall_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from allm.kernel.codes import OomRamError, UnsupportedError
+from allm.kernel.runtime import RequestContext
+
+log = logging.getLogger("allm.text.pool")
+
+MIB = 1024 * 1024
+
+
+class Engine(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelEntry:
+    id: str
+    path: Path
+    format: str | None = None  # "gguf" or "safetensors" where a directory holds both
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, raw: Mapping[str, Any]) -> ModelEntry:
+        return cls(
+            id=str(raw["id"]),
+            path=Path(raw["path"]),
+            format=raw.get("format"),
+            options=dict(raw.get("options") or {}),
+        )
+
+
+Progress = Callable[[float], None]  # a load's fraction done, 0.0 … 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What loading a model will take, worked out before loading it."""
+
+    estimate_bytes: int
+    load: Callable[[Progress, Callable[[int, str], None]], Engine]  # (progress, reserve)
+
+
+class _Loading:
+    __slots__ = ("fraction", "started")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.fraction: float | None = None
+
+
+class _Loaded:
+    __slots__ = ("engine", "estimate_bytes", "in_use", "last_used")
+
+    def __init__(self, engine: Engine, estimate_bytes: int) -> None:
+        self.engine = engine
+        self.estimate_bytes = estimate_bytes
+        self.in_use = 0
+        self.last_used = time.monotonic()
+
+
+class ModelPool:
+    def __init__(
+        self,
+        catalog: Mapping[str, ModelEntry],
+        plan: Callable[[ModelEntry], Plan],
+        *,
+        budget_bytes: int | None = None,
+        idle_unload_s: float | None = None,
+        free_bytes: Callable[[], int] = lambda: psutil.virtual_memory().available,
+        load_stall_s: float | None = None,
+    ) -> None:
+        self.catalog = dict(catalog)
+        self._plan = plan
+        self.budget_bytes = budget_bytes
+        self.idle_unload_s = idle_unload_s
+        self.load_stall_s = load_stall_s
+        self._free_bytes = free_bytes
+        self._loaded: dict[str, _Loaded] = {}
+        self._loading: dict[str, _Loading] = {}
+        self._names: tuple[str, ...] = ()  # snapshot of _loaded's keys, for heartbeats
+        self._lock = threading.RLock()  # bookkeeping only: never held across a load
+        self._load_lock = threading.Lock()  # one load at a time, so budgets add up
+        self._closed = threading.Event()
+        if idle_unload_s:
+            threading.Thread(target=self._sweep_idle, name="idle-unload", daemon=True).start()
+
+    def loaded(self) -> tuple[str, ...]:
+        """The models in memory; never waits (heartbeats call it)."""
+        return self._names
+
+    def loading(self) -> dict[str, dict[str, float | None]]:
+        """The models being loaded, with seconds elapsed and fraction done; never waits."""
+        now = time.monotonic()
+        return {
+            model: {"elapsed_s": round(now - rec.started, 2), "fraction": rec.fraction}
+            for model, rec in list(self._loading.items())
+        }
+
+    @contextlib.contextmanager
+    def use(self, model_id: str, ctx: RequestContext | None = None) -> Iterator[Any]:
+        """The engine for a model, loading it first if needed; kept loaded while in use."""
+        slot = self._acquire(model_id, ctx)
+        try:
+            yield slot.engine
+        finally:
+            with self._lock:
+                slot.in_use -= 1
+                slot.last_used = time.monotonic()
+
+    def unload(self, model_id: str) -> bool:
+        with self._lock:
+            slot = self._loaded.get(model_id)
+            if slot is None or slot.in_use:
+                return False
+            del self._loaded[model_id]
+            self._names = tuple(self._loaded)
+        slot.engine.close()
+        log.info("unloaded %s", model_id)
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            slots, self._loaded, self._names = list(self._loaded.values()), {}, ()
+        for slot in slots:
+            slot.engine.close()
+
+    def _take(self, model_id: str) -> _Loaded | None:
+        with self._lock:
+            slot = self._loaded.get(model_id)
+            if slot is not None:
+                slot.in_use += 1
+            return slot
+
+    def _acquire(self, model_id: str, ctx: RequestContext | None) -> _Loaded:
+        slot = self._take(model_id)
+        if slot is not None:
+            return slot
+        # Wait for any other load first (checking our own deadline and cancel):
+        # it may be this very model, and budgets only add up one load at a time.
+        while not self._load_lock.acquire(timeout=0.1):
+            if ctx is not None:
+                ctx.check()
+        try:
+            slot = self._take(model_id)
+            if slot is not None:
+                return slot
+            self._loading[model_id] = record = _Loading()
+            try:
+                phase = (
+                    ctx.phase(f"load of model {model_id!r}", self.load_stall_s)
+                    if ctx is not None
+                    else contextlib.nullcontext()
+                )
+                with phase:
+
+                    def progress(fraction: float) -> None:
+                        record.fraction = fraction
+                        if ctx is not None:
+                            ctx.progress(fraction)
+
+                    slot = self._load(model_id, progress)
+            finally:
+                del self._loading[model_id]
+            with self._lock:
+                slot.in_use += 1
+                self._loaded[model_id] = slot
+                self._names = tuple(self._loaded)
+            return slot
+        finally:
+            self._load_lock.release()
+
+    def _load(self, model_id: str, progress: Progress) -> _Loaded:
+        entry = self.catalog.get(model_id)
+        if entry is None:
+            raise UnsupportedError(
+                f"model {model_id!r} is not in this manager's catalog",
+                reason="model_not_found",
+                param="model",
+            )
+        plan = self._plan(entry)
+        need = plan.estimate_bytes
+        if self.budget_bytes is not None and need > self.budget_bytes:
+            raise OomRamError(
+                f"{model_id} needs about {need / MIB:.0f} MiB, more than the text memory budget "
+                f"of {self.budget_bytes / MIB:.0f} MiB"
+            )
+        self._make_room(need, model_id)
+        started = time.monotonic()
+        holder: list[_Loaded] = []
+
+        def reserve(extra_bytes: int, what: str) -> None:
+            """A context loaded later for this model takes its share of the budget too."""
+            self._make_room(extra_bytes, f"{what} of {model_id}")
+            with self._lock:
+                holder[0].estimate_bytes += extra_bytes
+
+        slot = _Loaded(plan.load(progress, reserve), need)
+        holder.append(slot)
+        log.info("loaded %s in %.2f s (estimate %.0f MiB)", model_id, time.monotonic() - started, need / MIB)
+        return slot
+
+    def _make_room(self, need: int, what: str) -> None:
+        """Unload least recently used idle models until ``need`` fits, or raise OOM_RAM."""
+        with self._lock:
+            order = sorted(self._loaded, key=lambda m: self._loaded[m].last_used)
+        for victim in order:
+            if self._fits(need):
+                break
+            self.unload(victim)  # refuses a model in use
+        if not self._fits(need):
+            with self._lock:
+                used = sum(s.estimate_bytes for s in self._loaded.values())
+            raise OomRamError(
+                f"{what} needs about {need / MIB:.0f} MiB; {self._free_bytes() / MIB:.0f} MiB of host "
+                f"memory is free and {used / MIB:.0f} MiB is held by models in use"
+                + (f" (text memory budget {self.budget_bytes / MIB:.0f} MiB)" if self.budget_bytes else "")
+            )
+
+    def _fits(self, need: int) -> bool:
+        if self.budget_bytes is not None:
+            with self._lock:
+                used = sum(s.estimate_bytes for s in self._loaded.values())
+            if used + need > self.budget_bytes:
+                return False
+        return need <= self._free_bytes()
+
+    def _sweep_idle(self) -> None:
+        assert self.idle_unload_s is not None
+        interval = max(0.05, min(1.0, self.idle_unload_s / 4))
+        while not self._closed.wait(interval):
+            now = time.monotonic()
+            with self._lock:
+                idle = [
+                    m
+                    for m, s in self._loaded.items()
+                    if not s.in_use and now - s.last_used > self.idle_unload_s
+                ]
+            for model_id in idle:
+                self.unload(model_id)
