@@ -266,7 +266,7 @@ TEMPLATE_EOS = {"llama3.1": "<|eot_id|>"}
 
 
 def write_tiny_llama_gguf(path: Path, template: str | None = None) -> Path:
-    """A tiny random llama GGUF that llama.cpp loads and chats with (ENGINE-NOTES' recipe).
+    """A tiny random llama GGUF that llama.cpp loads and chats with.
 
     Its tokenizer is the byte-level BPE trained by ``write_tokenizer`` (GGUF type
     gpt2, pre-tokenizer gpt-2), special tokens are CONTROL so ``<|im_start|>`` is

@@ -6,7 +6,7 @@ import enum
 
 
 class Code(enum.IntEnum):
-    """The ten codes of DESIGN.md, exactly; the wire carries the integer."""
+    """The ten codes of docs/design.md, exactly; the wire carries the integer."""
 
     OK = 0
     OOM_VRAM = 1

@@ -3,7 +3,7 @@
 Each manager instance is a fresh interpreter (``python -m allm.kernel.runtime
 <modality> …``), never a fork of this process.  The supervisor runs in the
 same event loop as the kernel client and tells it about each death, so the
-requests in flight there end with the code of DESIGN.md's fault table:
+requests in flight there end with the code of the fault table (docs/reliability.md):
 
     exit by signal / status          INTERNAL, message names the signal or status
     allocated memory over its cap    OOM_RAM (the supervisor kills it)

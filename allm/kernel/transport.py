@@ -1,7 +1,7 @@
 """ZeroMQ sockets: the manager's ROUTER, the client's DEALER, framing and polling.
 
-This is the only module that touches zmq.  Two traps it exists to avoid
-(ENGINE-NOTES.md):
+This is the only module that touches zmq.  Two traps it exists to avoid,
+both measured with pyzmq 27:
 
 - A ROUTER silently drops messages for a peer whose queue is full.  The
   manager's ROUTER sets ROUTER_MANDATORY, so a full peer answers ``FULL`` and

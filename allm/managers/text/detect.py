@@ -1,6 +1,6 @@
 """Which engine a text model needs, from what is on disk.
 
-The rule of DESIGN.md: a ``.gguf`` file (or a directory holding one) → llama.cpp;
+The rule of docs/design.md: a ``.gguf`` file (or a directory holding one) → llama.cpp;
 a directory with ``*.safetensors`` and ``config.json`` → the safetensors engine;
 both → the format given at registration, safetensors when none was given;
 neither → FORMAT_MISMATCH naming what was found.

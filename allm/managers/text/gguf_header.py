@@ -1,7 +1,7 @@
 """Read and check a GGUF file's header before llama.cpp sees it.
 
 llama-cpp-python answers every bad file with the same "Failed to load model"
-(ENGINE-NOTES.md).  This reader tells the causes apart, each as its code:
+(the reason is only in its log).  This reader tells the causes apart, each as its code:
 
     not there / unreadable                     LOAD_FAILED
     does not start with the GGUF magic         FORMAT_MISMATCH
