@@ -1,48 +1,210 @@
-"""The allm command line: ``allm serve`` runs the gateway, the supervisor and the managers."""
+"""The allm command line.
+
+``allm serve`` runs the gateway, the supervisor and the managers on this host; ``allm
+check`` and ``allm models`` read the catalog without starting anything.  This module is
+the one place that knows every layer: it asks each manager module (through the static
+registry) what it can tell of its models, so a model whose engine is missing is refused
+before the server starts, and the gateway itself never imports a manager.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from allm.gateway.config import ConfigError, load
+from allm import __version__
+from allm.gateway.config import Config, ConfigError, ModelConfig, load, read
+from allm.kernel.registry import module_for
+
+log = logging.getLogger("allm")
+
+CONFIG_HELP = "TOML file: [server], [text], [[models]] (default: ALLM_CONFIG, else the embedded model alone)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="allm", description="A local inference server behind the OpenAI APIs."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the HTTP API with every manager, on this host")
-    serve.add_argument("--config", type=Path, help="TOML file: [server], [text], [[models]] (or ALLM_CONFIG)")
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
-    serve.add_argument("--data-dir", help="where stored responses live (ALLM_DATA_DIR)")
-    args = parser.parse_args(argv)
+def describe(model: ModelConfig) -> Any:
+    """The manager's report on one catalog entry (format, engine, size, problems); loads nothing."""
+    module = importlib.import_module(module_for(model.modality))
+    return module.describe(model.settings())
 
-    logging.basicConfig(
-        level=os.environ.get("ALLM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s",
-    )
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _load(path: Path | None, flags: dict[str, Any] | None = None) -> Config | None:
     try:
-        config = load(args.config, flags={"host": args.host, "port": args.port, "data_dir": args.data_dir})
+        return load(path, flags=flags)
     except ConfigError as exc:
-        print(f"allm: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"allm: {problem}", file=sys.stderr)
+        return None
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = _load(args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir})
+    if config is None:
+        return 2
+    missing = []
+    for model in config.models:
+        report = describe(model)
+        for problem in report.problems:
+            if report.engine is not None and problem.field == "format" and not report.engine.installed():
+                missing.append(f"model {model.id!r} {problem.message}")
+            else:  # the files may yet appear; requests for the model say what is wrong until then
+                log.warning("model %r: field %r: %s", model.id, problem.field, problem.message)
+    if missing:
+        for line in missing:
+            print(f"allm: {line}", file=sys.stderr)
         return 2
 
     from allm.gateway.app import create_app
 
     app = create_app(config)
     print(
-        f"allm: serving {', '.join(m.id for m in config.models)} on http://{config.host}:{config.port}",
+        f"allm {__version__}: serving {', '.join(m.id for m in config.models)} "
+        f"on http://{config.host}:{config.port}",
         flush=True,
     )
     app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False)
     return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    try:
+        config, settings = read(args.config)
+    except ConfigError as exc:  # no file, or not TOML: nothing more to read
+        print(f"allm: {exc}", file=sys.stderr)
+        return 1
+    problems = list(settings) + [
+        f"model {model.id!r}: field {problem.field!r}: {problem.message}"
+        for model in config.models
+        for problem in describe(model).problems
+    ]
+    for line in problems:
+        print(f"allm: {line}", file=sys.stderr)
+    if problems:
+        print(f"allm check: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    where = args.config or os.environ.get("ALLM_CONFIG") or "the default configuration"
+    print(f"allm check: {where} is valid: {len(config.models)} model(s)")
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    try:
+        config, settings = read(args.config)
+    except ConfigError as exc:
+        print(f"allm: {exc}", file=sys.stderr)
+        return 1
+    for problem in settings:
+        print(f"allm: {problem}", file=sys.stderr)
+    rows = []
+    for model in config.models:
+        report = describe(model)
+        engine = report.engine
+        rows.append(
+            {
+                "id": model.id,
+                "modality": model.modality,
+                "format": report.format,
+                "engine": engine.name if engine else None,
+                "size_bytes": report.size_bytes,
+                "installed": engine.installed() if engine else None,
+                "install": engine.install_command() if engine and not engine.installed() else None,
+                "problems": [f"{p.field}: {p.message}" for p in report.problems],
+                "path": model.path,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("ID", "MODALITY", "FORMAT", "ENGINE", "SIZE", "INSTALLED")]
+    for row in rows:
+        installed = (
+            "-" if row["installed"] is None else "yes" if row["installed"] else f"no: {row['install']}"
+        )
+        table.append(
+            (
+                row["id"],
+                row["modality"],
+                row["format"] or "?",
+                row["engine"] or "?",
+                _size(row["size_bytes"]),
+                installed,
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    troubled = [row for row in rows if row["problems"]]
+    if troubled or settings:
+        print(f"\n{len(troubled)} model(s) with problems, {len(settings)} bad setting(s): run allm check")
+    return 1 if settings else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="allm",
+        description="A local inference server for text, speech and images behind the OpenAI HTTP APIs.",
+        epilog="Each command has its own --help.",
+    )
+    top.add_argument("--version", action="version", version=f"allm {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "serve",
+        help="serve the HTTP API, with every manager, on this host",
+        description="Serve the OpenAI HTTP APIs on this host, supervising one process per manager. "
+        "Refuses to start if a model's engine is not installed.",
+    )
+    run.add_argument("--config", type=Path, help=CONFIG_HELP)
+    run.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
+    run.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
+    run.add_argument("--data-dir", help="where stored responses live (ALLM_DATA_DIR)")
+    run.set_defaults(run=serve)
+
+    validate = commands.add_parser(
+        "check",
+        help="validate a configuration and its catalog, starting nothing",
+        description="Check the settings and every catalog entry (its files, format, options and engine) "
+        "without starting anything. Prints every problem found, each naming its entry and field; "
+        "exits 1 if there is any.",
+    )
+    validate.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help=CONFIG_HELP)
+    validate.set_defaults(run=check)
+
+    listing = commands.add_parser(
+        "models",
+        help="list the catalog: format, engine, size, whether the engine is installed",
+        description="List every model of the catalog with its format, engine, size on disk and whether "
+        "its engine is installed (with the pip command that installs it where it is not).",
+    )
+    listing.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help=CONFIG_HELP)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(run=models)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("ALLM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s",
+    )
+    status: int = args.run(args)
+    return status
 
 
 if __name__ == "__main__":

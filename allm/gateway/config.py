@@ -10,7 +10,7 @@ import dataclasses
 import importlib.util
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -62,7 +62,36 @@ RESPONSES_MAX_STORED = 10_000
 
 
 class ConfigError(ValueError):
-    """A setting that stops start-up; the message names it."""
+    """Settings that stop start-up: every problem found, each naming its setting or entry."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            super().__init__(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Problems:
+    """Collects the problems of independent settings, so one run reports them all."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def take(self, check: Callable[..., Any], *args: Any, default: Any = None, **kwargs: Any) -> Any:
+        """``check(*args, **kwargs)``, or ``default`` with its problem kept."""
+        try:
+            return check(*args, **kwargs)
+        except ConfigError as exc:
+            self.found.extend(exc.problems)
+            return default
+
+    def add(self, problem: str) -> None:
+        self.found.append(problem)
+
+    def check(self) -> None:
+        if self.found:
+            raise ConfigError(*self.found)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -148,32 +177,42 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _model(i: int, raw: Any, base: Path) -> ModelConfig:
+def _model(i: int, raw: Any, base: Path, problems: _Problems) -> ModelConfig | None:
+    """One catalog entry, every bad field of it reported; None when it is unusable."""
     where = f"models[{i}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
+        problems.add(f"{where} must be a table")
+        return None
     unknown = set(raw) - {"id", "path", "modality", "format", "options", "defaults"}
     if unknown:
-        raise ConfigError(f"{where} has unknown field(s) {sorted(unknown)}")
+        problems.add(f"{where} has unknown field(s) {sorted(unknown)}")
+    usable = True
     for field in ("id", "path"):
         if not isinstance(raw.get(field), str) or not raw[field]:
-            raise ConfigError(f"{where} needs a non-empty string field {field!r}")
-    where = f"model {raw['id']!r}"
+            problems.add(f"{where} needs a non-empty string field {field!r}")
+            usable = False
+    if isinstance(raw.get("id"), str) and raw["id"]:
+        where = f"model {raw['id']!r}"
     modality = raw.get("modality", "text")
     if modality not in MANAGERS:
-        raise ConfigError(f"{where}: field 'modality' is {modality!r}; allm serves {sorted(MANAGERS)}")
+        problems.add(f"{where}: field 'modality' is {modality!r}; allm serves {sorted(MANAGERS)}")
+        usable = False
     fmt = raw.get("format")
     if fmt is not None and fmt not in FORMATS:
-        raise ConfigError(f"{where}: field 'format' must be one of {FORMATS}, got {fmt!r}")
+        problems.add(f"{where}: field 'format' must be one of {FORMATS}, got {fmt!r}")
+        usable = False
     options = raw.get("options", {})
     if not isinstance(options, dict):
-        raise ConfigError(f"{where}: field 'options' must be a table")
+        problems.add(f"{where}: field 'options' must be a table")
+        usable = False
+    defaults = problems.take(_sampling_defaults, where, raw.get("defaults", {}))
+    if defaults and modality != "text":
+        problems.add(f"{where}: field 'defaults' holds sampling values, which only text models take")
+    if not usable or defaults is None:
+        return None
     path = Path(raw["path"]).expanduser()
     if not path.is_absolute():
         path = base / path
-    defaults = _sampling_defaults(where, raw.get("defaults", {}))
-    if defaults and modality != "text":
-        raise ConfigError(f"{where}: field 'defaults' holds sampling values, which only text models take")
     return ModelConfig(raw["id"], str(path), modality, fmt, options, defaults)
 
 
@@ -187,14 +226,18 @@ def _sampling_defaults(where: str, raw: Any) -> dict[str, float]:
             f"known: {sorted(SAMPLING_BOUNDS)}"
         )
     out: dict[str, float] = {}
+    problems = _Problems()
     for key, value in raw.items():
         kind = int if key == "top_k" else float
         lo, hi = SAMPLING_BOUNDS[key]
         name = f"{where}: defaults.{key}"
-        _typed(name, value, kind, minimum=lo)
+        if problems.take(_typed, name, value, kind, minimum=lo) is None:
+            continue
         if value > hi:
-            raise ConfigError(f"setting {name} must be at most {hi:g}, got {value!r}")
+            problems.add(f"setting {name} must be at most {hi:g}, got {value!r}")
+            continue
         out[key] = kind(value)
+    problems.check()
     return out
 
 
@@ -204,7 +247,27 @@ def load(
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Build the config: defaults, then the TOML file, then ALLM_* variables, then flags."""
+    """Build the config: defaults, then the TOML file, then ALLM_* variables, then flags.
+
+    Raises one ConfigError holding every problem found, not only the first.
+    """
+    config, problems = read(file, environ=environ, flags=flags)
+    if problems:
+        raise ConfigError(*problems)
+    return config
+
+
+def read(
+    file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> tuple[Config, tuple[str, ...]]:
+    """The config as far as it is usable, and every problem found (a bad value keeps its default).
+
+    ``allm check`` uses it to go on to the models that are well-formed; a file that is
+    missing or not TOML still raises ConfigError, as nothing can be read from it.
+    """
     environ = os.environ if environ is None else environ
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     file = file or (Path(environ["ALLM_CONFIG"]) if environ.get("ALLM_CONFIG") else None)
@@ -216,7 +279,12 @@ def load(
             raise ConfigError(f"config file not found: {file}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
-    server = dict(doc.get("server", {}))
+    problems = _Problems()
+    server = doc.get("server", {})
+    if not isinstance(server, dict):
+        problems.add("[server] must be a table")
+        server = {}
+    server = dict(server)
     env_names = {
         "host": "ALLM_HOST",
         "port": "ALLM_PORT",
@@ -248,14 +316,17 @@ def load(
     }
     unknown = set(server) - known
     if unknown:
-        raise ConfigError(f"[server] has unknown setting(s) {sorted(unknown)}")
+        problems.add(f"[server] has unknown setting(s) {sorted(unknown)}")
     values: dict[str, Any] = {}
-    for key in ("port",):
+
+    def setting(key: str, check: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if key in server:
-            values[key] = number(key, int, 0)
-    for key in ("max_body_bytes",):
-        if key in server:
-            values[key] = number(key, int, 1024)
+            value = problems.take(check, *args, **kwargs)
+            if value is not None:
+                values[key] = value
+
+    setting("port", number, "port", int, 0)
+    setting("max_body_bytes", number, "max_body_bytes", int, 1024)
     for key in (
         "request_timeout_s",
         "heartbeat_interval_s",
@@ -263,65 +334,47 @@ def load(
         "drain_timeout_s",
         "restart_cooldown_s",
     ):
-        if key in server:
-            values[key] = number(key, float, 0.01)
-    if "host" in server:
-        values["host"] = _typed("host", server["host"], str)
+        setting(key, number, key, float, 0.01)
+    setting("host", _typed, "host", server.get("host"), str)
     for key in ("data_dir", "runtime_dir"):
-        if key in server:
-            values[key] = Path(_typed(key, server[key], str)).expanduser()
+        setting(key, lambda key: Path(_typed(key, server[key], str)).expanduser(), key)
     for key in ("api_keys", "cors_origins"):
-        if key in server:
-            values[key] = _str_tuple(key, server[key])
+        setting(key, _str_tuple, key, server.get(key))
 
-    modalities = {}
     responses = doc.get("responses", {})
     if not isinstance(responses, dict):
-        raise ConfigError("[responses] must be a table")
+        problems.add("[responses] must be a table")
+        responses = {}
     unknown = set(responses) - {"ttl_s", "max_stored"}
     if unknown:
-        raise ConfigError(f"[responses] has unknown setting(s) {sorted(unknown)}")
-    if "ttl_s" in responses:
-        values["responses_ttl_s"] = _typed("responses.ttl_s", responses["ttl_s"], float, minimum=0.001)
-    if "max_stored" in responses:
-        values["responses_max_stored"] = _typed(
-            "responses.max_stored", responses["max_stored"], int, minimum=1
-        )
+        problems.add(f"[responses] has unknown setting(s) {sorted(unknown)}")
+    for key, field, kind, minimum in (
+        ("ttl_s", "responses_ttl_s", float, 0.001),
+        ("max_stored", "responses_max_stored", int, 1),
+    ):
+        if key in responses:
+            value = problems.take(_typed, f"responses.{key}", responses[key], kind, minimum=minimum)
+            if value is not None:
+                values[field] = value
 
+    modalities = {}
     for name in MANAGERS:
         raw = doc.get(name, {})
         if not isinstance(raw, dict):
-            raise ConfigError(f"[{name}] must be a table")
-        unknown = set(raw) - MODALITY_SETTINGS
-        if unknown:
-            raise ConfigError(f"[{name}] has unknown setting(s) {sorted(unknown)}")
-        budget = raw.get("memory_budget_mib")
-        cap = raw.get("memory_cap_mib")
-        modalities[name] = ModalityConfig(
-            instances=_typed(f"{name}.instances", raw.get("instances", 1), int, minimum=1),
-            queue_size=_typed(f"{name}.queue_size", raw.get("queue_size", 16), int, minimum=0),
-            memory_budget_bytes=None
-            if budget is None
-            else _typed(f"{name}.memory_budget_mib", budget, int, minimum=1) * MIB,
-            idle_unload_s=None
-            if raw.get("idle_unload_s") is None
-            else _typed(f"{name}.idle_unload_s", raw["idle_unload_s"], float, minimum=0.01),
-            memory_cap_bytes=None
-            if cap is None
-            else _typed(f"{name}.memory_cap_mib", cap, int, minimum=16) * MIB,
-            load_stall_s=_typed(f"{name}.load_stall_s", raw.get("load_stall_s", 120.0), float, minimum=0.1),
-            step_limit_s=_typed(f"{name}.step_limit_s", raw.get("step_limit_s", 300.0), float, minimum=0.1),
-        )
+            problems.add(f"[{name}] must be a table")
+            raw = {}
+        modalities[name] = _modality(name, raw, problems)
 
     raw_models = doc.get("models", [])
     if not isinstance(raw_models, list):
-        raise ConfigError("[[models]] must be an array of tables")
+        problems.add("[[models]] must be an array of tables")
+        raw_models = []
     base = file.parent if file is not None else Path.cwd()
-    models = [_model(i, raw, base) for i, raw in enumerate(raw_models)]
+    models = [m for i, raw in enumerate(raw_models) if (m := _model(i, raw, base, problems)) is not None]
     ids = [m.id for m in models]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ConfigError(f"model id(s) {duplicates} appear more than once in the catalog")
+        problems.add(f"model id(s) {duplicates} appear more than once in the catalog")
     if not any(m.modality == "text" for m in models):
         default = default_model_path()
         if default is not None:
@@ -336,4 +389,28 @@ def load(
                     dict(DEFAULT_MODEL_SAMPLING),
                 ),
             )
-    return Config(**values, modalities=modalities, models=tuple(models))
+    return Config(**values, modalities=modalities, models=tuple(models)), tuple(problems.found)
+
+
+def _modality(name: str, raw: Mapping[str, Any], problems: _Problems) -> ModalityConfig:
+    """One [MODALITY] table; a bad setting is reported and its default kept."""
+    unknown = set(raw) - MODALITY_SETTINGS
+    if unknown:
+        problems.add(f"[{name}] has unknown setting(s) {sorted(unknown)}")
+    defaults = ModalityConfig()
+
+    def value(key: str, kind: type, minimum: float, default: Any, scale: int = 1) -> Any:
+        if raw.get(key) is None:
+            return default
+        checked = problems.take(_typed, f"{name}.{key}", raw[key], kind, minimum=minimum)
+        return default if checked is None else checked * scale
+
+    return ModalityConfig(
+        instances=value("instances", int, 1, defaults.instances),
+        queue_size=value("queue_size", int, 0, defaults.queue_size),
+        memory_budget_bytes=value("memory_budget_mib", int, 1, None, MIB),
+        idle_unload_s=value("idle_unload_s", float, 0.01, None),
+        memory_cap_bytes=value("memory_cap_mib", int, 16, None, MIB),
+        load_stall_s=value("load_stall_s", float, 0.1, defaults.load_stall_s),
+        step_limit_s=value("step_limit_s", float, 0.1, defaults.step_limit_s),
+    )

@@ -44,6 +44,8 @@ REASONS: Final[Mapping[str, tuple[int, str]]] = {
     "model_not_found": (404, "invalid_request_error"),
     "manager_failed": (503, "server_error"),
     "draining": (503, "server_error"),
+    # the catalog names a model whose engine this install lacks: the server's fault, not the request's
+    "engine_not_installed": (500, "server_error"),
 }
 
 RETRY_AFTER_S = 1

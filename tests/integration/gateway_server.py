@@ -62,13 +62,22 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(config_toml: str, tmp: Path, *, api_key: str | None = None) -> Iterator[Server]:
+def running_server(
+    config_toml: str,
+    tmp: Path,
+    *,
+    api_key: str | None = None,
+    allm: Path | None = None,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``allm serve`` (by default this environment's) on a free port, ready; stopped with SIGTERM after."""
     config = tmp / "allm.toml"
     config.write_text(config_toml)
     port = free_port()
-    env = {**os.environ, "ALLM_LOG_LEVEL": "WARNING"}
+    env = {**(os.environ if env is None else env), "ALLM_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(
-        [str(ALLM), "serve", "--config", str(config), "--port", str(port)], cwd=ROOT, env=env
+        [str(allm or ALLM), "serve", "--config", str(config), "--port", str(port)], cwd=cwd, env=env
     )
     server = Server(proc, port, api_key)
     try:

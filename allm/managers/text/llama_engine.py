@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from allm.kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
@@ -48,6 +48,7 @@ from allm.managers.text.generation import (
     template_messages,
 )
 from allm.managers.text.gguf_header import GGUFHeader
+from allm.managers.text.options import LlamaOptions
 from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -85,9 +86,6 @@ def _llama_reason() -> str:
     return _LOG_LINES[-1] if _LOG_LINES else "no reason logged"
 
 
-DEFAULT_N_CTX = 4096
-
-
 class _SamplingLlama(llama_cpp.Llama):
     """The binding's Llama, generating with a sampler chain of ours when one is set.
 
@@ -102,34 +100,6 @@ class _SamplingLlama(llama_cpp.Llama):
         if self.chain is not None:
             return self.chain()
         return super()._init_sampler(*args, **kwargs)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LlamaOptions:
-    n_ctx: int = DEFAULT_N_CTX
-    n_threads: int | None = None
-    n_gpu_layers: int = 0
-
-    @classmethod
-    def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
-        unknown = set(options) - {"n_ctx", "n_threads", "n_gpu_layers"}
-        if unknown:
-            raise LoadFailedError(f"{model_id}: unknown llama.cpp option(s) {sorted(unknown)}")
-
-        def count(key: str, default: int, minimum: int) -> int:
-            value = options.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise LoadFailedError(
-                    f"{model_id}: option {key} must be an integer ≥ {minimum}, got {value!r}"
-                )
-            return value
-
-        # By default leave a core for the manager's ZeroMQ I/O (ENGINE-NOTES.md).
-        return cls(
-            n_ctx=count("n_ctx", DEFAULT_N_CTX, 16),
-            n_threads=count("n_threads", max(1, (os.cpu_count() or 2) - 1), 1),
-            n_gpu_layers=count("n_gpu_layers", 0, -1),
-        )
 
 
 def free_vram_bytes() -> int | None:

@@ -40,6 +40,7 @@ from allm.kernel.codes import (
 from allm.kernel.runtime import Reply, RequestContext
 from allm.managers.text.chat_format import Family
 from allm.managers.text.generation import chat_request, prompt_of, run_generation, template_messages
+from allm.managers.text.options import BACKENDS, DEFAULT_N_CTX, check_safetensors_options, default_threads
 from allm.managers.text.sampling import Sampling, TokenPicker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +61,6 @@ ARCHITECTURES: Mapping[str, frozenset[str]] = {
     "nemotron": frozenset({"mlx", "transformers"}),
     "gpt_oss": frozenset({"mlx", "transformers"}),
 }
-BACKENDS = ("auto", "mlx", "transformers")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -149,9 +149,6 @@ def check_directory(path: Path) -> DirectoryInfo:
     return DirectoryInfo(path, model_type, config, total, quant.get("quant_method") == "mxfp4", tuple(files))
 
 
-DEFAULT_N_CTX = 4096  # as llama.cpp's default here: a 128k-token cache would dwarf most models
-
-
 def context_of(info: DirectoryInfo, options: Mapping[str, Any]) -> int:
     """The context a model is served with: ``n_ctx``, else 4096, never past what it was trained for."""
     trained = int(info.config.get("max_position_embeddings") or DEFAULT_N_CTX)
@@ -195,14 +192,18 @@ def read_ahead(files: Sequence[Path], progress: Callable[[float], None] | None) 
 
 def choose_backend(requested: str, model_type: str) -> str:
     if requested not in BACKENDS:
-        raise LoadFailedError(f"option backend must be one of {BACKENDS}, got {requested!r}")
+        raise LoadFailedError(
+            f"option backend must be one of {list(BACKENDS)}, got {requested!r}", param="options.backend"
+        )
     able = ARCHITECTURES[model_type]
     if requested == "auto":
         apple = sys.platform == "darwin" and platform.machine() == "arm64"
         preferred = "mlx" if apple else "transformers"
         return preferred if preferred in able else sorted(able)[0]
     if requested not in able:
-        raise UnsupportedError(f"model_type {model_type!r} does not run on the {requested} backend")
+        raise UnsupportedError(
+            f"model_type {model_type!r} does not run on the {requested} backend", param="options.backend"
+        )
     return requested
 
 
@@ -239,7 +240,7 @@ class _Transformers:
         import transformers
 
         self.torch = torch
-        torch.set_num_threads(int(options.get("n_threads") or max(1, (os.cpu_count() or 2) - 1)))
+        torch.set_num_threads(int(options.get("n_threads") or default_threads()))
         dtype = options.get("dtype", "float32")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(info.path), local_files_only=True)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -364,9 +365,7 @@ class SafetensorsEngine:
         options: Mapping[str, Any],
         progress: Callable[[float], None] | None = None,
     ) -> None:
-        unknown = set(options) - {"backend", "n_threads", "dtype", "n_ctx"}
-        if unknown:
-            raise LoadFailedError(f"{model_id}: unknown safetensors option(s) {sorted(unknown)}")
+        check_safetensors_options(model_id, options)
         self.model_id = model_id
         self.lock = threading.Lock()
         backend = choose_backend(str(options.get("backend", "auto")), info.model_type)

@@ -1,0 +1,77 @@
+"""The engines allm runs, the pip extra that installs each, and whether it is installed here.
+
+A static table, like the registry of managers.  The command line reads it to refuse a
+catalog entry whose engine is missing before anything starts; a manager reads it before
+it imports an engine, so a missing one is a message with the exact ``pip install``, never
+an ImportError in the middle of a request.  Nothing here imports an engine:
+``importlib.util.find_spec`` only looks for it.
+
+The extras themselves are declared in pyproject.toml; this table and that file name the
+same extras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from allm.kernel.codes import UnsupportedError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Engine:
+    name: str  # as its users know it
+    modules: tuple[str, ...]  # the top-level modules it imports
+    extra: str | None  # the extra of allm that installs it; None: allm's core install
+
+    def missing(self) -> tuple[str, ...]:
+        """The modules of this engine that are not installed here."""
+        return tuple(m for m in self.modules if importlib.util.find_spec(m) is None)
+
+    def installed(self) -> bool:
+        return not self.missing()
+
+    def install_command(self) -> str:
+        if self.extra is None:
+            return "pip install --force-reinstall allm"  # core: only a broken install lacks it
+        return f"pip install 'allm[{self.extra}]'"
+
+    def require(self, model_id: str) -> None:
+        """Raise UNSUPPORTED, with the command that installs it, if this engine is missing."""
+        missing = self.missing()
+        if missing:
+            raise UnsupportedError(
+                f"model {model_id!r} needs the {self.name} engine, which is not installed "
+                f"(no module {', '.join(missing)}): run {self.install_command()}",
+                reason="engine_not_installed",
+            )
+
+
+LLAMA_CPP: Final = Engine("llama.cpp", ("llama_cpp",), None)
+TRANSFORMERS: Final = Engine(
+    "transformers", ("torch", "transformers", "accelerate", "safetensors"), "safetensors"
+)
+MLX_LM: Final = Engine("mlx-lm", ("mlx", "mlx_lm"), "safetensors")
+
+ENGINES: Final[Mapping[str, Engine]] = MappingProxyType(
+    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM)}
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Problem:
+    field: str  # the catalog entry's field at fault: path, format, options.KEY
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelReport:
+    """What a manager can tell of a catalog entry without loading it (``allm check``, ``allm models``)."""
+
+    format: str | None  # None where neither the catalog nor the files say
+    engine: Engine | None
+    size_bytes: int | None  # the weights on disk
+    problems: tuple[Problem, ...] = ()
