@@ -17,7 +17,7 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
-from allm.gateway import chat, errors, openapi, ops, responses
+from allm.gateway import audio, chat, errors, openapi, ops, responses
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.store import ResponseStore
@@ -45,6 +45,8 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
             "memory_budget_bytes": None if budget is None else budget // options.instances,
             "idle_unload_s": options.idle_unload_s,
             "load_stall_s": options.load_stall_s,
+            # where a manager keeps what it makes from a model once (a converted copy)
+            "cache_dir": str(config.data_dir.expanduser() / "models"),
         }
         for instance in range(options.instances):
             specs.append(
@@ -70,6 +72,7 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
     app.ctx.config = config
     app.blueprint(chat.bp)
     app.blueprint(responses.bp)
+    app.blueprint(audio.bp)
     app.blueprint(ops.bp)
     app.blueprint(openapi.bp)
     app.error_handler.add(Exception, errors.handle)

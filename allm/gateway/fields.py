@@ -147,9 +147,7 @@ def model_for(config: Config, payload: Mapping[str, Any], modality: str) -> Mode
             param="model",
         )
     if model.modality != modality:
-        raise bad_field(
-            "model", f"the model {model_id!r} is a {model.modality} model, not a {modality} model"
-        )
+        raise bad_field("model", f"the model {model_id!r} serves {model.modality}, not {modality}")
     return model
 
 

@@ -86,6 +86,8 @@ ITEMS = _object(
 )
 DELETED = _object("response", ["id", "deleted"], id=STRING, deleted={"const": True})
 MODELS = _object("list", ["data"], data=LIST)
+#: json and verbose_json: text is all they share (verbose_json adds language, duration, segments, words)
+TRANSCRIPTION = _object(None, ["text"], text=STRING)
 STATUS = _object(None, ["status"], status=STRING)
 MANAGERS = _object(None, ["managers"], managers=LIST)
 
@@ -99,6 +101,9 @@ class Route:
     body: Node | None = None
     query: Obj | None = None
     streams: bool = False
+    form: bool = False  # the body is multipart/form-data, not JSON
+    plain: bool = False  # may also answer text/plain (a transcript's text, srt or vtt)
+    modality: str = "text"  # whose models the model field names
     open: bool = False  # no API key needed
     other: dict[str, Schema] = dataclasses.field(default_factory=dict)  # more statuses and their bodies
 
@@ -121,6 +126,27 @@ ROUTES = (
         "post", "/v1/completions", "Create a text completion", TEXT_COMPLETION, api.COMPLETIONS, streams=True
     ),
     Route("post", "/v1/embeddings", "Create embeddings", EMBEDDINGS, api.EMBEDDINGS),
+    Route(
+        "post",
+        "/v1/audio/transcriptions",
+        "Transcribe audio into its own language",
+        TRANSCRIPTION,
+        api.TRANSCRIPTIONS,
+        streams=True,
+        form=True,
+        plain=True,
+        modality="audio",
+    ),
+    Route(
+        "post",
+        "/v1/audio/translations",
+        "Translate audio into English text",
+        TRANSCRIPTION,
+        api.TRANSLATIONS,
+        form=True,
+        plain=True,
+        modality="audio",
+    ),
     Route("get", "/v1/models", "The catalog's models, each with its modality and state", MODELS),
     Route("get", "/health", "Liveness: the process answers", STATUS, open=True),
     Route(
@@ -144,9 +170,24 @@ def _version() -> str:
         return "0.0.0"
 
 
+def _form_schema(node: Node) -> Schema:
+    """A multipart/form-data body: the node's schema, less the null an optional JSON field may be.
+
+    A form field has no null: it is sent or left out, and the text "null" is only text.
+    """
+    body = node.schema()
+    for key, prop in body["properties"].items():
+        options = prop.get("anyOf") if key not in body.get("required", ()) else None
+        if isinstance(options, list) and len(options) == 2 and options[1] == {"type": "null"}:
+            body["properties"][key] = options[0]
+    return body
+
+
 def _operation(route: Route, config: Config) -> Schema:
     json_ok: Schema = {"schema": route.ok}
     content: Schema = {"application/json": json_ok}
+    if route.plain:
+        content["text/plain"] = {"schema": STRING}
     if route.streams:
         content["text/event-stream"] = {"schema": EVENT}
     responses: Schema = {"200": {"description": "success", "content": content}}
@@ -177,11 +218,12 @@ def _operation(route: Route, config: Config) -> Schema:
             for name, node in route.query.fields.items()
         )
     if route.body is not None:
-        body = route.body.schema()
-        models = [m.id for m in config.models if m.modality == "text"]
+        body = _form_schema(route.body) if route.form else route.body.schema()
+        models = [m.id for m in config.models if m.modality == route.modality]
         if models:
             body["properties"]["model"]["examples"] = models
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        media = "multipart/form-data" if route.form else "application/json"
+        op["requestBody"] = {"required": True, "content": {media: {"schema": body}}}
     if route.open:
         op["security"] = []
     return op

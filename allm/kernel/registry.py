@@ -13,8 +13,9 @@ from typing import Final
 MANAGERS: Final = MappingProxyType(
     {
         "text": "allm.managers.text.manager",
-        # "audio": "allm.managers.audio.manager" and "image": "allm.managers.image.manager"
-        # join this table with their issues; a row here must name a real manager.
+        "audio": "allm.managers.audio.manager",
+        # "image": "allm.managers.image.manager" joins this table with its issue; a row here
+        # must name a real manager.
     }
 )
 

@@ -39,6 +39,10 @@ class Engine:
             return "pip install --force-reinstall allm"  # core: only a broken install lacks it
         return f"pip install 'allm[{self.extra}]'"
 
+    def not_installed(self) -> str:
+        """The problem ``allm check`` reports for a model whose engine is missing."""
+        return f"needs the {self.name} engine, which is not installed: run {self.install_command()}"
+
     def require(self, model_id: str) -> None:
         """Raise UNSUPPORTED, with the command that installs it, if this engine is missing."""
         missing = self.missing()
@@ -55,9 +59,10 @@ TRANSFORMERS: Final = Engine(
     "transformers", ("torch", "transformers", "accelerate", "safetensors"), "safetensors"
 )
 MLX_LM: Final = Engine("mlx-lm", ("mlx", "mlx_lm"), "safetensors")
+WHISPER_CPP: Final = Engine("whisper.cpp", ("pywhispercpp", "_pywhispercpp", "soundfile", "soxr"), "audio")
 
 ENGINES: Final[Mapping[str, Engine]] = MappingProxyType(
-    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM)}
+    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, WHISPER_CPP)}
 )
 
 

@@ -12,9 +12,11 @@ from typing import Any
 from allm.kernel.codes import Code
 from tests.integration.gateway_server import Server, running_server
 from tests.model_files import smollm2_path
+from tests.whisper_files import write_tiny_whisper
 
 KEY = "sk-fuzz"
 MODEL = "smollm2-135m-instruct"
+AUDIO_MODEL = "whisper-fuzz"  # a tiny random whisper: what it hears is noise, fast
 MAX_BODY_BYTES = 1024 * 1024
 #: a 5xx may only carry an engine's condition, never "internal": no input may cause one
 ENGINE_CODES = frozenset(c.name.lower() for c in Code if c not in (Code.OK, Code.INTERNAL)) | {
@@ -25,7 +27,9 @@ ENGINE_CODES = frozenset(c.name.lower() for c in Code if c not in (Code.OK, Code
 
 @contextlib.contextmanager
 def fuzz_server(tmp: Path) -> Iterator[Server]:
-    """A real allm serve on SmolLM2 with a small context: whatever a request asks, generation stays short."""
+    """A real allm serve on SmolLM2 with a small context, and a tiny whisper: whatever a request asks,
+    the work stays short."""
+    whisper = write_tiny_whisper(tmp / "whisper-fuzz.ggml")
     config = f"""
 [server]
 api_keys = ["{KEY}"]
@@ -37,6 +41,11 @@ data_dir = "{tmp / "data"}"
 id = "{MODEL}"
 path = "{smollm2_path()}"
 options = {{ n_ctx = 256 }}
+
+[[models]]
+id = "{AUDIO_MODEL}"
+modality = "audio"
+path = "{whisper}"
 """
     with running_server(config, tmp, api_key=KEY) as server:
         yield server
@@ -48,6 +57,9 @@ def check_answer(status: int, body: bytes, content_type: str = "application/json
     if content_type.startswith("text/event-stream"):
         assert status == 200
         return None
+    if content_type.startswith("text/plain"):  # a transcript as text, srt or vtt
+        assert status == 200
+        return body.decode("utf-8")
     data = json.loads(body)
     if status < 400:
         return data
@@ -64,7 +76,7 @@ def check_answer(status: int, body: bytes, content_type: str = "application/json
 
 
 def untouched(server: Server) -> None:
-    """The text manager is up and was never restarted: nothing reached it that could kill it."""
+    """Every manager is up and was never restarted: nothing reached one that could kill it."""
     managers = server.managers()
     assert [(m["state"], m["restarts"]) for m in managers] == [("running", 0)] * len(managers), managers
 

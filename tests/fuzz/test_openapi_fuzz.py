@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from allm.gateway.openapi import ROUTES
 from tests.unit.test_schema_compile import SUBSET, mutated
 
-from .edge import KEY, MODEL, check_answer, fuzz_server, serves, untouched
+from .edge import AUDIO_MODEL, KEY, MODEL, check_answer, fuzz_server, serves, untouched
 
 EXAMPLES = int(os.environ.get("ALLM_FUZZ_EXAMPLES", "30"))
 CHECKS = [
@@ -73,7 +73,7 @@ def _quick(case) -> None:
     """
     if case.meta.generation.mode is not GenerationMode.POSITIVE or not isinstance(case.body, dict):
         return
-    case.body["model"] = MODEL
+    case.body["model"] = AUDIO_MODEL if case.path.startswith("/v1/audio/") else MODEL
     field = TOKEN_FIELDS.get(case.path)
     if field is not None:
         for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):

@@ -1,4 +1,4 @@
-"""The real text manager under the real supervisor, on SmolLM2 and files the tests write."""
+"""The real managers under the real supervisor, on packaged models and files the tests write."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from allm.kernel.client import KernelClient
+from allm.kernel.registry import module_for
 from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,18 +24,38 @@ async def text_manager(
     heartbeat_interval_s: float = 0.1,
     step_limit_s: float | None = None,
 ) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
-    runtime_dir = Path(tempfile.mkdtemp(prefix="allm-x-"))
-    endpoint = f"ipc://{runtime_dir}/text-0.sock"
-    spec = ManagerSpec(
+    async with manager(
         "text",
-        "allm.managers.text.manager",
+        settings,
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        heartbeat_interval_s=heartbeat_interval_s,
+        step_limit_s=step_limit_s,
+    ) as pair:
+        yield pair
+
+
+@contextlib.asynccontextmanager
+async def manager(
+    modality: str,
+    settings: Mapping[str, Any],
+    *,
+    heartbeat_timeout_s: float = 5.0,
+    heartbeat_interval_s: float = 0.1,
+    step_limit_s: float | None = None,
+) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
+    """One instance of a registered manager, supervised, with a client connected to it."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="allm-x-"))
+    endpoint = f"ipc://{runtime_dir}/{modality}-0.sock"
+    spec = ManagerSpec(
+        modality,
+        module_for(modality),
         endpoint,
         settings=settings,
         queue_size=8,
         step_limit_s=step_limit_s,
     )
     client = KernelClient(
-        {"text": [endpoint]}, heartbeat_timeout_s=heartbeat_timeout_s, hello_interval_s=heartbeat_interval_s
+        {modality: [endpoint]}, heartbeat_timeout_s=heartbeat_timeout_s, hello_interval_s=heartbeat_interval_s
     )
     supervisor = Supervisor(
         [spec],

@@ -115,8 +115,8 @@ async def test_a_model_slower_to_load_than_the_heartbeat_timeout_loads_and_answe
 
 
 def test_llama_cpp_reports_its_load_progress():
+    from allm.managers.pool import ModelEntry
     from allm.managers.text.manager import plan_load
-    from allm.managers.text.pool import ModelEntry
 
     seen: list[float] = []
     plan = plan_load(ModelEntry("smol", smollm2_path(), options={"n_ctx": 256}))

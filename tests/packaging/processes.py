@@ -15,6 +15,12 @@ def manager_processes(server: Server) -> list[psutil.Process]:
     return [p for p in children if "allm.kernel.runtime" in p.cmdline()]
 
 
+def manager_process(server: Server, modality: str) -> psutil.Process:
+    """The one manager subprocess of ``modality`` (``python -m allm.kernel.runtime MODALITY ...``)."""
+    [found] = [p for p in manager_processes(server) if modality in p.cmdline()[3:4]]
+    return found
+
+
 def mapped_libraries(pid: int) -> set[str]:
     """The file names of the shared libraries a process has mapped."""
     names = set()

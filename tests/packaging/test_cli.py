@@ -132,14 +132,13 @@ def test_models_lists_format_engine_size_and_whether_installed(capsys, tmp_path)
     assert note == "1 model(s) with problems, 0 bad setting(s): run allm check"
 
 
-def test_the_default_catalog_is_the_embedded_model(capsys, monkeypatch):
+def test_the_default_catalog_is_the_embedded_models(capsys, monkeypatch):
     monkeypatch.delenv("ALLM_CONFIG", raising=False)
     status, out, _ = run(capsys, "models", "--json")
-    [row] = json.loads(out)
-    assert (status, row["id"], row["engine"], row["installed"]) == (
-        0,
-        "smollm2-135m-instruct",
-        "llama.cpp",
-        True,
-    )
-    assert run(capsys, "check")[:2] == (0, "allm check: the default configuration is valid: 1 model(s)\n")
+    rows = [(r["id"], r["modality"], r["format"], r["engine"], r["installed"]) for r in json.loads(out)]
+    assert status == 0
+    assert rows == [
+        ("smollm2-135m-instruct", "text", "gguf", "llama.cpp", True),
+        ("whisper-tiny.en", "audio", "ctranslate2", "whisper.cpp", True),
+    ]
+    assert run(capsys, "check")[:2] == (0, "allm check: the default configuration is valid: 2 model(s)\n")

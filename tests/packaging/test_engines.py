@@ -12,7 +12,7 @@ from allm.kernel.codes import Code, UnsupportedError
 from allm.managers.engines import ENGINES, Engine
 from tests.integration.gateway_server import running_server
 from tests.model_files import write_hf_model
-from tests.packaging.processes import manager_processes, mapped_libraries
+from tests.packaging.processes import manager_process, mapped_libraries
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +41,31 @@ def chat(server, model: str) -> None:
     assert status == 200, reply
 
 
-def test_a_gguf_catalog_maps_llama_cpp_and_no_other_engine(tmp_path):
+def transcribe(server, model: str) -> None:
+    boundary = "allm-test-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        f"Content-Type: audio/wav\r\n\r\n"
+    ).encode() + f"\r\n--{boundary}--\r\n".encode()
+    status, _, data = server.request(
+        "POST",
+        "/v1/audio/transcriptions",
+        raw=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status == 200, data
+
+
+def test_each_manager_of_the_default_catalog_maps_its_own_engine_and_no_other(tmp_path):
     with running_server("", tmp_path) as server:
         chat(server, "smollm2-135m-instruct")
-        [manager] = manager_processes(server)
-        assert engines_mapped(manager.pid) == {"llama.cpp"}
+        text, audio = manager_process(server, "text"), manager_process(server, "audio")
+        assert engines_mapped(text.pid) == {"llama.cpp"}
+        assert engines_mapped(audio.pid) == set()  # no audio model loaded yet: no engine either
+        transcribe(server, "whisper-tiny.en")  # an empty upload: the model loads, nothing to hear
+        assert engines_mapped(audio.pid) == {"whisper.cpp"}
+        assert engines_mapped(text.pid) == {"llama.cpp"}
         assert engines_mapped(server.proc.pid) == set()  # the gateway runs no engine at all
 
 
@@ -54,8 +74,7 @@ def test_a_safetensors_catalog_maps_torch_and_not_llama_cpp(tmp_path):
     catalog = f'[[models]]\nid = "tiny"\npath = "{model}"\noptions = {{ backend = "transformers" }}\n'
     with running_server(catalog, tmp_path) as server:
         chat(server, "tiny")
-        [manager] = manager_processes(server)
-        assert engines_mapped(manager.pid) == {"torch"}
+        assert engines_mapped(manager_process(server, "text").pid) == {"torch"}
 
 
 def test_a_missing_engine_is_unsupported_with_the_command_that_installs_it():

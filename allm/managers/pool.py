@@ -1,4 +1,4 @@
-"""The text models in memory: load on demand within a budget, evict LRU, unload when idle.
+"""A manager's models in memory: load on demand within a budget, evict LRU, unload when idle.
 
 Before a load, the memory a model needs is estimated from its files (weights
 plus the key/value cache for its context) and compared with the budget and
@@ -32,7 +32,7 @@ import psutil
 from allm.kernel.codes import OomRamError, UnsupportedError
 from allm.kernel.runtime import RequestContext
 
-log = logging.getLogger("allm.text.pool")
+log = logging.getLogger("allm.pool")
 
 MIB = 1024 * 1024
 
@@ -97,8 +97,10 @@ class ModelPool:
         idle_unload_s: float | None = None,
         free_bytes: Callable[[], int] = lambda: psutil.virtual_memory().available,
         load_stall_s: float | None = None,
+        modality: str = "text",
     ) -> None:
         self.catalog = dict(catalog)
+        self.modality = modality  # names the budget in messages
         self._plan = plan
         self.budget_bytes = budget_bytes
         self.idle_unload_s = idle_unload_s
@@ -211,7 +213,7 @@ class ModelPool:
         need = plan.estimate_bytes
         if self.budget_bytes is not None and need > self.budget_bytes:
             raise OomRamError(
-                f"{model_id} needs about {need / MIB:.0f} MiB, more than the text memory budget "
+                f"{model_id} needs about {need / MIB:.0f} MiB, more than the {self.modality} memory budget "
                 f"of {self.budget_bytes / MIB:.0f} MiB"
             )
         self._make_room(need, model_id)
@@ -243,7 +245,11 @@ class ModelPool:
             raise OomRamError(
                 f"{what} needs about {need / MIB:.0f} MiB; {self._free_bytes() / MIB:.0f} MiB of host "
                 f"memory is free and {used / MIB:.0f} MiB is held by models in use"
-                + (f" (text memory budget {self.budget_bytes / MIB:.0f} MiB)" if self.budget_bytes else "")
+                + (
+                    f" ({self.modality} memory budget {self.budget_bytes / MIB:.0f} MiB)"
+                    if self.budget_bytes
+                    else ""
+                )
             )
 
     def _fits(self, need: int) -> bool:
