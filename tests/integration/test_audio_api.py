@@ -7,10 +7,15 @@ example uses it; a second server has a catalog of its own for translation and th
 from __future__ import annotations
 
 import io
+import json
 import re
+import signal
+import threading
+import time
 
 import numpy as np
 import openai
+import psutil
 import pytest
 import soundfile
 
@@ -213,4 +218,62 @@ def test_each_bad_request_gets_its_status_and_code_and_the_server_serves_on(cata
         assert error.get("param") == param
     assert (
         len(missed(catalog_sdk.audio.transcriptions.create(model="tiny.en", file=("a.wav", wav)).text)) <= 1
+    )
+
+
+def multipart(fields: dict[str, str], audio: bytes) -> tuple[bytes, dict[str, str]]:
+    boundary = "allm-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+        for k, v in fields.items()
+    ]
+    head = "".join(parts) + (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    )
+    body = head.encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_the_audio_manager_killed_mid_transcription_gives_the_coded_error_and_comes_back(default_server, wav):
+    samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    long = io.BytesIO()
+    soundfile.write(long, np.tile(samples, 30), rate, format="WAV")  # three minutes of speech
+    body, headers = multipart({"model": "whisper-tiny.en"}, long.getvalue())
+    answer: list[tuple[int, bytes]] = []
+
+    def post() -> None:
+        status, _headers, data = default_server.request(
+            "POST", "/v1/audio/transcriptions", raw=body, headers=headers
+        )
+        answer.append((status, data))
+
+    def audio_manager() -> dict:
+        return next(m for m in default_server.managers() if m["name"] == "audio#0")
+
+    worker = threading.Thread(target=post)
+    worker.start()
+    for _ in range(400):  # until the transcription runs
+        before = audio_manager()
+        if before["active"]:
+            break
+        time.sleep(0.05)
+    assert before["active"]
+    psutil.Process(before["pid"]).send_signal(signal.SIGKILL)
+    worker.join(60)
+    [(status, data)] = answer
+    assert status == 500
+    error = json.loads(data)["error"]
+    assert error["code"] == "internal"
+    assert "SIGKILL" in error["message"]
+    for _ in range(200):  # the supervisor starts a new process
+        after = audio_manager()
+        if after["state"] == "running" and after["pid"] != before["pid"]:
+            break
+        time.sleep(0.05)
+    assert after["restarts"] == before["restarts"] + 1
+    client = openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0)
+    assert (
+        len(missed(client.audio.transcriptions.create(model="whisper-tiny.en", file=("a.wav", wav)).text))
+        <= 1
     )

@@ -258,3 +258,31 @@ async def test_a_transcription_past_its_deadline_is_a_timeout(audio, speech):
     assert info.value.code is Code.TIMEOUT
     samples, rate = speech
     assert len(missed((await transcribe(client, encoded(samples, rate, "wav")))["text"])) <= 1
+
+
+async def test_the_memory_budget_and_idle_unload_apply_to_audio_models(tmp_path, speech):
+    tiny = write_tiny_whisper(tmp_path / "tiny.ggml")
+    settings = {
+        "models": [
+            {"id": "tiny.en", "path": str(tiny_en_source())},  # about 170 MiB with its state
+            {"id": "random", "path": str(tiny)},
+        ],
+        "cache_dir": str(tmp_path / "cache"),
+        "memory_budget_bytes": 120 * 1024 * 1024,
+        "idle_unload_s": 0.5,
+    }
+    samples, rate = speech
+    wav = encoded(samples, rate, "wav")
+    async with manager("audio", settings) as (client, _):
+        with pytest.raises(AllmError) as info:
+            await transcribe(client, wav)
+        assert info.value.code is Code.OOM_RAM
+        assert "audio memory budget of 120 MiB" in info.value.message
+        await transcribe(client, wav, model="random")
+        assert client.instances()[0].heartbeat is not None
+        for _ in range(100):  # unloaded once idle past idle_unload_s
+            listing = (await client.call("audio", "models")).data["models"]
+            if {m["id"]: m["state"] for m in listing}["random"] == "available":
+                break
+            await asyncio.sleep(0.05)
+        assert {m["id"]: m["state"] for m in listing} == {"tiny.en": "available", "random": "available"}
