@@ -14,8 +14,7 @@ MANAGERS: Final = MappingProxyType(
     {
         "text": "allm.managers.text.manager",
         "audio": "allm.managers.audio.manager",
-        # "image": "allm.managers.image.manager" joins this table with its issue; a row here
-        # must name a real manager.
+        "image": "allm.managers.image.manager",
     }
 )
 

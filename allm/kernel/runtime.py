@@ -220,6 +220,36 @@ def anonymous_memory_bytes(pid: int | str = "self") -> int | None:
     return None
 
 
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found.extend(int(c) for c in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def tree_memory_bytes(pid: int) -> int | None:
+    """Allocated memory of a process and every process it started (a manager's engine worker).
+
+    A manager is one unit under its memory cap, however many processes it runs its engine in.
+    """
+    total = anonymous_memory_bytes(pid)
+    if total is None:
+        return None
+    todo, seen = _children(pid), {pid}
+    while todo:
+        child = todo.pop()
+        if child in seen:
+            continue
+        seen.add(child)
+        total += anonymous_memory_bytes(child) or 0
+        todo.extend(_children(child))
+    return total
+
+
 def memory_in_use_bytes() -> int:
     """This process's allocated memory (anonymous RSS; peak RSS where /proc is missing)."""
     anon = anonymous_memory_bytes()

@@ -49,7 +49,7 @@ from allm.kernel.runtime import (
     LIFELINE_ENV,
     PARENT_ENV,
     SETTINGS_ENV,
-    anonymous_memory_bytes,
+    tree_memory_bytes,
 )
 from allm.kernel.transport import check_endpoint
 
@@ -307,7 +307,7 @@ class Supervisor:
                 restarts=c.restarts,
                 last_exit=c.last_exit,
                 last_code=c.last_code,
-                memory_bytes=anonymous_memory_bytes(c.proc.pid) if c.proc is not None else None,
+                memory_bytes=tree_memory_bytes(c.proc.pid) if c.proc is not None else None,
                 retry_in_s=(
                     round(max(0.0, c.restart_at - now), 1)
                     if c.state in (State.BACKOFF, State.FAILED)
@@ -488,7 +488,7 @@ class Supervisor:
             return
         cap = child.spec.memory_cap_bytes
         if cap is not None:
-            used = anonymous_memory_bytes(proc.pid)
+            used = tree_memory_bytes(proc.pid)  # the manager and any worker it started
             if used is not None and used > cap:
                 detail = f"allocated {used / MIB:.0f} MiB > cap {cap / MIB:.0f} MiB"
                 self._signal(child, signal.SIGKILL, KillReason.MEMORY, detail)

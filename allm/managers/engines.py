@@ -60,9 +60,10 @@ TRANSFORMERS: Final = Engine(
 )
 MLX_LM: Final = Engine("mlx-lm", ("mlx", "mlx_lm"), "safetensors")
 WHISPER_CPP: Final = Engine("whisper.cpp", ("pywhispercpp", "_pywhispercpp", "soundfile", "soxr"), "audio")
+STABLE_DIFFUSION_CPP: Final = Engine("stable-diffusion.cpp", ("stable_diffusion_cpp", "PIL"), "image")
 
 ENGINES: Final[Mapping[str, Engine]] = MappingProxyType(
-    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, WHISPER_CPP)}
+    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, WHISPER_CPP, STABLE_DIFFUSION_CPP)}
 )
 
 

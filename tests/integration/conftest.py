@@ -42,6 +42,7 @@ async def manager(
     heartbeat_timeout_s: float = 5.0,
     heartbeat_interval_s: float = 0.1,
     step_limit_s: float | None = None,
+    memory_cap_bytes: int | None = None,
 ) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
     """One instance of a registered manager, supervised, with a client connected to it."""
     runtime_dir = Path(tempfile.mkdtemp(prefix="allm-x-"))
@@ -53,6 +54,7 @@ async def manager(
         settings=settings,
         queue_size=8,
         step_limit_s=step_limit_s,
+        memory_cap_bytes=memory_cap_bytes,
     )
     client = KernelClient(
         {modality: [endpoint]}, heartbeat_timeout_s=heartbeat_timeout_s, hello_interval_s=heartbeat_interval_s
