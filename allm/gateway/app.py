@@ -7,6 +7,8 @@ tells the client of every death, so requests in flight end with its code.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import shutil
@@ -17,7 +19,7 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
-from allm.gateway import audio, chat, errors, openapi, ops, responses
+from allm.gateway import audio, chat, errors, images, openapi, ops, responses
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.store import ResponseStore
@@ -73,6 +75,7 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
     app.blueprint(chat.bp)
     app.blueprint(responses.bp)
     app.blueprint(audio.bp)
+    app.blueprint(images.bp)
     app.blueprint(ops.bp)
     app.blueprint(openapi.bp)
     app.error_handler.add(Exception, errors.handle)
@@ -146,10 +149,16 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
             ttl_s=config.responses_ttl_s,
             max_stored=config.responses_max_stored,
         )
+        app.ctx.images = images.image_files(config)
+        interval_s = min(images.SWEEP_INTERVAL_S, config.images.url_ttl_s)
+        app.ctx.image_sweeps = asyncio.create_task(app.ctx.images.sweep_every(interval_s))
         log.info("managers: %s", ", ".join(s.name for s in specs) or "none")
 
     @app.after_server_stop
     async def stop_kernel(app: Sanic[Any, Any]) -> None:
+        app.ctx.image_sweeps.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app.ctx.image_sweeps
         await app.ctx.supervisor.stop()
         await app.ctx.client.close()
         app.ctx.store.close()

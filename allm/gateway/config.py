@@ -2,6 +2,20 @@
 
 A bad value stops start-up with a message that names the setting (and, in the
 model catalog, the entry).
+
+Each modality's table (``[text]``, ``[audio]``, ``[image]``) holds its managers'
+settings (``MODALITY_SETTINGS``: instances, queue, memory, stall limits). The
+``[image]`` table also holds what the gateway allows and keeps of images
+(``IMAGE_SETTINGS``, read into ``Config.images``; the manager never sees them):
+
+- ``max_width``, ``max_height`` (1024 each): the largest image a request may ask
+  for, in pixels; at least 64 and a multiple of 8, as every image size is;
+- ``default_size`` ("512x512", or less where the limits above are less): the
+  size of ``size: "auto"``, or of a request that gives none; within those limits;
+- ``url_ttl_s`` (3600): how long an image answered as a URL (``response_format:
+  url``) is kept under ``<data_dir>/images/`` and served, then deleted;
+- ``url_max_files`` (1000) and ``url_max_mib`` (1024): the most such images, and
+  bytes, kept at once; past either the oldest go first, expired or not.
 """
 
 from __future__ import annotations
@@ -22,6 +36,14 @@ MIB = 1024 * 1024
 #: the formats a catalog entry may name, per modality
 FORMATS: Mapping[str, tuple[str, ...]] = {"text": ("gguf", "safetensors"), "audio": ("ggml", "ctranslate2")}
 DEFAULT_AUDIO_MODEL_ID = "whisper-tiny.en"
+#: every image side is a multiple of this (the latent is an eighth of the image) and at least MIN_SIDE
+SIDE_STEP = 8
+MIN_SIDE = 64
+#: the largest side a config may allow: past it the latent alone outgrows any host
+MAX_SIDE = 8192
+IMAGE_SETTINGS = frozenset(
+    {"max_width", "max_height", "default_size", "url_ttl_s", "url_max_files", "url_max_mib"}
+)
 MODALITY_SETTINGS = frozenset(
     {
         "instances",
@@ -127,6 +149,35 @@ class ModalityConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """What the gateway allows and keeps of images: the ``[image]`` table's own settings."""
+
+    max_width: int = 1024
+    max_height: int = 1024
+    default_size: tuple[int, int] = (512, 512)  # (width, height)
+    url_ttl_s: float = 3600.0
+    url_max_files: int = 1000
+    url_max_bytes: int = 1024 * MIB
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """Why an image of this size may not be made here, or None when it may."""
+        for side, value, most in (("width", width, self.max_width), ("height", height, self.max_height)):
+            if value % SIDE_STEP or not MIN_SIDE <= value <= most:
+                return f"the {side} must be a multiple of {SIDE_STEP} from {MIN_SIDE} to {most}, got {value}"
+        return None
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    """WIDTHxHEIGHT text (an x or an X, up to 5 digits a side) as (width, height); else None."""
+    width, x, height = text.lower().partition("x")
+    if not x or not (width.isascii() and height.isascii()):
+        return None
+    if not (width.isdigit() and height.isdigit() and len(width) <= 5 and len(height) <= 5):
+        return None
+    return int(width), int(height)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -143,6 +194,7 @@ class Config:
     responses_ttl_s: float = RESPONSES_TTL_S  # a stored response is forgotten this long after it was made
     responses_max_stored: int = RESPONSES_MAX_STORED  # past this many, the oldest are forgotten first
     modalities: Mapping[str, ModalityConfig] = dataclasses.field(default_factory=dict)
+    images: ImageLimits = dataclasses.field(default_factory=ImageLimits)
     models: tuple[ModelConfig, ...] = ()
 
     def model(self, model_id: str) -> ModelConfig | None:
@@ -210,7 +262,11 @@ def _model(i: int, raw: Any, base: Path, problems: _Problems) -> ModelConfig | N
         usable = False
     fmt = raw.get("format")
     formats = FORMATS.get(modality, ())
-    if fmt is not None and fmt not in formats:
+    if fmt is not None and not formats:
+        problems.add(
+            f"{where}: field 'format' is not used by {modality} models: their files say what they are"
+        )
+    elif fmt is not None and fmt not in formats:
         problems.add(f"{where}: field 'format' must be one of {formats}, got {fmt!r}")
         usable = False
     options = raw.get("options", {})
@@ -322,6 +378,7 @@ def read(
 
     known = {f.name for f in dataclasses.fields(Config)} - {
         "modalities",
+        "images",
         "models",
         "responses_ttl_s",
         "responses_max_stored",
@@ -370,12 +427,15 @@ def read(
                 values[field] = value
 
     modalities = {}
-    for name in MANAGERS:
+    # [image] is read even while no image manager is registered: its limits are the gateway's.
+    for name in dict.fromkeys([*MANAGERS, "image"]):
         raw = doc.get(name, {})
         if not isinstance(raw, dict):
             problems.add(f"[{name}] must be a table")
             raw = {}
-        modalities[name] = _modality(name, raw, problems)
+        if name == "image":
+            values["images"] = _image_limits(raw, problems)
+        modalities[name] = _modality(name, raw, problems, IMAGE_SETTINGS if name == "image" else frozenset())
 
     raw_models = doc.get("models", [])
     if not isinstance(raw_models, list):
@@ -407,9 +467,11 @@ def read(
     return Config(**values, modalities=modalities, models=tuple(models)), tuple(problems.found)
 
 
-def _modality(name: str, raw: Mapping[str, Any], problems: _Problems) -> ModalityConfig:
-    """One [MODALITY] table; a bad setting is reported and its default kept."""
-    unknown = set(raw) - MODALITY_SETTINGS
+def _modality(
+    name: str, raw: Mapping[str, Any], problems: _Problems, others: frozenset[str] = frozenset()
+) -> ModalityConfig:
+    """One [MODALITY] table; a bad setting is reported and its default kept; ``others`` are read elsewhere."""
+    unknown = set(raw) - MODALITY_SETTINGS - others
     if unknown:
         problems.add(f"[{name}] has unknown setting(s) {sorted(unknown)}")
     defaults = ModalityConfig()
@@ -429,3 +491,47 @@ def _modality(name: str, raw: Mapping[str, Any], problems: _Problems) -> Modalit
         load_stall_s=value("load_stall_s", float, 0.1, defaults.load_stall_s),
         step_limit_s=value("step_limit_s", float, 0.1, defaults.step_limit_s),
     )
+
+
+def _image_limits(raw: Mapping[str, Any], problems: _Problems) -> ImageLimits:
+    """The [image] table's own settings; a bad one is reported and its default kept."""
+    defaults = ImageLimits()
+
+    def value(key: str, kind: type, minimum: float, default: Any) -> Any:
+        if raw.get(key) is None:
+            return default
+        checked = problems.take(_typed, f"image.{key}", raw[key], kind, minimum=minimum)
+        return default if checked is None else checked
+
+    def side(key: str, default: int) -> int:
+        checked: int = value(key, int, MIN_SIDE, default)
+        if checked % SIDE_STEP or checked > MAX_SIDE:
+            problems.add(
+                f"setting image.{key} must be a multiple of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}, "
+                f"got {checked}"
+            )
+            return default
+        return checked
+
+    limits = ImageLimits(
+        max_width=side("max_width", defaults.max_width),
+        max_height=side("max_height", defaults.max_height),
+        url_ttl_s=value("url_ttl_s", float, 1, defaults.url_ttl_s),
+        url_max_files=value("url_max_files", int, 1, defaults.url_max_files),
+        url_max_bytes=value("url_max_mib", int, 1, defaults.url_max_bytes // MIB) * MIB,
+    )
+    text = raw.get("default_size")
+    if text is None:  # 512x512, or the largest allowed where that is smaller
+        width, height = defaults.default_size
+        return dataclasses.replace(
+            limits, default_size=(min(width, limits.max_width), min(height, limits.max_height))
+        )
+    size = parse_size(text) if isinstance(text, str) else None
+    if size is None:
+        problems.add(f"setting image.default_size must be 'WIDTHxHEIGHT' such as '512x512', got {text!r}")
+        return limits
+    problem = limits.size_problem(*size)
+    if problem is not None:
+        problems.add(f"setting image.default_size: {problem}")
+        return limits
+    return dataclasses.replace(limits, default_size=size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import re
 
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
@@ -88,6 +89,23 @@ DELETED = _object("response", ["id", "deleted"], id=STRING, deleted={"const": Tr
 MODELS = _object("list", ["data"], data=LIST)
 #: json and verbose_json: text is all they share (verbose_json adds language, duration, segments, words)
 TRANSCRIPTION = _object(None, ["text"], text=STRING)
+#: OpenAI's ImagesResponse (openai-python's types/images_response.py): each data item has b64_json or url
+IMAGES = _object(
+    None,
+    ["created", "data"],
+    created=INTEGER,
+    data={
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"b64_json": STRING, "url": STRING, "seed": INTEGER},
+        },
+    },
+    output_format={"enum": list(api.IMAGE_FORMATS)},
+    size=STRING,
+)
+#: an image's bytes, in the format it was made in
+IMAGE_TYPES = tuple(f"image/{fmt}" for fmt in api.IMAGE_FORMATS)
 STATUS = _object(None, ["status"], status=STRING)
 MANAGERS = _object(None, ["managers"], managers=LIST)
 
@@ -103,6 +121,7 @@ class Route:
     streams: bool = False
     form: bool = False  # the body is multipart/form-data, not JSON
     plain: bool = False  # may also answer text/plain (a transcript's text, srt or vtt)
+    binary: tuple[str, ...] = ()  # answers these content types, as bytes, instead of JSON
     modality: str = "text"  # whose models the model field names
     open: bool = False  # no API key needed
     other: dict[str, Schema] = dataclasses.field(default_factory=dict)  # more statuses and their bodies
@@ -147,6 +166,22 @@ ROUTES = (
         plain=True,
         modality="audio",
     ),
+    Route(
+        "post",
+        "/v1/images/generations",
+        "Create images from a prompt",
+        IMAGES,
+        api.IMAGES,
+        streams=True,
+        modality="image",
+    ),
+    Route(
+        "get",
+        "/v1/images/files/{name}",
+        "An image a generation answered as a url, until it expires",
+        {"type": "string", "format": "binary"},
+        binary=IMAGE_TYPES,
+    ),
     Route("get", "/v1/models", "The catalog's models, each with its modality and state", MODELS),
     Route("get", "/health", "Liveness: the process answers", STATUS, open=True),
     Route(
@@ -161,6 +196,8 @@ ROUTES = (
     Route("get", PATH, "This document", {"type": "object"}, open=True),
 )
 OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
+#: each path parameter a route may have, and what it must be
+PATH_PARAMETERS: dict[str, Node] = {"response_id": api.RESPONSE_ID, "name": api.IMAGE_FILE}
 
 
 def _version() -> str:
@@ -185,7 +222,7 @@ def _form_schema(node: Node) -> Schema:
 
 def _operation(route: Route, config: Config) -> Schema:
     json_ok: Schema = {"schema": route.ok}
-    content: Schema = {"application/json": json_ok}
+    content: Schema = {media: json_ok for media in route.binary} or {"application/json": json_ok}
     if route.plain:
         content["text/plain"] = {"schema": STRING}
     if route.streams:
@@ -208,10 +245,10 @@ def _operation(route: Route, config: Config) -> Schema:
         "summary": route.summary,
         "responses": responses,
     }
-    if "{response_id}" in route.path:
-        op["parameters"] = [
-            {"name": "response_id", "in": "path", "required": True, "schema": api.RESPONSE_ID.schema()}
-        ]
+    for name in re.findall(r"\{(\w+)\}", route.path):
+        op.setdefault("parameters", []).append(
+            {"name": name, "in": "path", "required": True, "schema": PATH_PARAMETERS[name].schema()}
+        )
     if route.query is not None:
         op.setdefault("parameters", []).extend(
             {"name": name, "in": "query", "required": False, "schema": node.schema()}

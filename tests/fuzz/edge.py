@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from allm.kernel.codes import Code
+from tests.image_files import write_tiny_flux
 from tests.integration.gateway_server import Server, running_server
 from tests.model_files import smollm2_path
 from tests.whisper_files import write_tiny_whisper
@@ -17,6 +18,7 @@ from tests.whisper_files import write_tiny_whisper
 KEY = "sk-fuzz"
 MODEL = "smollm2-135m-instruct"
 AUDIO_MODEL = "whisper-fuzz"  # a tiny random whisper: what it hears is noise, fast
+IMAGE_MODEL = "flux-fuzz"  # a tiny random Flux: what it draws is noise, fast
 MAX_BODY_BYTES = 1024 * 1024
 #: a 5xx may only carry an engine's condition, never "internal": no input may cause one
 ENGINE_CODES = frozenset(c.name.lower() for c in Code if c not in (Code.OK, Code.INTERNAL)) | {
@@ -30,6 +32,7 @@ def fuzz_server(tmp: Path) -> Iterator[Server]:
     """A real allm serve on SmolLM2 with a small context, and a tiny whisper: whatever a request asks,
     the work stays short."""
     whisper = write_tiny_whisper(tmp / "whisper-fuzz.ggml")
+    flux = write_tiny_flux(tmp / "flux-fuzz")
     config = f"""
 [server]
 api_keys = ["{KEY}"]
@@ -46,6 +49,17 @@ options = {{ n_ctx = 256 }}
 id = "{AUDIO_MODEL}"
 modality = "audio"
 path = "{whisper}"
+
+[image]
+max_width = 128
+max_height = 128
+default_size = "64x64"
+
+[[models]]
+id = "{IMAGE_MODEL}"
+modality = "image"
+path = "{flux["diffusion_model"]}"
+options = {{ clip_l = "{flux["clip_l"]}", taesd = "{flux["taesd"]}", steps = 1 }}
 """
     with running_server(config, tmp, api_key=KEY) as server:
         yield server
@@ -60,6 +74,9 @@ def check_answer(status: int, body: bytes, content_type: str = "application/json
     if content_type.startswith("text/plain"):  # a transcript as text, srt or vtt
         assert status == 200
         return body.decode("utf-8")
+    if content_type.startswith("image/"):  # a stored image
+        assert status == 200
+        return body
     data = json.loads(body)
     if status < 400:
         return data

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from allm.gateway.config import DEFAULT_AUDIO_MODEL_ID, DEFAULT_MODEL_ID, SAMPLING_DEFAULTS, ConfigError, load
+from allm.gateway.config import (
+    DEFAULT_AUDIO_MODEL_ID,
+    DEFAULT_MODEL_ID,
+    MIB,
+    SAMPLING_DEFAULTS,
+    ConfigError,
+    ImageLimits,
+    load,
+)
 
 
 def write(tmp_path, text):
@@ -93,6 +101,36 @@ def test_catalog_models_and_modality_options(tmp_path):
         ("[responses]\nmax_stored = 0\n", "setting responses.max_stored must be at least 1"),
         ("[responses]\nkeep = 1\n", "[responses] has unknown setting(s) ['keep']"),
         ("[server]\nresponses_ttl_s = 1\n", "[server] has unknown setting(s) ['responses_ttl_s']"),
+        ("[server]\nimages = 1\n", "[server] has unknown setting(s) ['images']"),
+        ("image = 3\n", "[image] must be a table"),
+        ("[image]\nmax_width = 'wide'\n", "setting image.max_width must be int, got 'wide'"),
+        ("[image]\nmax_width = 32\n", "setting image.max_width must be at least 64, got 32"),
+        (
+            "[image]\nmax_height = 1001\n",
+            "image.max_height must be a multiple of 8 from 64 to 8192, got 1001",
+        ),
+        ("[image]\nmax_height = 16384\n", "image.max_height must be a multiple of 8 from 64 to 8192"),
+        (
+            "[image]\ndefault_size = 512\n",
+            "image.default_size must be 'WIDTHxHEIGHT' such as '512x512', got 512",
+        ),
+        ("[image]\ndefault_size = '512 x 512'\n", "image.default_size must be 'WIDTHxHEIGHT'"),
+        ("[image]\ndefault_size = 'auto'\n", "image.default_size must be 'WIDTHxHEIGHT'"),
+        (
+            "[image]\ndefault_size = '2048x512'\n",
+            "setting image.default_size: the width must be a multiple of 8 from 64 to 1024, got 2048",
+        ),
+        (
+            "[image]\nmax_height = 256\ndefault_size = '512x512'\n",
+            "image.default_size: the height must be a multiple of 8 from 64 to 256, got 512",
+        ),
+        ("[image]\ndefault_size = '500x512'\n", "the width must be a multiple of 8"),
+        ("[image]\nurl_ttl_s = 0\n", "setting image.url_ttl_s must be at least 1"),
+        ("[image]\nurl_max_files = 0\n", "setting image.url_max_files must be at least 1"),
+        ("[image]\nurl_max_mib = 0.5\n", "setting image.url_max_mib must be int"),
+        ("[image]\nurl_keep = 1\n", "[image] has unknown setting(s) ['url_keep']"),
+        ("[text]\nmax_width = 512\n", "[text] has unknown setting(s) ['max_width']"),
+        ("[audio]\nurl_ttl_s = 60\n", "[audio] has unknown setting(s) ['url_ttl_s']"),
     ],
 )
 def test_a_bad_catalog_stops_start_up_naming_the_entry_and_field(tmp_path, text, needle):
@@ -160,3 +198,44 @@ def test_the_response_store_settings(tmp_path):
     assert (config.responses_ttl_s, config.responses_max_stored) == (30 * 24 * 3600, 10_000)
     config = load(write(tmp_path, "[responses]\nttl_s = 60\nmax_stored = 5\n"), environ={})
     assert (config.responses_ttl_s, config.responses_max_stored) == (60.0, 5)
+
+
+def test_the_image_limits_default_to_1024_a_side_512_square_and_an_hours_urls():
+    limits = load(environ={}).images
+    assert limits == ImageLimits()
+    assert (limits.max_width, limits.max_height, limits.default_size) == (1024, 1024, (512, 512))
+    assert (limits.url_ttl_s, limits.url_max_files, limits.url_max_bytes) == (3600.0, 1000, 1024 * MIB)
+
+
+def test_the_image_table_holds_the_managers_settings_and_the_gateways_limits(tmp_path):
+    path = write(
+        tmp_path,
+        "[image]\ninstances = 2\nstep_limit_s = 30\nmax_width = 2048\nmax_height = 1536\n"
+        "default_size = '1024X768'\nurl_ttl_s = 60\nurl_max_files = 5\nurl_max_mib = 8\n",
+    )
+    config = load(path, environ={})
+    assert config.images == ImageLimits(
+        max_width=2048,
+        max_height=1536,
+        default_size=(1024, 768),
+        url_ttl_s=60.0,
+        url_max_files=5,
+        url_max_bytes=8 * MIB,
+    )
+    assert (config.modality("image").instances, config.modality("image").step_limit_s) == (2, 30.0)
+
+
+def test_a_default_size_left_out_shrinks_to_limits_below_512(tmp_path):
+    path = write(tmp_path, "[image]\nmax_width = 256\nmax_height = 384\n")
+    assert load(path, environ={}).images.default_size == (256, 384)
+
+
+def test_every_bad_image_setting_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "[image]\nmax_width = 9\nurl_ttl_s = 'x'\ndefault_size = 'big'\n")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert [p.split(" must")[0] for p in info.value.problems] == [
+        "setting image.max_width",
+        "setting image.url_ttl_s",
+        "setting image.default_size",
+    ]
