@@ -21,11 +21,13 @@ from typing import Any
 
 from allm import __version__
 from allm.gateway.config import Config, ConfigError, ModelConfig, load, read
-from allm.kernel.registry import module_for
+from allm.kernel.registry import MANAGERS, module_for
 
 log = logging.getLogger("allm")
 
-CONFIG_HELP = "TOML file: [server], [text], [[models]] (default: ALLM_CONFIG, else the embedded model alone)"
+CONFIG_HELP = (
+    "TOML file: [server], [text], [[models]]… (default: ALLM_CONFIG, else the embedded models alone)"
+)
 
 
 def describe(model: ModelConfig) -> Any:
@@ -52,33 +54,77 @@ def _load(path: Path | None, flags: dict[str, Any] | None = None) -> Config | No
         return None
 
 
-def serve(args: argparse.Namespace) -> int:
-    config = _load(args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir})
-    if config is None:
-        return 2
+def engines_ready(config: Config, modality: str | None = None) -> bool:
+    """Print each model (of one modality, or all) whose engine is missing; warn of other problems."""
     missing = []
     for model in config.models:
+        if modality is not None and model.modality != modality:
+            continue
         report = describe(model)
         for problem in report.problems:
             if report.engine is not None and problem.field == "format" and not report.engine.installed():
                 missing.append(f"model {model.id!r} {problem.message}")
             else:  # the files may yet appear; requests for the model say what is wrong until then
                 log.warning("model %r: field %r: %s", model.id, problem.field, problem.message)
-    if missing:
-        for line in missing:
-            print(f"allm: {line}", file=sys.stderr)
-        return 2
+    for line in missing:
+        print(f"allm: {line}", file=sys.stderr)
+    return not missing
 
+
+def serve(args: argparse.Namespace) -> int:
+    config = _load(args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir})
+    if config is None or not engines_ready(config):
+        return 2
+    return _run_http(config, supervise=True, what="serving")
+
+
+def gateway(args: argparse.Namespace) -> int:
+    config = _load(args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir})
+    if config is None:
+        return 2
+    return _run_http(config, supervise=False, what="gateway for")
+
+
+def _run_http(config: Config, *, supervise: bool, what: str) -> int:
     from allm.gateway.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, supervise=supervise)
     print(
-        f"allm {__version__}: serving {', '.join(m.id for m in config.models)} "
+        f"allm {__version__}: {what} {', '.join(m.id for m in config.models)} "
         f"on http://{config.host}:{config.port}",
         flush=True,
     )
     app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False)
     return 0
+
+
+def manager(args: argparse.Namespace) -> int:
+    """Become one manager instance: the same command ``allm serve`` runs, for a process manager."""
+    config = _load(args.config, {"data_dir": args.data_dir})
+    if config is None or not engines_ready(config, args.modality):
+        return 2
+    from allm.gateway.app import manager_specs, shared_runtime_dir
+    from allm.kernel.runtime import SETTINGS_ENV
+    from allm.kernel.supervisor import runtime_command
+
+    runtime_dir = shared_runtime_dir(config)
+    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    runtime_dir.chmod(0o700)
+    specs = manager_specs(config, runtime_dir)
+    spec = next((s for s in specs if s.modality == args.modality and s.instance == args.instance), None)
+    if spec is None:
+        count = sum(1 for s in specs if s.modality == args.modality)
+        why = (
+            f"the catalog has no {args.modality} model"
+            if not count
+            else f"[{args.modality}] instances = {count}: instance {args.instance} does not exist"
+        )
+        print(f"allm: nothing for `allm manager {args.modality}` to serve: {why}", file=sys.stderr)
+        return 2
+    command = runtime_command(spec, sys.executable, config.heartbeat_interval_s, config.drain_timeout_s)
+    env = {**os.environ, SETTINGS_ENV: json.dumps(dict(spec.settings))}
+    print(f"allm {__version__}: {spec.name} on {spec.endpoint}", flush=True)
+    os.execve(sys.executable, command, env)  # noqa: S606 - our own interpreter and module
 
 
 def check(args: argparse.Namespace) -> int:
@@ -174,6 +220,36 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
     run.add_argument("--data-dir", help="where stored responses live (ALLM_DATA_DIR)")
     run.set_defaults(run=serve)
+
+    front = commands.add_parser(
+        "gateway",
+        help="serve the HTTP API for managers something else runs (supervisord)",
+        description="Serve the OpenAI HTTP APIs, connecting to the managers that `allm manager` runs "
+        "(under supervisord, say) at the endpoints the configuration gives. It starts no manager: it "
+        "finds each by its heartbeats, and fails a request at once, with a clear message, when no "
+        "manager of its modality has answered for twice the heartbeat timeout.",
+    )
+    front.add_argument("--config", type=Path, help=CONFIG_HELP)
+    front.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
+    front.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
+    front.add_argument("--data-dir", help="stored responses and the managers' sockets (ALLM_DATA_DIR)")
+    front.set_defaults(run=gateway)
+
+    one = commands.add_parser(
+        "manager",
+        help="run one manager (text, audio or image) for `allm gateway`",
+        description="Run one manager instance, its runtime and engine, bound to the endpoint the "
+        "configuration gives it (an ipc:// socket in the runtime directory), with the same catalog "
+        "and settings as `allm gateway`. The process becomes the manager (exec): a process manager's "
+        "signals reach it directly. SIGTERM drains, then stops.",
+    )
+    one.add_argument(
+        "modality", choices=sorted(MANAGERS), metavar="MODALITY", help=f"which manager: {', '.join(MANAGERS)}"
+    )
+    one.add_argument("--instance", type=int, default=0, help="which instance of it, from 0 (default 0)")
+    one.add_argument("--config", type=Path, help=CONFIG_HELP)
+    one.add_argument("--data-dir", help="where the managers' sockets are, under run/ (ALLM_DATA_DIR)")
+    one.set_defaults(run=manager)
 
     validate = commands.add_parser(
         "check",

@@ -66,7 +66,15 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
     return specs
 
 
-def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
+def shared_runtime_dir(config: Config) -> Path:
+    """Where ``allm gateway`` and ``allm manager`` meet: the configured runtime directory, else
+    one under the data directory (a temporary one would differ between the processes)."""
+    return (config.runtime_dir or config.data_dir / "run").expanduser()
+
+
+def create_app(config: Config, name: str = "allm", *, supervise: bool = True) -> Sanic[Any, Any]:
+    """The HTTP app.  ``supervise``: start and watch the managers (``allm serve``); otherwise
+    connect to managers something else runs (``allm gateway`` beside ``allm manager``)."""
     app = Sanic(name, configure_logging=False, request_class=errors.EdgeRequest)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes
     app.config.RESPONSE_TIMEOUT = int(config.request_timeout_s) + 30
@@ -119,7 +127,10 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
 
     @app.before_server_start
     async def start_kernel(app: Sanic[Any, Any]) -> None:
-        runtime_dir = config.runtime_dir or Path(tempfile.mkdtemp(prefix="allm-"))
+        if supervise:
+            runtime_dir = config.runtime_dir or Path(tempfile.mkdtemp(prefix="allm-"))
+        else:
+            runtime_dir = shared_runtime_dir(config)
         runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         runtime_dir.chmod(0o700)
         app.ctx.runtime_dir = runtime_dir
@@ -131,19 +142,27 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
             routes,
             heartbeat_timeout_s=config.heartbeat_timeout_s,
             hello_interval_s=config.heartbeat_interval_s,
+            # Unsupervised, a manager nobody hears from is failed or not running: say so at once.
+            absent_after_s=None if supervise else 2 * config.heartbeat_timeout_s,
         )
-        supervisor = Supervisor(
-            specs,
-            client,
-            policy=RestartPolicy(failed_retry_s=config.restart_cooldown_s),
-            heartbeat_timeout_s=config.heartbeat_timeout_s,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            drain_timeout_s=config.drain_timeout_s,
+        supervisor = (
+            Supervisor(
+                specs,
+                client,
+                policy=RestartPolicy(failed_retry_s=config.restart_cooldown_s),
+                heartbeat_timeout_s=config.heartbeat_timeout_s,
+                heartbeat_interval_s=config.heartbeat_interval_s,
+                drain_timeout_s=config.drain_timeout_s,
+            )
+            if supervise
+            else None
         )
         await client.start()
-        await supervisor.start()
+        if supervisor is not None:
+            await supervisor.start()
         app.ctx.client = client
         app.ctx.supervisor = supervisor
+        app.ctx.specs = specs
         app.ctx.store = ResponseStore(
             config.data_dir.expanduser() / "responses.sqlite3",
             ttl_s=config.responses_ttl_s,
@@ -159,10 +178,11 @@ def create_app(config: Config, name: str = "allm") -> Sanic[Any, Any]:
         app.ctx.image_sweeps.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app.ctx.image_sweeps
-        await app.ctx.supervisor.stop()
+        if app.ctx.supervisor is not None:
+            await app.ctx.supervisor.stop()
         await app.ctx.client.close()
         app.ctx.store.close()
-        if config.runtime_dir is None:
+        if supervise and config.runtime_dir is None:
             shutil.rmtree(app.ctx.runtime_dir, ignore_errors=True)
 
     return app

@@ -23,6 +23,8 @@ READY_TIMEOUT_S = 30.0
 
 
 def manager_status(request: Request) -> list[dict[str, Any]]:
+    if request.app.ctx.supervisor is None:
+        return heard_status(request)
     views = {v.endpoint: v for v in request.app.ctx.client.instances()}
     out = []
     for s in request.app.ctx.supervisor.status():
@@ -49,6 +51,45 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
                 "queued": hb.queued if hb else 0,
                 "capacity": hb.capacity if hb else 0,
                 "memory_bytes": s.memory_bytes,
+            }
+        )
+    return out
+
+
+def heard_status(request: Request) -> list[dict[str, Any]]:
+    """Managers something else runs (``allm gateway``): what their heartbeats say.
+
+    ``state`` is ``running`` while heartbeats come, ``absent`` when none has come for the
+    heartbeat timeout; ``restarts`` counts the new processes this gateway has heard.
+    """
+    views = {v.endpoint: v for v in request.app.ctx.client.instances()}
+    out = []
+    for spec in request.app.ctx.specs:
+        view = views.get(spec.endpoint)
+        hb = view.heartbeat if view is not None else None
+        live = bool(view and view.live)
+        extra = hb.extra if hb is not None and live else {}
+        out.append(
+            {
+                "name": spec.name,
+                "modality": spec.modality,
+                "instance": spec.instance,
+                "endpoint": spec.endpoint,
+                "pid": hb.pid if hb else None,
+                "state": "running" if live else "absent",
+                "live": live,
+                "restarts": view.restarts_seen if view else 0,
+                "last_exit": None,
+                "last_code": None,
+                "retry_in_s": None,
+                "models": list(hb.models) if hb else [],
+                "loading": extra.get("loading") or {},
+                "running": extra.get("running") or [],
+                "active": hb.active if hb else 0,
+                "queued": hb.queued if hb else 0,
+                "capacity": hb.capacity if hb else 0,
+                "memory_bytes": hb.memory_bytes if hb else None,
+                "heard_s_ago": round(view.heard_s_ago, 3) if view and view.heard_s_ago is not None else None,
             }
         )
     return out

@@ -33,7 +33,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -72,6 +72,7 @@ class InstanceView:
     outstanding: int
     heard_s_ago: float | None
     heartbeat: p.Heartbeat | None
+    restarts_seen: int = 0  # new incarnations this client heard
 
 
 class _Pending:
@@ -129,6 +130,7 @@ class _Instance:
         self.live = False
         self.dead_incarnation = ""  # heartbeats from it never make us live again
         self.failed: AllmError | None = None
+        self.restarts_seen = 0  # new incarnations heard: restarts, where nobody else counts them
 
     def fail_all(self, exc: AllmError) -> None:
         for pending in list(self.pending.values()):
@@ -145,7 +147,13 @@ class KernelClient:
         heartbeat_timeout_s: float = 5.0,
         hello_interval_s: float = 0.5,
         max_buffered_chunks: int = 1_000_000,
+        absent_after_s: float | None = None,
     ) -> None:
+        """``absent_after_s``: with no supervisor of ours (``allm gateway``), a modality none of
+        whose instances has been heard from for this long fails its requests at once, instead
+        of holding them until their deadline for a manager that may never come."""
+        self.absent_after_s = absent_after_s
+        self._started_at = time.monotonic()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.hello_interval_s = hello_interval_s
         self.max_buffered_chunks = max_buffered_chunks
@@ -167,7 +175,14 @@ class KernelClient:
 
     async def start(self) -> None:
         for inst in self._by_endpoint.values():
-            inst.dealer = Dealer(self._ctx, inst.endpoint, self._routing_id, self._on_message_for(inst))
+            inst.dealer = Dealer(
+                self._ctx,
+                inst.endpoint,
+                self._routing_id,
+                self._on_message_for(inst),
+                # Unsupervised, the closing connection is how a manager's death is known at once.
+                on_disconnect=None if self.absent_after_s is None else self._on_disconnect_for(inst),
+            )
             inst.dealer.send(self._hello)
         self._ticker = asyncio.create_task(self._tick(), name="kernel-client-ticker")
 
@@ -225,6 +240,20 @@ class KernelClient:
 
             asyncio.get_running_loop().call_later(EXIT_GRACE_S, fail_in_flight)
 
+    def _on_disconnect_for(self, inst: _Instance) -> Callable[[], None]:
+        def on_disconnect() -> None:
+            hb = inst.heartbeat
+            if not inst.live or hb is None or hb.incarnation == inst.dead_incarnation:
+                return
+            self.report_down(
+                inst.endpoint,
+                InternalError(
+                    f"the {inst.modality} manager's process ended (pid {hb.pid}): its connection closed"
+                ),
+            )
+
+        return on_disconnect
+
     def last_heard(self, endpoint: str) -> float | None:
         """time.monotonic() of the last message from this instance, if any."""
         inst = self._by_endpoint.get(endpoint)
@@ -241,6 +270,7 @@ class KernelClient:
                 outstanding=len(i.pending),
                 heard_s_ago=None if i.last_heard is None else now - i.last_heard,
                 heartbeat=i.heartbeat,
+                restarts_seen=i.restarts_seen,
             )
             for i in self._by_endpoint.values()
         ]
@@ -330,6 +360,15 @@ class KernelClient:
                     f"{failure.message if failure else 'unknown cause'}",
                     reason=REASON_MANAGER_FAILED,
                 )
+            if self.absent_after_s is not None:
+                now = time.monotonic()
+                if all(now - (i.last_heard or self._started_at) > self.absent_after_s for i in insts):
+                    where = ", ".join(i.endpoint for i in insts)
+                    raise InternalError(
+                        f"no {modality} manager has answered for more than {self.absent_after_s:g} s "
+                        f"(at {where}): is `allm manager {modality}` running?",
+                        reason=REASON_MANAGER_FAILED,
+                    )
             await self._wait_change(deadline, f"a {modality} manager to become available")
 
     def _cancel(self, pending: _Pending, exc: AllmError) -> None:
@@ -471,9 +510,11 @@ class KernelClient:
 
     def _on_heartbeat(self, inst: _Instance, hb: p.Heartbeat) -> None:
         old = inst.heartbeat
-        if old is not None and old.incarnation != hb.incarnation and inst.pending:
-            restarted = InternalError(f"the {inst.modality} manager restarted (pid {old.pid} → {hb.pid})")
-            self._after_death(list(inst.pending.values()), restarted, _slots(inst))
+        if old is not None and old.incarnation != hb.incarnation:
+            inst.restarts_seen += 1
+            if inst.pending:
+                restarted = InternalError(f"the {inst.modality} manager restarted (pid {old.pid} → {hb.pid})")
+                self._after_death(list(inst.pending.values()), restarted, _slots(inst))
         inst.heartbeat = hb
         if hb.incarnation == inst.dead_incarnation:
             return

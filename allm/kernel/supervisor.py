@@ -226,6 +226,34 @@ class _Child:
         self.last_code = ""
 
 
+def runtime_command(
+    spec: ManagerSpec, python: str, heartbeat_interval_s: float, drain_timeout_s: float
+) -> list[str]:
+    """The command that runs one manager instance: ours, or supervisord's through ``allm manager``."""
+    return [
+        python,
+        "-m",
+        "allm.kernel.runtime",
+        spec.modality,
+        "--module",
+        spec.module,
+        "--endpoint",
+        spec.endpoint,
+        "--instance",
+        str(spec.instance),
+        "--slots",
+        str(spec.slots),
+        "--queue-size",
+        str(spec.queue_size),
+        "--heartbeat-interval-s",
+        str(heartbeat_interval_s),
+        "--drain-timeout-s",
+        str(drain_timeout_s),
+        "--step-limit-s",
+        str(spec.step_limit_s or 0),
+    ]
+
+
 class Supervisor:
     """Runs manager subprocesses in the caller's event loop."""
 
@@ -326,28 +354,7 @@ class Supervisor:
     # -- internals -------------------------------------------------------------
 
     def _command(self, spec: ManagerSpec) -> list[str]:
-        return [
-            self.python,
-            "-m",
-            "allm.kernel.runtime",
-            spec.modality,
-            "--module",
-            spec.module,
-            "--endpoint",
-            spec.endpoint,
-            "--instance",
-            str(spec.instance),
-            "--slots",
-            str(spec.slots),
-            "--queue-size",
-            str(spec.queue_size),
-            "--heartbeat-interval-s",
-            str(self.heartbeat_interval_s),
-            "--drain-timeout-s",
-            str(self.drain_timeout_s),
-            "--step-limit-s",
-            str(spec.step_limit_s or 0),
-        ]
+        return runtime_command(spec, self.python, self.heartbeat_interval_s, self.drain_timeout_s)
 
     def _spawn(self, child: _Child) -> None:
         spec = child.spec

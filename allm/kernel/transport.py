@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import cast
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 # Requests flow in freely; replies are held to a small window so that a slow
 # reader pushes back on the manager (which then holds frames, never drops them).
@@ -138,7 +139,10 @@ class Dealer:
         endpoint: str,
         routing_id: bytes,
         on_message: Callable[[list[bytes]], None],
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
+        """``on_disconnect``: called when the connection to the manager closes (its process
+        ended, or closed its socket); a hung manager keeps its connection and is not reported."""
         self.endpoint = check_endpoint(endpoint)
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -160,6 +164,13 @@ class Dealer:
         self._closed = False
         # The fd is edge-triggered: messages may already be waiting.
         self._loop.call_soon(self._drain)
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._on_disconnect = on_disconnect
+        if on_disconnect is not None:
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
+            self._loop.add_reader(self._monitor_fd, self._drain_monitor)
+            self._loop.call_soon(self._drain_monitor)
 
     def send(self, frames: Sequence[bytes]) -> bool:
         """Queue a message; False when the manager is not connected or not keeping up."""
@@ -188,11 +199,25 @@ class Dealer:
                 return
             self._on_message(frames)
 
+    def _drain_monitor(self) -> None:
+        monitor = self._monitor
+        while not self._closed and monitor is not None:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._on_disconnect is not None:
+                self._on_disconnect()
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self._fd)
+        if self._monitor is not None:
+            self._loop.remove_reader(self._monitor_fd)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
 

@@ -37,10 +37,12 @@ def test_version_is_the_installed_distributions():
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [
-        ([], ("serve", "check", "models", "--version")),
+        ([], ("serve", "gateway", "manager", "check", "models", "--version")),
         (["serve"], ("--config", "--host", "--port", "--data-dir", "engine is not installed")),
         (["check"], ("CONFIG", "every problem", "exits 1")),
         (["models"], ("CONFIG", "--json", "installed")),
+        (["gateway"], ("--config", "--host", "--port", "heartbeats", "allm manager")),
+        (["manager"], ("MODALITY", "text, audio, image", "--instance", "--config", "exec", "SIGTERM drains")),
     ],
 )
 def test_every_command_has_complete_help(argv, needles):
