@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import psutil
 
 from allm.kernel.codes import OomRamError, UnsupportedError
-from allm.kernel.runtime import RequestContext
+from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
 
 log = logging.getLogger("allm.pool")
 
@@ -273,3 +273,54 @@ class ModelPool:
                 ]
             for model_id in idle:
                 self.unload(model_id)
+
+
+class PooledManager:
+    """A manager whose models live in a ModelPool: the operations every modality shares.
+
+    ``models`` (answered on the I/O thread), ``load`` and ``unload`` are the pool's; any op in
+    ``operations`` is the loaded engine's method of that name, called with the request.
+    """
+
+    inline_ops = frozenset({"models"})
+
+    def __init__(
+        self, info: ManagerInfo, plan: Callable[[ModelEntry], Plan], *, operations: frozenset[str]
+    ) -> None:
+        settings = info.settings
+        entries = [ModelEntry.from_settings(raw) for raw in settings.get("models", [])]
+        self.operations = operations
+        self.pool = ModelPool(
+            {e.id: e for e in entries},
+            plan,
+            budget_bytes=settings.get("memory_budget_bytes"),
+            idle_unload_s=settings.get("idle_unload_s"),
+            load_stall_s=settings.get("load_stall_s"),
+            modality=info.modality,
+        )
+
+    def models(self) -> tuple[str, ...]:
+        return self.pool.loaded()
+
+    def status(self) -> dict[str, Any]:
+        return {"loading": self.pool.loading()}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def handle(self, ctx: RequestContext) -> Reply:
+        if ctx.op == "models":
+            loaded = set(self.pool.loaded())
+            listing = [
+                {"id": m, "state": "loaded" if m in loaded else "available"} for m in self.pool.catalog
+            ]
+            return Reply({"models": listing})
+        if ctx.op == "unload":
+            return Reply({"unloaded": self.pool.unload(ctx.model)})
+        if ctx.op not in self.operations and ctx.op != "load":
+            raise UnsupportedError(f"the {self.pool.modality} manager has no operation {ctx.op!r}")
+        with self.pool.use(ctx.model, ctx) as engine:
+            if ctx.op == "load":
+                return Reply({"loaded": ctx.model})
+            result: Reply = getattr(engine, ctx.op)(ctx)
+            return result

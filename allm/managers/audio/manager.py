@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allm.kernel.codes import AllmError, FormatMismatchError, LoadFailedError, UnsupportedError
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.codes import AllmError, FormatMismatchError, LoadFailedError
+from allm.kernel.runtime import ManagerInfo
 from allm.managers.audio.model_check import WhisperModelInfo, check_model
 from allm.managers.engines import WHISPER_CPP, ModelReport, Problem
-from allm.managers.pool import ModelEntry, ModelPool, Plan, Progress
+from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
 
 if TYPE_CHECKING:
     from allm.managers.audio.whisper_engine import WhisperEngine
@@ -166,47 +166,10 @@ def describe(settings: Mapping[str, Any]) -> ModelReport:
     return ModelReport(fmt, WHISPER_CPP, size, tuple(Problem(f, m) for f, m in problems.items()))
 
 
-class AudioManager:
-    inline_ops = frozenset({"models"})
-
+class AudioManager(PooledManager):
     def __init__(self, info: ManagerInfo) -> None:
-        settings = info.settings
-        entries = [ModelEntry.from_settings(raw) for raw in settings.get("models", [])]
-        cache_dir = Path(settings["cache_dir"]) if settings.get("cache_dir") else None
-        self.pool = ModelPool(
-            {e.id: e for e in entries},
-            make_plan(cache_dir),
-            budget_bytes=settings.get("memory_budget_bytes"),
-            idle_unload_s=settings.get("idle_unload_s"),
-            load_stall_s=settings.get("load_stall_s"),
-            modality="audio",
-        )
-
-    def models(self) -> tuple[str, ...]:
-        return self.pool.loaded()
-
-    def status(self) -> dict[str, Any]:
-        return {"loading": self.pool.loading()}
-
-    def close(self) -> None:
-        self.pool.close()
-
-    def handle(self, ctx: RequestContext) -> Reply:
-        if ctx.op == "models":
-            loaded = set(self.pool.loaded())
-            listing = [
-                {"id": m, "state": "loaded" if m in loaded else "available"} for m in self.pool.catalog
-            ]
-            return Reply({"models": listing})
-        if ctx.op == "unload":
-            return Reply({"unloaded": self.pool.unload(ctx.model)})
-        if ctx.op not in ("transcribe", "load"):
-            raise UnsupportedError(f"the audio manager has no operation {ctx.op!r}")
-        with self.pool.use(ctx.model, ctx) as engine:
-            if ctx.op == "load":
-                return Reply({"loaded": ctx.model})
-            result: Reply = engine.transcribe(ctx)
-            return result
+        cache_dir = Path(info.settings["cache_dir"]) if info.settings.get("cache_dir") else None
+        super().__init__(info, make_plan(cache_dir), operations=frozenset({"transcribe"}))
 
 
 def create(info: ManagerInfo) -> AudioManager:

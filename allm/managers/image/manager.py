@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from allm.kernel.codes import AllmError, LoadFailedError, UnsupportedError
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.runtime import ManagerInfo
 from allm.managers.engines import STABLE_DIFFUSION_CPP, ModelReport, Problem
 from allm.managers.image.model_check import ImageModelInfo, check_parts
-from allm.managers.pool import ModelEntry, ModelPool, Plan, Progress
+from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
 
 if TYPE_CHECKING:
     from allm.managers.image.sd_engine import ImageEngine
@@ -106,46 +106,9 @@ def describe(settings: Mapping[str, Any]) -> ModelReport:
     return ModelReport(fmt, STABLE_DIFFUSION_CPP, size, tuple(Problem(f, m) for f, m in problems.items()))
 
 
-class ImageManager:
-    inline_ops = frozenset({"models"})
-
+class ImageManager(PooledManager):
     def __init__(self, info: ManagerInfo) -> None:
-        settings = info.settings
-        entries = [ModelEntry.from_settings(raw) for raw in settings.get("models", [])]
-        self.pool = ModelPool(
-            {e.id: e for e in entries},
-            plan_load,
-            budget_bytes=settings.get("memory_budget_bytes"),
-            idle_unload_s=settings.get("idle_unload_s"),
-            load_stall_s=settings.get("load_stall_s"),
-            modality="image",
-        )
-
-    def models(self) -> tuple[str, ...]:
-        return self.pool.loaded()
-
-    def status(self) -> dict[str, Any]:
-        return {"loading": self.pool.loading()}
-
-    def close(self) -> None:
-        self.pool.close()
-
-    def handle(self, ctx: RequestContext) -> Reply:
-        if ctx.op == "models":
-            loaded = set(self.pool.loaded())
-            listing = [
-                {"id": m, "state": "loaded" if m in loaded else "available"} for m in self.pool.catalog
-            ]
-            return Reply({"models": listing})
-        if ctx.op == "unload":
-            return Reply({"unloaded": self.pool.unload(ctx.model)})
-        if ctx.op not in ("generate", "load"):
-            raise UnsupportedError(f"the image manager has no operation {ctx.op!r}")
-        with self.pool.use(ctx.model, ctx) as engine:
-            if ctx.op == "load":
-                return Reply({"loaded": ctx.model})
-            result: Reply = engine.generate(ctx)
-            return result
+        super().__init__(info, plan_load, operations=frozenset({"generate"}))
 
 
 def create(info: ManagerInfo) -> ImageManager:

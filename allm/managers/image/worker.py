@@ -18,6 +18,7 @@ import ctypes
 import io
 import os
 import signal
+import warnings
 from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
@@ -36,6 +37,8 @@ def _die_with_parent() -> None:
 def serve(conn: Connection, paths: dict[str, str], options: dict[str, Any]) -> None:
     """Load the model, say whether it loaded, then generate on request until the pipe closes."""
     _die_with_parent()
+    # The binding leaves the /dev/null it silences the C library with open: its warning, not ours.
+    warnings.simplefilter("ignore", ResourceWarning)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     import stable_diffusion_cpp.stable_diffusion_cpp as sd_cpp

@@ -18,10 +18,10 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from allm.kernel.codes import AllmError, LoadFailedError, UnsupportedError
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.codes import AllmError, LoadFailedError
+from allm.kernel.runtime import ManagerInfo
 from allm.managers.engines import LLAMA_CPP, MLX_LM, TRANSFORMERS, Engine, ModelReport, Problem
-from allm.managers.pool import ModelEntry, ModelPool, Plan, Progress
+from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
 from allm.managers.text.detect import Format, detect
 from allm.managers.text.gguf_header import GGUFHeader, read_header
 from allm.managers.text.options import LlamaOptions, llama_problems, safetensors_problems
@@ -151,45 +151,9 @@ def widening(info: DirectoryInfo, backend: str, options: Mapping[str, Any]) -> f
     return max(1.0, wanted_bytes / stored_bytes)
 
 
-class TextManager:
-    inline_ops = frozenset({"models"})
-
+class TextManager(PooledManager):
     def __init__(self, info: ManagerInfo) -> None:
-        settings = info.settings
-        entries = [ModelEntry.from_settings(raw) for raw in settings.get("models", [])]
-        self.pool = ModelPool(
-            {e.id: e for e in entries},
-            plan_load,
-            budget_bytes=settings.get("memory_budget_bytes"),
-            idle_unload_s=settings.get("idle_unload_s"),
-            load_stall_s=settings.get("load_stall_s"),
-        )
-
-    def models(self) -> tuple[str, ...]:
-        return self.pool.loaded()
-
-    def status(self) -> dict[str, Any]:
-        return {"loading": self.pool.loading()}
-
-    def close(self) -> None:
-        self.pool.close()
-
-    def handle(self, ctx: RequestContext) -> Reply:
-        if ctx.op == "models":
-            loaded = set(self.pool.loaded())
-            listing: list[dict[str, Any]] = [
-                {"id": m, "state": "loaded" if m in loaded else "available"} for m in self.pool.catalog
-            ]
-            return Reply({"models": listing})
-        if ctx.op == "unload":
-            return Reply({"unloaded": self.pool.unload(ctx.model)})
-        if ctx.op not in ("chat", "complete", "embed", "load"):
-            raise UnsupportedError(f"the text manager has no operation {ctx.op!r}")
-        with self.pool.use(ctx.model, ctx) as engine:
-            if ctx.op == "load":
-                return Reply({"loaded": ctx.model})
-            result: Reply = getattr(engine, ctx.op)(ctx)
-            return result
+        super().__init__(info, plan_load, operations=frozenset({"chat", "complete", "embed"}))
 
 
 def create(info: ManagerInfo) -> TextManager:
