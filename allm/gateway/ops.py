@@ -43,6 +43,7 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
                 "restarts": s.restarts,
                 "last_exit": s.last_exit or None,
                 "last_code": s.last_code or None,
+                "last_lines": list(s.last_lines),  # its stderr's last lines before that exit
                 "retry_in_s": s.retry_in_s,
                 "models": list(hb.models) if hb else [],
                 "loading": extra.get("loading") or {},
@@ -81,6 +82,7 @@ def heard_status(request: Request) -> list[dict[str, Any]]:
                 "restarts": view.restarts_seen if view else 0,
                 "last_exit": None,
                 "last_code": None,
+                "last_lines": [],
                 "retry_in_s": None,
                 "models": list(hb.models) if hb else [],
                 "loading": extra.get("loading") or {},

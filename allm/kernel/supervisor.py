@@ -27,6 +27,7 @@ spawn that fails (EMFILE, ENOMEM, a missing interpreter) counts as a crash.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -173,6 +174,11 @@ class InstanceStatus:
     last_code: str
     memory_bytes: int | None
     retry_in_s: float | None = None  # when a failed or backing-off instance is started again
+    last_lines: tuple[str, ...] = ()  # what its last process wrote to stderr before it died
+
+
+#: the lines of a manager's stderr kept to show with its death (ggml's message before an abort)
+TAIL_LINES = 20
 
 
 def oom_counters(pid: int) -> tuple[Path, ...]:
@@ -224,6 +230,10 @@ class _Child:
         self.oom_counts: dict[Path, int] = {}
         self.last_exit = ""
         self.last_code = ""
+        self.stderr_fd: int | None = None
+        self.partial = b""  # an unfinished line
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.last_lines: tuple[str, ...] = ()
 
 
 def runtime_command(
@@ -335,6 +345,7 @@ class Supervisor:
                 restarts=c.restarts,
                 last_exit=c.last_exit,
                 last_code=c.last_code,
+                last_lines=c.last_lines,
                 memory_bytes=tree_memory_bytes(c.proc.pid) if c.proc is not None else None,
                 retry_in_s=(
                     round(max(0.0, c.restart_at - now), 1)
@@ -375,10 +386,17 @@ class Supervisor:
             self._command(spec),
             env=env,
             stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,  # passed on to ours, the last lines kept for /status
             cwd=self.cwd,
             close_fds=True,
             pass_fds=(self._lifeline_r,),
         )
+        assert child.proc.stderr is not None
+        child.stderr_fd = child.proc.stderr.fileno()
+        os.set_blocking(child.stderr_fd, False)
+        child.partial = b""
+        child.tail.clear()
+        asyncio.get_running_loop().add_reader(child.stderr_fd, self._read_stderr, child)
         child.state = State.STARTING
         child.started_at = time.monotonic()
         child.running_since = None
@@ -401,7 +419,43 @@ class Supervisor:
             child.proc = None
             self._died(child, Death(Code.INTERNAL, f"the {child.spec.name} manager could not start: {exc}"))
 
+    def _read_stderr(self, child: _Child) -> None:
+        """Pass the manager's stderr on to ours, keeping its last lines."""
+        fd = child.stderr_fd
+        while fd is not None:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # its end: the process exited
+                self._close_stderr(child)
+                return
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            *lines, child.partial = (child.partial + chunk).split(b"\n")
+            child.tail.extend(line.decode("utf-8", "replace").rstrip() for line in lines if line.strip())
+            if len(child.partial) > 4096:  # no newline in sight: keep it as a line of its own
+                child.tail.append(child.partial.decode("utf-8", "replace"))
+                child.partial = b""
+
+    def _close_stderr(self, child: _Child) -> None:
+        fd, child.stderr_fd = child.stderr_fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(fd)
+        if child.partial.strip():
+            child.tail.append(child.partial.decode("utf-8", "replace").rstrip())
+            child.partial = b""
+        if child.proc is not None and child.proc.stderr is not None:
+            child.proc.stderr.close()
+
     def _reap(self, child: _Child) -> None:
+        self._read_stderr(child)  # its last words, then the pipe is done with
+        self._close_stderr(child)
         if child.pidfd is not None:
             asyncio.get_running_loop().remove_reader(child.pidfd)
             os.close(child.pidfd)
@@ -442,6 +496,8 @@ class Supervisor:
 
     def _died(self, child: _Child, death: Death) -> None:
         now = time.monotonic()
+        self._read_stderr(child)  # what it wrote last may still be in the pipe
+        child.last_lines = tuple(child.tail)
         child.last_exit = death.message
         child.last_code = death.code.name
         uptime_s = None if child.running_since is None else now - child.running_since

@@ -47,6 +47,8 @@ class FaultManager:
             case "segfault":
                 ctypes.string_at(0)
             case "abort":
+                if params.get("say"):  # an engine's last words, as ggml writes them before it aborts
+                    os.write(2, str(params["say"]).encode() + b"\n")
                 os.abort()
             case "exit":
                 os._exit(int(params.get("status", 3)))

@@ -46,6 +46,17 @@ async def test_engine_crash_yields_internal_and_restarts(cluster: Cluster, op, p
     assert needle in status.last_exit
 
 
+async def test_a_managers_last_words_before_it_dies_are_kept_with_its_death(cluster: Cluster):
+    words = "ggml.c:1234: GGML_ASSERT(ne0 % 32 == 0) failed"
+    with pytest.raises(AllmError) as info:
+        await cluster.client.call("fault", "abort", params={"say": words}, timeout_s=20)
+    assert info.value.code is Code.INTERNAL
+    await cluster.serves_again()
+    status = {s.name: s for s in cluster.supervisor.status()}["fault#0"]
+    assert "SIGABRT" in status.last_exit
+    assert status.last_lines[-1] == words  # the last line it wrote, shown beside the cause
+
+
 async def test_memory_error_yields_oom_ram_and_the_manager_lives_on(cluster: Cluster):
     before = cluster.pid()
     other = cluster.other_stream()
