@@ -200,6 +200,14 @@ def models(args: argparse.Namespace) -> int:
     return 1 if settings else 0
 
 
+def _http_options(command: argparse.ArgumentParser, *, data_dir: str) -> None:
+    """The options of the commands that serve HTTP (serve, gateway)."""
+    command.add_argument("--config", type=Path, help=CONFIG_HELP)
+    command.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
+    command.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
+    command.add_argument("--data-dir", help=data_dir)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="allm",
@@ -215,10 +223,7 @@ def parser() -> argparse.ArgumentParser:
         description="Serve the OpenAI HTTP APIs on this host, supervising one process per manager. "
         "Refuses to start if a model's engine is not installed.",
     )
-    run.add_argument("--config", type=Path, help=CONFIG_HELP)
-    run.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
-    run.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
-    run.add_argument("--data-dir", help="where stored responses live (ALLM_DATA_DIR)")
+    _http_options(run, data_dir="where stored responses live (ALLM_DATA_DIR)")
     run.set_defaults(run=serve)
 
     front = commands.add_parser(
@@ -229,10 +234,7 @@ def parser() -> argparse.ArgumentParser:
         "finds each by its heartbeats, and fails a request at once, with a clear message, when no "
         "manager of its modality has answered for twice the heartbeat timeout.",
     )
-    front.add_argument("--config", type=Path, help=CONFIG_HELP)
-    front.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
-    front.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
-    front.add_argument("--data-dir", help="stored responses and the managers' sockets (ALLM_DATA_DIR)")
+    _http_options(front, data_dir="stored responses and the managers' sockets (ALLM_DATA_DIR)")
     front.set_defaults(run=gateway)
 
     one = commands.add_parser(

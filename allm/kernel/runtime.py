@@ -690,7 +690,8 @@ class Runtime:
 # -- process entry point -------------------------------------------------------
 
 
-def _linux_prctl(option: int, arg: int | bytes) -> None:
+def linux_prctl(option: int, arg: int | bytes) -> None:
+    """prctl(2) where there is one (Linux); elsewhere nothing."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(option, arg, 0, 0, 0)
@@ -704,7 +705,7 @@ def _bind_to_parent() -> None:
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return
-    _linux_prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    linux_prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     if str(os.getppid()) != parent:  # it died before the line above took effect
         sys.exit(0)
 
@@ -738,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
     _bind_to_parent()
-    _linux_prctl(15, f"allm-{args.modality}-{args.instance}".encode()[:15])  # PR_SET_NAME
+    linux_prctl(15, f"allm-{args.modality}-{args.instance}".encode()[:15])  # PR_SET_NAME
     settings: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV) or "{}")
     module = importlib.import_module(args.module)
     info = ManagerInfo(args.modality, args.instance, args.slots, settings)

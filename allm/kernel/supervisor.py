@@ -124,14 +124,19 @@ def classify_exit(
         return Death(Code.TIMEOUT, f"the {name} manager's watchdog found a stuck operation; it exited")
     if returncode == EXIT_RESTART:
         return Death(Code.INTERNAL, f"the {name} manager restarted itself after an engine error", crash=False)
+    return Death(Code.INTERNAL, f"the {name} manager process {describe_exit(returncode)}")
+
+
+def describe_exit(returncode: int) -> str:
+    """How a process ended, from its return code: "died of SIGSEGV (signal 11)", "exited with status 3"."""
     if returncode < 0:
         signum = -returncode
         try:
             signame = signal.Signals(signum).name
         except ValueError:
             signame = f"signal {signum}"
-        return Death(Code.INTERNAL, f"the {name} manager process died of {signame} (signal {signum})")
-    return Death(Code.INTERNAL, f"the {name} manager process exited with status {returncode}")
+        return f"died of {signame} (signal {signum})"
+    return f"exited with status {returncode}"
 
 
 def crash_history(

@@ -95,7 +95,9 @@ def daemon(tmp_path_factory):
     whisper = write_tiny_whisper(home / "whisper.ggml")
     flux = write_tiny_flux(home / "flux")
     (home / "allm.toml").write_text(
-        f'[server]\ndata_dir = "{home / "data"}"\nheartbeat_timeout_s = 2\n'
+        # a deadline well inside the HTTP client's: a request that waited for the absent manager
+        # would end with timeout, not with manager_failed
+        f'[server]\ndata_dir = "{home / "data"}"\nheartbeat_timeout_s = 2\nrequest_timeout_s = 30\n'
         f'[[models]]\nid = "smol"\npath = "{smollm2_path()}"\n'
         f'[[models]]\nid = "whisper"\nmodality = "audio"\npath = "{whisper}"\n'
         f'[[models]]\nid = "flux"\nmodality = "image"\npath = "{flux["diffusion_model"]}"\n'
@@ -182,11 +184,9 @@ def test_the_text_manager_killed_mid_stream_is_the_coded_error_then_supervisord_
 def test_a_crash_looping_manager_goes_fatal_and_its_requests_fail_fast_and_clearly(daemon):
     daemon.wait_state("image", "FATAL", timeout_s=90)
     time.sleep(4.5)  # past twice the heartbeat timeout since the gateway started hearing nothing
-    started = time.monotonic()
     status, reply = daemon.server.json("POST", "/v1/images/generations", {"model": "flux", "prompt": "x"})
-    assert time.monotonic() - started < 2.0  # at once, not at the request's deadline
     assert status == 503
-    assert reply["error"]["code"] == "manager_failed"
+    assert reply["error"]["code"] == "manager_failed"  # at once: waiting would have been a timeout
     assert "is `allm manager image` running?" in reply["error"]["message"]
     assert chat(daemon.server)[0] == 200  # the others serve on
 

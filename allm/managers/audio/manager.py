@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,12 +78,11 @@ def resolve(entry: ModelEntry, cache_dir: Path | None) -> Source:
             raise FormatMismatchError(
                 f"{path} is registered as ggml but is a CTranslate2 directory", param="path"
             )
-        if cache_dir is None:
-            raise LoadFailedError(f"{entry.id}: no cache directory to convert {path} into", param="path")
+        size = model_bin.stat().st_size
+        if cache_dir is None:  # described, not loaded: nothing to convert into
+            return Source("ctranslate2", path, size)
         target = cache_dir / _cache_name(entry, model_bin)
-        if target.is_file():
-            return Source("ctranslate2", path, model_bin.stat().st_size, check_model(target), target)
-        return Source("ctranslate2", path, model_bin.stat().st_size, None, target)
+        return Source("ctranslate2", path, size, check_model(target) if target.is_file() else None, target)
     if entry.format == "ctranslate2":
         raise FormatMismatchError(f"{path} is registered as ctranslate2 but is a file", param="path")
     info = check_model(path)
@@ -115,11 +114,15 @@ def check_options(entry: ModelEntry) -> None:
         )
 
 
-def make_plan(cache_dir: Path | None) -> Any:
+def make_plan(cache_dir: Path | None) -> Callable[[ModelEntry], Plan]:
     def plan_load(entry: ModelEntry) -> Plan:
         """Check the files, the options and the engine, and estimate memory, before loading."""
         check_options(entry)
         source = resolve(entry, cache_dir)
+        if source.info is None and source.target is None:
+            raise LoadFailedError(
+                f"{entry.id}: no cache directory to convert {source.path} into", param="path"
+            )
         WHISPER_CPP.require(entry.id)
         weights = source.info.weights_bytes if source.info is not None else source.size_bytes
         estimate = weights + state_bytes(source.info, weights)
@@ -131,7 +134,7 @@ def make_plan(cache_dir: Path | None) -> Any:
             if info is None:
                 from allm.managers.audio.ct2_convert import convert
 
-                assert source.target is not None
+                assert source.target is not None  # plan_load refused a conversion with nowhere to go
                 source.target.parent.mkdir(parents=True, exist_ok=True)
                 progress(0.1)
                 convert(source.path, source.target)
@@ -156,8 +159,8 @@ def describe(settings: Mapping[str, Any]) -> ModelReport:
     except AllmError as exc:
         problems[exc.param or "options"] = exc.message
     try:
-        # No cache directory here: a CTranslate2 source is described, not converted.
-        source = resolve(entry, Path(settings.get("cache_dir") or "/nonexistent"))
+        # Without a cache directory (the command line's case) a CTranslate2 source is described only.
+        source = resolve(entry, Path(settings["cache_dir"]) if settings.get("cache_dir") else None)
         fmt, size = source.format, source.size_bytes
     except AllmError as exc:
         problems.setdefault(exc.param or "path", exc.message)

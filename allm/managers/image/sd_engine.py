@@ -28,6 +28,7 @@ from allm.kernel.codes import (
     UnsupportedError,
 )
 from allm.kernel.runtime import Reply, RequestContext
+from allm.kernel.supervisor import describe_exit
 from allm.managers.image import worker
 
 log = logging.getLogger("allm.image.sd")
@@ -102,7 +103,7 @@ class ImageEngine:
             if progress is not None:
                 progress(0.5)  # alive and loading: the watchdog sees progress while the worker reads
             if not proc.is_alive():
-                raise LoadFailedError(f"the worker loading {self.model_id} died ({_how(proc.exitcode)})")
+                raise LoadFailedError(f"the worker loading {self.model_id} {_ended(proc)}")
             if time.monotonic() > deadline:
                 proc.kill()
                 raise LoadFailedError(f"{self.model_id} did not load in {LOAD_TIMEOUT_S:.0f} s")
@@ -110,9 +111,7 @@ class ImageEngine:
             kind, detail = parent.recv()
         except EOFError:
             proc.join(5)
-            raise LoadFailedError(
-                f"the worker loading {self.model_id} died ({_how(proc.exitcode)})"
-            ) from None
+            raise LoadFailedError(f"the worker loading {self.model_id} {_ended(proc)}") from None
         if kind == "failed":
             proc.join(5)
             raise ModelCorruptError(f"stable-diffusion.cpp could not load {self.model_id}: {detail}")
@@ -215,17 +214,17 @@ class ImageEngine:
                 raise DeadlineError("image generation passed its deadline")
             if not conn.poll(POLL_S):
                 if not self._proc.is_alive():
-                    how = _how(self._proc.exitcode)
+                    how = _ended(self._proc)
                     self._stop()
-                    raise InternalError(f"the image worker of {self.model_id} died ({how})")
+                    raise InternalError(f"the image worker of {self.model_id} {how}")
                 continue
             try:
                 kind, detail = conn.recv()
             except EOFError:  # the pipe closes as the worker dies: wait for its status to name the cause
                 self._proc.join(5)
-                how = _how(self._proc.exitcode)
+                how = _ended(self._proc)
                 self._stop()
-                raise InternalError(f"the image worker of {self.model_id} died ({how})") from None
+                raise InternalError(f"the image worker of {self.model_id} {how}") from None
             if kind == "progress":
                 index, step, steps = detail
                 n = int(job["n"])
@@ -242,14 +241,6 @@ class ImageEngine:
                 raise InternalError(f"stable-diffusion.cpp failed: {detail}")
 
 
-def _how(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            import signal
-
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit status {exitcode}"
+def _ended(proc: Any) -> str:
+    """How the worker ended, as the supervisor words a manager's exit."""
+    return "closed its pipe while still running" if proc.exitcode is None else describe_exit(proc.exitcode)

@@ -23,20 +23,14 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from allm.kernel.runtime import linux_prctl
+
 PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent's close() is the only guard
-        pass
 
 
 def serve(conn: Connection, paths: dict[str, str], options: dict[str, Any]) -> None:
     """Load the model, say whether it loaded, then generate on request until the pipe closes."""
-    _die_with_parent()
+    linux_prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))  # not Linux: the parent's close() is the only guard
     # The binding leaves the /dev/null it silences the C library with open: its warning, not ours.
     warnings.simplefilter("ignore", ResourceWarning)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
