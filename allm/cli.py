@@ -21,6 +21,8 @@ from typing import Any
 
 from allm import __version__
 from allm.gateway.config import Config, ConfigError, ModelConfig, load, read
+from allm.kernel import logs
+from allm.kernel.logs import FORMAT_ENV, FORMATS
 from allm.kernel.registry import MANAGERS, module_for
 
 log = logging.getLogger("allm")
@@ -85,14 +87,21 @@ def gateway(args: argparse.Namespace) -> int:
     return _run_http(config, supervise=False, what="gateway for")
 
 
+def _banner(line: str) -> None:
+    """What a server says as it starts: on stdout for people; a log line among the JSON ones."""
+    if logs.log_format() == "json":
+        log.info("%s", line)
+    else:
+        print(line, flush=True)
+
+
 def _run_http(config: Config, *, supervise: bool, what: str) -> int:
     from allm.gateway.app import create_app
 
     app = create_app(config, supervise=supervise)
-    print(
+    _banner(
         f"allm {__version__}: {what} {', '.join(m.id for m in config.models)} "
-        f"on http://{config.host}:{config.port}",
-        flush=True,
+        f"on http://{config.host}:{config.port}"
     )
     app.run(host=config.host, port=config.port, single_process=True, access_log=False, motd=False)
     return 0
@@ -123,7 +132,7 @@ def manager(args: argparse.Namespace) -> int:
         return 2
     command = runtime_command(spec, sys.executable, config.heartbeat_interval_s, config.drain_timeout_s)
     env = {**os.environ, SETTINGS_ENV: json.dumps(dict(spec.settings))}
-    print(f"allm {__version__}: {spec.name} on {spec.endpoint}", flush=True)
+    _banner(f"allm {__version__}: {spec.name} on {spec.endpoint}")
     os.execve(sys.executable, command, env)  # noqa: S606 - our own interpreter and module
 
 
@@ -206,6 +215,16 @@ def _http_options(command: argparse.ArgumentParser, *, data_dir: str) -> None:
     command.add_argument("--host", help="address to listen on (default 127.0.0.1; ALLM_HOST)")
     command.add_argument("--port", type=int, help="port to listen on (default 8080; ALLM_PORT)")
     command.add_argument("--data-dir", help=data_dir)
+    _log_option(command)
+
+
+def _log_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="text lines for people (the default) or one JSON object a line for log shippers; "
+        f"the managers write the same ({FORMAT_ENV})",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -251,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--instance", type=int, default=0, help="which instance of it, from 0 (default 0)")
     one.add_argument("--config", type=Path, help=CONFIG_HELP)
     one.add_argument("--data-dir", help="where the managers' sockets are, under run/ (ALLM_DATA_DIR)")
+    _log_option(one)
     one.set_defaults(run=manager)
 
     validate = commands.add_parser(
@@ -277,10 +297,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("ALLM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s",
-    )
+    if getattr(args, "log_format", None):
+        os.environ[FORMAT_ENV] = args.log_format  # the managers we start read it too
+    logs.setup("gateway")
     status: int = args.run(args)
     return status
 

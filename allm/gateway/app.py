@@ -13,13 +13,15 @@ import hmac
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
-from allm.gateway import audio, chat, errors, images, openapi, ops, responses
+from allm import __version__
+from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, responses
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.store import ResponseStore
@@ -88,6 +90,22 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
     app.blueprint(openapi.bp)
     app.error_handler.add(Exception, errors.handle)
     keys = [key.encode() for key in config.api_keys]
+    observed = metrics.Metrics(lambda: ops.managers_of(app), version=__version__)
+    app.ctx.metrics = observed
+    app.ctx.started_at = time.monotonic()
+    app.ctx.draining = False  # SIGTERM came: finishing what runs, taking nothing new
+    app.ctx.last_reload = None  # what the last SIGHUP did
+
+    @app.on_request
+    async def open_exchange(request: Request) -> None:
+        # First of all, so that every answer (a 401, a 404) has its id, its line and its count.
+        endpoint = f"/{request.route.path}" if request.route is not None else "unmatched"
+        request.ctx.exchange = observed.begin(
+            metrics.request_id_for(request.headers.get(metrics.REQUEST_ID_HEADER)),
+            request.method,
+            request.path,
+            endpoint,
+        )
 
     @app.on_request
     async def authorize(request: Request) -> HTTPResponse | None:
@@ -122,8 +140,23 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
             response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Access-Control-Expose-Headers"] = metrics.REQUEST_ID_HEADER
 
     app.register_middleware(cors, "response")
+
+    async def stamp(request: Request, response: BaseHTTPResponse) -> None:
+        exchange = getattr(request.ctx, "exchange", None)
+        if exchange is not None:
+            response.headers[metrics.REQUEST_ID_HEADER] = exchange.request_id
+
+    app.register_middleware(stamp, "response")
+
+    @app.signal("http.lifecycle.response")
+    async def close_exchange(request: Request, response: BaseHTTPResponse) -> None:
+        # Dispatched when the response is done: a stream's last event included.
+        exchange = getattr(request.ctx, "exchange", None)
+        if exchange is not None:
+            observed.finish(exchange, response.status)
 
     @app.before_server_start
     async def start_kernel(app: Sanic[Any, Any]) -> None:
@@ -144,6 +177,7 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
             hello_interval_s=config.heartbeat_interval_s,
             # Unsupervised, a manager nobody hears from is failed or not running: say so at once.
             absent_after_s=None if supervise else 2 * config.heartbeat_timeout_s,
+            observer=observed,
         )
         supervisor = (
             Supervisor(

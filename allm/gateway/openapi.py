@@ -107,7 +107,9 @@ IMAGES = _object(
 #: an image's bytes, in the format it was made in
 IMAGE_TYPES = tuple(f"image/{fmt}" for fmt in api.IMAGE_FORMATS)
 STATUS = _object(None, ["status"], status=STRING)
-MANAGERS = _object(None, ["managers"], managers=LIST)
+MANAGERS = _object(
+    None, ["server", "managers", "models"], server={"type": "object"}, managers=LIST, models=LIST
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +194,14 @@ ROUTES = (
         open=True,
         other={"503": _object(None, ["status", "reason"], status=STRING, reason=STRING)},
     ),
-    Route("get", "/status", "Each manager instance: pid, state, restarts, models, queue, memory", MANAGERS),
+    Route(
+        "get",
+        "/status",
+        "The server (version, uptime, draining, last reload), each manager instance (pid, state, "
+        "restarts, last exit and its last log lines, models, queue, memory) and each model's traffic",
+        MANAGERS,
+    ),
+    Route("get", "/metrics", "Prometheus metrics in the text format 0.0.4", STRING, binary=("text/plain",)),
     Route("get", PATH, "This document", {"type": "object"}, open=True),
 )
 OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)

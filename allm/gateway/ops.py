@@ -4,16 +4,22 @@ GET /health      the process answers (no auth)
 GET /ready       every manager is up and the default text model loads (no auth)
 GET /status      each manager instance: pid, state, restarts, last exit and cause, when it is
                  tried again, models loaded and loading (with progress), what runs, queue, memory
+GET /metrics     Prometheus's text format (allm/gateway/metrics.py)
 GET /v1/models   each catalog model with its modality and state (loaded, loading, available, unavailable)
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sanic import Blueprint, HTTPResponse, Request
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from sanic import Blueprint, HTTPResponse, Request, Sanic
 from sanic import json as json_response
+from sanic.response import raw
 
+from allm import __version__
 from allm.gateway.config import Config
 from allm.kernel.codes import AllmError
 
@@ -23,11 +29,16 @@ READY_TIMEOUT_S = 30.0
 
 
 def manager_status(request: Request) -> list[dict[str, Any]]:
-    if request.app.ctx.supervisor is None:
-        return heard_status(request)
-    views = {v.endpoint: v for v in request.app.ctx.client.instances()}
+    return managers_of(request.app)
+
+
+def managers_of(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
+    """Each manager instance as /status shows it (and /metrics counts it)."""
+    if app.ctx.supervisor is None:
+        return heard_status(app)
+    views = {v.endpoint: v for v in app.ctx.client.instances()}
     out = []
-    for s in request.app.ctx.supervisor.status():
+    for s in app.ctx.supervisor.status():
         view = views.get(s.endpoint)
         hb = view.heartbeat if view is not None else None
         extra = hb.extra if hb is not None and s.state == "running" else {}
@@ -44,9 +55,11 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
                 "last_exit": s.last_exit or None,
                 "last_code": s.last_code or None,
                 "last_lines": list(s.last_lines),  # its stderr's last lines before that exit
+                "deaths": dict(s.deaths),  # by cause, since the gateway started
                 "retry_in_s": s.retry_in_s,
                 "models": list(hb.models) if hb else [],
                 "loading": extra.get("loading") or {},
+                "model_stats": extra.get("model_stats") or {},
                 "running": extra.get("running") or [],
                 "active": hb.active if hb else 0,
                 "queued": hb.queued if hb else 0,
@@ -57,15 +70,15 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
     return out
 
 
-def heard_status(request: Request) -> list[dict[str, Any]]:
+def heard_status(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
     """Managers something else runs (``allm gateway``): what their heartbeats say.
 
     ``state`` is ``running`` while heartbeats come, ``absent`` when none has come for the
     heartbeat timeout; ``restarts`` counts the new processes this gateway has heard.
     """
-    views = {v.endpoint: v for v in request.app.ctx.client.instances()}
+    views = {v.endpoint: v for v in app.ctx.client.instances()}
     out = []
-    for spec in request.app.ctx.specs:
+    for spec in app.ctx.specs:
         view = views.get(spec.endpoint)
         hb = view.heartbeat if view is not None else None
         live = bool(view and view.live)
@@ -83,9 +96,11 @@ def heard_status(request: Request) -> list[dict[str, Any]]:
                 "last_exit": None,
                 "last_code": None,
                 "last_lines": [],
+                "deaths": {},  # a process manager's to count: supervisord's log says
                 "retry_in_s": None,
                 "models": list(hb.models) if hb else [],
                 "loading": extra.get("loading") or {},
+                "model_stats": extra.get("model_stats") or {},
                 "running": extra.get("running") or [],
                 "active": hb.active if hb else 0,
                 "queued": hb.queued if hb else 0,
@@ -121,7 +136,61 @@ async def ready(request: Request) -> HTTPResponse:
 
 @bp.get("/status")
 async def status(request: Request) -> HTTPResponse:
-    return json_response({"managers": manager_status(request)})
+    app = request.app
+    managers = manager_status(request)
+    return json_response(
+        {
+            "server": {
+                "version": __version__,
+                "mode": "serve" if app.ctx.supervisor is not None else "gateway",
+                "uptime_s": round(time.monotonic() - app.ctx.started_at, 1),
+                "in_flight": app.ctx.metrics.serving,
+                "draining": app.ctx.draining,
+                "reload": app.ctx.last_reload,
+            },
+            "managers": managers,
+            "models": model_rows(request.app.ctx.config, managers, app.ctx.metrics.model_activity()),
+        }
+    )
+
+
+def model_rows(
+    config: Config, managers: list[dict[str, Any]], activity: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each catalog model: its state, the instances holding it, its memory and its traffic."""
+    rows = []
+    for model in config.models:
+        holders = [m for m in managers if model.id in m["models"]]
+        loading = any(model.id in m["loading"] for m in managers)
+        live = any(m["live"] and m["modality"] == model.modality for m in managers)
+        memory = [
+            m["model_stats"].get(model.id, {}).get("memory_bytes")
+            for m in holders
+            if m["model_stats"].get(model.id, {}).get("memory_bytes") is not None
+        ]
+        seen = activity.get(model.id, {})
+        rows.append(
+            {
+                "id": model.id,
+                "modality": model.modality,
+                "state": "loaded"
+                if holders
+                else "loading"
+                if loading
+                else ("available" if live else "unavailable"),
+                "managers": [m["name"] for m in holders],
+                "memory_bytes": sum(memory) if memory else None,
+                "requests": seen.get("requests", 0),
+                "tokens_out": seen.get("tokens_out", 0),
+                "tokens_per_s": seen.get("tokens_per_s", 0.0),
+            }
+        )
+    return rows
+
+
+@bp.get("/metrics")
+async def scrape(request: Request) -> HTTPResponse:
+    return raw(generate_latest(request.app.ctx.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 @bp.get("/v1/models")

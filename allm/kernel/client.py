@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from allm.kernel import protocol as p
 from allm.kernel.codes import (
@@ -137,6 +137,22 @@ class _Instance:
             pending.finish(exc)
 
 
+class Observer(Protocol):
+    """What the gateway learns of each request, called in the task that reads the reply."""
+
+    def tag(self) -> str:
+        """The tag for a new request: the HTTP request id the caller is serving."""
+        ...
+
+    def chunk(self, req: p.Request) -> None:
+        """A chunk of ``req`` reached its reader."""
+        ...
+
+    def end(self, req: p.Request, terminal: p.Result | AllmError) -> None:
+        """``req`` ended: its result, its error, or CANCELLED when the reader left first."""
+        ...
+
+
 class KernelClient:
     """Asyncio client for every manager instance, keyed by modality."""
 
@@ -148,11 +164,14 @@ class KernelClient:
         hello_interval_s: float = 0.5,
         max_buffered_chunks: int = 1_000_000,
         absent_after_s: float | None = None,
+        observer: Observer | None = None,
     ) -> None:
         """``absent_after_s``: with no supervisor of ours (``allm gateway``), a modality none of
         whose instances has been heard from for this long fails its requests at once, instead
-        of holding them until their deadline for a manager that may never come."""
+        of holding them until their deadline for a manager that may never come.
+        ``observer``: told of each request's tag, chunks and end, in the caller's task."""
         self.absent_after_s = absent_after_s
+        self.observer = observer
         self._started_at = time.monotonic()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.hello_interval_s = hello_interval_s
@@ -309,7 +328,9 @@ class KernelClient:
     ) -> Stream:
         """A streaming request: ``async with client.stream(...) as s: async for chunk in s``."""
         timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+        observer = self.observer
         req = p.Request(
+            tag=observer.tag() if observer is not None else "",
             rid=next(self._rids),
             op=op,
             model=model,
@@ -591,13 +612,18 @@ class Stream:
         self._deadline = deadline
         self._pending: _Pending | None = None
         self.result: p.Result | None = None
+        self._told = False  # the observer heard of the end
 
     @property
     def rid(self) -> int:
         return self.req.rid
 
     async def __aenter__(self) -> Stream:
-        self._pending = await self._client._submit(self._modality, self.req, self._deadline)
+        try:
+            self._pending = await self._client._submit(self._modality, self.req, self._deadline)
+        except AllmError as exc:  # refused before it was sent: no instance, none in time
+            self._ended(exc)
+            raise
         return self
 
     async def __aexit__(
@@ -611,7 +637,15 @@ class Stream:
     async def aclose(self) -> None:
         pending = self._pending
         if pending is not None and pending.terminal is None:
-            self._client._cancel(pending, CancelledError("the caller stopped reading"))
+            abandoned = CancelledError("the caller stopped reading")
+            self._client._cancel(pending, abandoned)
+            self._ended(abandoned)
+
+    def _ended(self, terminal: p.Result | AllmError) -> None:
+        observer = self._client.observer
+        if observer is not None and not self._told:
+            self._told = True
+            observer.end(self.req, terminal)
 
     def __aiter__(self) -> AsyncIterator[p.Chunk]:
         return self
@@ -622,9 +656,12 @@ class Stream:
             raise RuntimeError("use the stream inside 'async with'")
         while True:
             if pending.chunks:
+                if self._client.observer is not None:
+                    self._client.observer.chunk(self.req)
                 return pending.chunks.popleft()
             terminal = pending.terminal
             if terminal is not None:
+                self._ended(terminal)
                 if isinstance(terminal, AllmError):
                     raise terminal
                 self.result = terminal

@@ -15,6 +15,7 @@ Kinds:
 
     hello   client → manager   register for heartbeats; also a liveness ping
     req     client → manager   one operation: rid, op, model, params, timeout_ms, stream
+                               (and tag, the HTTP request id for the manager's logs, if any)
     cancel  client → manager   stop request rid
     start   manager → client   a worker began running request rid (until then it
                                only waited in line, and may be sent elsewhere)
@@ -67,6 +68,11 @@ class Request:
     timeout_ms: int = 0  # relative, so it survives clocks that differ between hosts; 0 = none
     stream: bool = False
     blobs: tuple[bytes, ...] = ()
+    tag: str = ""  # the caller's request id, for the manager's log lines; sent only when set
+
+
+#: the longest tag a manager accepts
+MAX_TAG = 128
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -153,6 +159,8 @@ def encode(msg: Message) -> list[bytes]:
                 timeout_ms=msg.timeout_ms,
                 stream=msg.stream,
             )
+            if msg.tag:
+                head["tag"] = msg.tag
             blobs = msg.blobs
         case Chunk():
             head.update(rid=msg.rid, seq=msg.seq, data=msg.data)
@@ -237,6 +245,7 @@ def decode(frames: Sequence[bytes]) -> Message:
                 timeout_ms=f.get_int("timeout_ms"),
                 stream=f.get_bool("stream"),
                 blobs=blobs,
+                tag=f.get_tag(),
             )
         case "chunk":
             return Chunk(rid=f.get_int("rid"), seq=f.get_int("seq"), data=f.get_map("data"), blobs=blobs)
@@ -315,6 +324,16 @@ class _Fields:
     def get_map(self, key: str) -> Params:
         value: Params = self._get(key, dict)
         return value
+
+    def get_tag(self) -> str:
+        if "tag" not in self.head:
+            return ""
+        tag = self.get_str("tag")
+        if len(tag) > MAX_TAG or not tag.isprintable():
+            raise ProtocolError(
+                f"field 'tag' must be printable and at most {MAX_TAG} characters", rid=self.rid
+            )
+        return tag
 
     def get_str_list(self, key: str) -> list[str]:
         value: list[Any] = self._get(key, list)

@@ -47,6 +47,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from allm.kernel import logs
 from allm.kernel import protocol as p
 from allm.kernel.codes import (
     REASON_DRAINING,
@@ -126,6 +127,7 @@ class RequestContext:
         "seq",
         "stall_limit_s",
         "stream",
+        "tag",
     )
 
     def __init__(
@@ -142,6 +144,7 @@ class RequestContext:
         self.params = req.params
         self.blobs = req.blobs
         self.stream = req.stream
+        self.tag = req.tag  # the HTTP request id: in every log line while this request runs
         self.deadline = deadline
         self.seq = 0
         self._cancelled = threading.Event()
@@ -349,10 +352,27 @@ class Runtime:
                 self._active[ctx.key] = ctx
             # From here a crash costs this request; until here the client may send it elsewhere.
             self._post(ctx.peer, p.encode(p.Started(ctx.rid)), None)
+            token = logs.request_id.set(ctx.tag)
+            started = time.monotonic()
             try:
+                terminal = self.run_request(ctx)
                 # Posted while still active: a drain must not end between the two.
-                self._post(ctx.peer, p.encode(self.run_request(ctx)), None)
+                self._post(ctx.peer, p.encode(terminal), None)
+                outcome = "ok" if isinstance(terminal, p.Result) else terminal.code.name
+                log.info(
+                    "finished",
+                    extra={
+                        "fields": {
+                            "op": ctx.op,
+                            "model": ctx.model or None,
+                            "outcome": outcome,
+                            "chunks": ctx.seq,
+                            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                        }
+                    },
+                )
             finally:
+                logs.request_id.reset(token)
                 with self._lock:
                     self._active.pop(ctx.key, None)
 
@@ -734,10 +754,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     name = f"{args.modality}#{args.instance}"
-    logging.basicConfig(
-        level=os.environ.get("ALLM_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(name)
     _bind_to_parent()
     linux_prctl(15, f"allm-{args.modality}-{args.instance}".encode()[:15])  # PR_SET_NAME
     settings: dict[str, Any] = json.loads(os.environ.get(SETTINGS_ENV) or "{}")

@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from allm.kernel import logs
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import Code, error_for
 from allm.kernel.runtime import (
@@ -100,6 +101,7 @@ class KillReason(enum.Enum):
 class Death:
     code: Code
     message: str
+    cause: str  # a short label for metrics: memory_cap, hung, start, oom_killer, watchdog, ...
     crash: bool = True  # False: it asked to be restarted; no backoff, not counted
 
 
@@ -110,21 +112,47 @@ def classify_exit(
     if kill is KillReason.STOP:
         return None
     if kill is KillReason.MEMORY:
-        return Death(Code.OOM_RAM, f"the {name} manager ran out of its memory cap ({detail}) and was killed")
+        return Death(
+            Code.OOM_RAM,
+            f"the {name} manager ran out of its memory cap ({detail}) and was killed",
+            "memory_cap",
+        )
     if kill is KillReason.HUNG:
-        return Death(Code.TIMEOUT, f"the {name} manager stopped answering ({detail}) and was killed")
+        return Death(Code.TIMEOUT, f"the {name} manager stopped answering ({detail}) and was killed", "hung")
     if kill is KillReason.START:
-        return Death(Code.TIMEOUT, f"the {name} manager did not become ready ({detail}) and was killed")
+        return Death(
+            Code.TIMEOUT, f"the {name} manager did not become ready ({detail}) and was killed", "start"
+        )
     if returncode == -signal.SIGKILL and oom_killed:
         return Death(
             Code.OOM_RAM,
             f"the {name} manager was killed by the kernel's out-of-memory killer (SIGKILL, signal 9)",
+            "oom_killer",
         )
     if returncode == EXIT_STUCK:
-        return Death(Code.TIMEOUT, f"the {name} manager's watchdog found a stuck operation; it exited")
+        return Death(
+            Code.TIMEOUT, f"the {name} manager's watchdog found a stuck operation; it exited", "watchdog"
+        )
     if returncode == EXIT_RESTART:
-        return Death(Code.INTERNAL, f"the {name} manager restarted itself after an engine error", crash=False)
-    return Death(Code.INTERNAL, f"the {name} manager process {describe_exit(returncode)}")
+        return Death(
+            Code.INTERNAL,
+            f"the {name} manager restarted itself after an engine error",
+            "engine_error",
+            crash=False,
+        )
+    return Death(
+        Code.INTERNAL, f"the {name} manager process {describe_exit(returncode)}", exit_cause(returncode)
+    )
+
+
+def exit_cause(returncode: int) -> str:
+    """A death's label from its return code: "SIGSEGV", "exit_3"."""
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal_{-returncode}"
+    return f"exit_{returncode}"
 
 
 def describe_exit(returncode: int) -> str:
@@ -180,6 +208,7 @@ class InstanceStatus:
     memory_bytes: int | None
     retry_in_s: float | None = None  # when a failed or backing-off instance is started again
     last_lines: tuple[str, ...] = ()  # what its last process wrote to stderr before it died
+    deaths: tuple[tuple[str, int], ...] = ()  # (cause, count) since the supervisor started
 
 
 #: the lines of a manager's stderr kept to show with its death (ggml's message before an abort)
@@ -239,6 +268,7 @@ class _Child:
         self.partial = b""  # an unfinished line
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.last_lines: tuple[str, ...] = ()
+        self.deaths: collections.Counter[str] = collections.Counter()
 
 
 def runtime_command(
@@ -293,6 +323,7 @@ class Supervisor:
             check_endpoint(spec.endpoint)
         self._children = [_Child(spec) for spec in specs]
         self.client = client
+        self._json_logs = logs.log_format() == "json"
         self.policy = policy or RestartPolicy()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -351,6 +382,7 @@ class Supervisor:
                 last_exit=c.last_exit,
                 last_code=c.last_code,
                 last_lines=c.last_lines,
+                deaths=tuple(sorted(c.deaths.items())),
                 memory_bytes=tree_memory_bytes(c.proc.pid) if c.proc is not None else None,
                 retry_in_s=(
                     round(max(0.0, c.restart_at - now), 1)
@@ -422,7 +454,8 @@ class Supervisor:
             self._spawn(child)
         except OSError as exc:
             child.proc = None
-            self._died(child, Death(Code.INTERNAL, f"the {child.spec.name} manager could not start: {exc}"))
+            could_not = f"the {child.spec.name} manager could not start: {exc}"
+            self._died(child, Death(Code.INTERNAL, could_not, "spawn_failed"))
 
     def _read_stderr(self, child: _Child) -> None:
         """Pass the manager's stderr on to ours, keeping its last lines."""
@@ -437,10 +470,12 @@ class Supervisor:
             if not chunk:  # its end: the process exited
                 self._close_stderr(child)
                 return
+            *lines, child.partial = (child.partial + chunk).split(b"\n")
+            if self._json_logs:  # whole lines only, each a JSON object (an engine's print wrapped)
+                chunk = b"".join(logs.json_line(child.spec.name, line) for line in lines if line.strip())
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.buffer.flush()
-            *lines, child.partial = (child.partial + chunk).split(b"\n")
             child.tail.extend(line.decode("utf-8", "replace").rstrip() for line in lines if line.strip())
             if len(child.partial) > 4096:  # no newline in sight: keep it as a line of its own
                 child.tail.append(child.partial.decode("utf-8", "replace"))
@@ -454,6 +489,9 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(fd)
         if child.partial.strip():
             child.tail.append(child.partial.decode("utf-8", "replace").rstrip())
+            if self._json_logs:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.buffer.write(logs.json_line(child.spec.name, child.partial))
             child.partial = b""
         if child.proc is not None and child.proc.stderr is not None:
             child.proc.stderr.close()
@@ -505,6 +543,7 @@ class Supervisor:
         child.last_lines = tuple(child.tail)
         child.last_exit = death.message
         child.last_code = death.code.name
+        child.deaths[death.cause] += 1
         uptime_s = None if child.running_since is None else now - child.running_since
         delay: float | None = 0.0
         if death.crash:

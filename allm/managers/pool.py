@@ -87,6 +87,16 @@ class _Loaded:
         self.last_used = time.monotonic()
 
 
+@dataclasses.dataclass(slots=True)
+class ModelStats:
+    """What happened to one model in this process: for /metrics, through the heartbeat."""
+
+    loads: int = 0
+    load_failures: int = 0
+    load_s: float = 0.0  # total seconds of the loads that succeeded
+    unloads: int = 0
+
+
 class ModelPool:
     def __init__(
         self,
@@ -109,6 +119,7 @@ class ModelPool:
         self._loaded: dict[str, _Loaded] = {}
         self._loading: dict[str, _Loading] = {}
         self._names: tuple[str, ...] = ()  # snapshot of _loaded's keys, for heartbeats
+        self._stats: dict[str, ModelStats] = {}
         self._lock = threading.RLock()  # bookkeeping only: never held across a load
         self._load_lock = threading.Lock()  # one load at a time, so budgets add up
         self._closed = threading.Event()
@@ -126,6 +137,18 @@ class ModelPool:
             model: {"elapsed_s": round(now - rec.started, 2), "fraction": rec.fraction}
             for model, rec in list(self._loading.items())
         }
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Each model's loads, failures, load time, unloads and the memory it holds; never waits."""
+        held = {m: s.estimate_bytes for m, s in list(self._loaded.items())}
+        out: dict[str, dict[str, Any]] = {}
+        for model, st in list(self._stats.items()):
+            out[model] = {
+                **dataclasses.asdict(st),
+                "load_s": round(st.load_s, 3),
+                "memory_bytes": held.get(model),
+            }
+        return out
 
     @contextlib.contextmanager
     def use(self, model_id: str, ctx: RequestContext | None = None) -> Iterator[Any]:
@@ -145,6 +168,7 @@ class ModelPool:
                 return False
             del self._loaded[model_id]
             self._names = tuple(self._loaded)
+            self._stats.setdefault(model_id, ModelStats()).unloads += 1
         slot.engine.close()
         log.info("unloaded %s", model_id)
         return True
@@ -191,8 +215,15 @@ class ModelPool:
                             ctx.progress(fraction)
 
                     slot = self._load(model_id, progress)
+            except Exception:
+                if model_id in self.catalog:
+                    self._stats.setdefault(model_id, ModelStats()).load_failures += 1
+                raise
             finally:
                 del self._loading[model_id]
+            stats = self._stats.setdefault(model_id, ModelStats())
+            stats.loads += 1
+            stats.load_s += time.monotonic() - record.started
             with self._lock:
                 slot.in_use += 1
                 self._loaded[model_id] = slot
@@ -303,7 +334,7 @@ class PooledManager:
         return self.pool.loaded()
 
     def status(self) -> dict[str, Any]:
-        return {"loading": self.pool.loading()}
+        return {"loading": self.pool.loading(), "model_stats": self.pool.stats()}
 
     def close(self) -> None:
         self.pool.close()

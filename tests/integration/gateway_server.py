@@ -70,14 +70,25 @@ def running_server(
     allm: Path | None = None,
     cwd: Path = ROOT,
     env: dict[str, str] | None = None,
+    log: Path | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """``allm serve`` (by default this environment's) on a free port, ready; stopped with SIGTERM after."""
+    """``allm serve`` (by default this environment's) on a free port, ready; stopped with SIGTERM after.
+
+    ``log``: write its stdout and stderr there, at INFO (access lines included), instead of
+    passing WARNING and worse through.
+    """
     config = tmp / "allm.toml"
     config.write_text(config_toml)
     port = free_port()
-    env = {**(os.environ if env is None else env), "ALLM_LOG_LEVEL": "WARNING"}
+    env = {**(os.environ if env is None else env), "ALLM_LOG_LEVEL": "INFO" if log else "WARNING"}
+    out = open(log, "ab") if log else None  # noqa: SIM115 - closed below, after the process
     proc = subprocess.Popen(
-        [str(allm or ALLM), "serve", "--config", str(config), "--port", str(port)], cwd=cwd, env=env
+        [str(allm or ALLM), "serve", "--config", str(config), "--port", str(port), *args],
+        cwd=cwd,
+        env=env,
+        stdout=out,
+        stderr=out,
     )
     server = Server(proc, port, api_key)
     try:
@@ -101,3 +112,5 @@ def running_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if out is not None:
+            out.close()

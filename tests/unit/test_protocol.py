@@ -10,6 +10,7 @@ MESSAGES = {
     "hello": p.Hello(client="c1"),
     "req": p.Request(rid=7, op="chat", model="m", params={"max_tokens": 4}, timeout_ms=1500, stream=True),
     "req_blobs": p.Request(rid=8, op="transcribe", blobs=(b"RIFF", b"\x00\x01")),
+    "req_tagged": p.Request(rid=9, op="chat", tag="req_1"),
     "cancel": p.Cancel(rid=7),
     "start": p.Started(rid=7),
     "chunk": p.Chunk(rid=7, seq=3, data={"text": "hi"}),
@@ -48,6 +49,12 @@ GOLDEN = {
         ),
         "52494646",
         "0001",
+    ],
+    "req_tagged": [
+        (
+            "89a17602a16ba3726571a372696409a26f70a463686174a56d6f64656ca0a6706172616d7380aa74696d656f75745f6d"
+            "7300a673747265616dc2a3746167a57265715f31"
+        ),
     ],
     "cancel": [
         "83a17602a16ba663616e63656ca372696407",
@@ -111,6 +118,25 @@ def _head(**fields):
         ([_head(k="error", rid=1, code=0, message="", reason="", param="")], "bad_frame", "code 0 (OK)"),
         ([_head(k="cancel", rid=1), b"extra"], "bad_frame", "0 blobs, 1 arrived"),
         ([_head(k="result", rid=1, data={}, n=2), b"one"], "bad_frame", "2 blobs, 1 arrived"),
+        (
+            [
+                _head(
+                    k="req", rid=1, op="chat", model="", params={}, timeout_ms=0, stream=False, tag="x" * 129
+                )
+            ],
+            "bad_frame",
+            "field 'tag' must be printable and at most 128",
+        ),
+        (
+            [_head(k="req", rid=1, op="chat", model="", params={}, timeout_ms=0, stream=False, tag="a\nb")],
+            "bad_frame",
+            "field 'tag' must be printable",
+        ),
+        (
+            [_head(k="req", rid=1, op="chat", model="", params={}, timeout_ms=0, stream=False, tag=7)],
+            "bad_frame",
+            "field 'tag' is int",
+        ),
     ],
 )
 def test_decode_refuses_malformed_frames(frames, reason, needle):

@@ -38,22 +38,23 @@ def test_crashes_older_than_the_window_are_forgotten():
 
 
 @pytest.mark.parametrize(
-    ("returncode", "kill", "code", "needle"),
+    ("returncode", "kill", "code", "needle", "cause"),
     [
-        (-signal.SIGSEGV, None, Code.INTERNAL, "died of SIGSEGV (signal 11)"),
-        (-signal.SIGABRT, None, Code.INTERNAL, "died of SIGABRT (signal 6)"),
-        (-signal.SIGKILL, None, Code.INTERNAL, "died of SIGKILL (signal 9)"),
-        (3, None, Code.INTERNAL, "exited with status 3"),
-        (0, None, Code.INTERNAL, "exited with status 0"),
-        (-signal.SIGKILL, KillReason.MEMORY, Code.OOM_RAM, "memory cap (rss)"),
-        (-signal.SIGKILL, KillReason.HUNG, Code.TIMEOUT, "stopped answering (rss)"),
-        (-signal.SIGKILL, KillReason.START, Code.TIMEOUT, "did not become ready (rss)"),
+        (-signal.SIGSEGV, None, Code.INTERNAL, "died of SIGSEGV (signal 11)", "SIGSEGV"),
+        (-signal.SIGABRT, None, Code.INTERNAL, "died of SIGABRT (signal 6)", "SIGABRT"),
+        (-signal.SIGKILL, None, Code.INTERNAL, "died of SIGKILL (signal 9)", "SIGKILL"),
+        (3, None, Code.INTERNAL, "exited with status 3", "exit_3"),
+        (0, None, Code.INTERNAL, "exited with status 0", "exit_0"),
+        (-signal.SIGKILL, KillReason.MEMORY, Code.OOM_RAM, "memory cap (rss)", "memory_cap"),
+        (-signal.SIGKILL, KillReason.HUNG, Code.TIMEOUT, "stopped answering (rss)", "hung"),
+        (-signal.SIGKILL, KillReason.START, Code.TIMEOUT, "did not become ready (rss)", "start"),
     ],
 )
-def test_every_death_is_classified(returncode, kill, code, needle):
+def test_every_death_is_classified(returncode, kill, code, needle, cause):
     death = classify_exit("text#0", returncode, kill, "rss")
     assert death is not None
     assert death.code is code
+    assert death.cause == cause
     assert needle in death.message
     assert "text#0" in death.message
 
@@ -88,6 +89,7 @@ def test_exits_the_runtime_chooses_are_classified():
     assert stuck is not None
     assert stuck.code is Code.TIMEOUT
     assert stuck.crash
+    assert stuck.cause == "watchdog"
     restart = classify_exit("text#0", EXIT_RESTART, None)
     assert restart is not None
     assert not restart.crash
@@ -95,6 +97,7 @@ def test_exits_the_runtime_chooses_are_classified():
     assert oom is not None
     assert oom.code is Code.OOM_RAM
     assert "out-of-memory killer" in oom.message
+    assert oom.cause == "oom_killer"
     # A SIGKILL we sent for the memory cap stays the cap's, whatever the counters say.
     capped = classify_exit("text#0", -9, KillReason.MEMORY, "x", oom_killed=True)
     assert capped is not None
