@@ -21,7 +21,7 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
 from allm import __version__
-from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, responses
+from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, page, responses
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.store import ResponseStore
@@ -88,6 +88,7 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
     app.blueprint(images.bp)
     app.blueprint(ops.bp)
     app.blueprint(openapi.bp)
+    app.blueprint(page.bp)
     app.error_handler.add(Exception, errors.handle)
     keys = [key.encode() for key in config.api_keys]
     observed = metrics.Metrics(lambda: ops.managers_of(app), version=__version__)

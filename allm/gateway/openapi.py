@@ -202,6 +202,14 @@ ROUTES = (
         MANAGERS,
     ),
     Route("get", "/metrics", "Prometheus metrics in the text format 0.0.4", STRING, binary=("text/plain",)),
+    Route(
+        "get",
+        "/",
+        "The status page for people: a small HTML page over /status",
+        STRING,
+        binary=("text/html",),
+        open=True,
+    ),
     Route("get", PATH, "This document", {"type": "object"}, open=True),
 )
 OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
