@@ -198,7 +198,7 @@ def read_form(body: bytes, content_type: str | None, node: Node) -> dict[str, An
 
 
 def manager_params(form: Mapping[str, Any], task: str) -> dict[str, Any]:
-    """A checked form as the audio manager's params (docs/design.md's audio contract)."""
+    """A checked form as the audio manager's params (the ops in allm/managers/audio/manager.py)."""
     return {
         "task": task,
         "language": form.get("language"),

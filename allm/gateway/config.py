@@ -427,8 +427,7 @@ def read(
                 values[field] = value
 
     modalities = {}
-    # [image] is read even while no image manager is registered: its limits are the gateway's.
-    for name in dict.fromkeys([*MANAGERS, "image"]):
+    for name in MANAGERS:
         raw = doc.get(name, {})
         if not isinstance(raw, dict):
             problems.add(f"[{name}] must be a table")

@@ -79,7 +79,7 @@ def image_size(payload: Mapping[str, Any], limits: ImageLimits) -> tuple[int, in
 
 
 def manager_params(payload: Mapping[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """A checked body as the image manager's params (its contract: docs/design.md).
+    """A checked body as the image manager's params (the generate op in allm/managers/image/manager.py).
 
     A negative seed means "draw one", as in stable-diffusion.cpp and the UIs around it; the
     manager is told None, draws one and reports it.
