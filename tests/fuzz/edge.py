@@ -77,6 +77,13 @@ def check_answer(status: int, body: bytes, content_type: str = "application/json
     if content_type.startswith("image/"):  # a stored image
         assert status == 200
         return body
+    if content_type.startswith("text/html"):  # GET /, the status page
+        assert status == 200
+        assert body.startswith(b"<!doctype html>")
+        return body.decode("utf-8")
+    if content_type.startswith("text/plain; version=0.0.4"):  # /metrics
+        assert status == 200
+        return body.decode("utf-8")
     data = json.loads(body)
     if status < 400:
         return data
@@ -106,6 +113,15 @@ def serves(server: Server) -> None:
     )
     assert status == 200, body
     assert body["usage"]["completion_tokens"] == 2
+
+
+def content_type(head: bytes) -> str:
+    """The Content-Type of a raw answer's header block ("" where it has none)."""
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-type":
+            return value.strip().decode("latin-1")
+    return ""
 
 
 def raw_exchange(port: int, data: bytes, timeout_s: float = 10.0) -> bytes:

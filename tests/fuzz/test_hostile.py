@@ -8,7 +8,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .edge import KEY, MAX_BODY_BYTES, MODEL, check_answer, fuzz_server, raw_exchange, serves, untouched
+from .edge import (
+    KEY,
+    MAX_BODY_BYTES,
+    MODEL,
+    check_answer,
+    content_type,
+    fuzz_server,
+    raw_exchange,
+    serves,
+    untouched,
+)
 
 USER = [{"role": "user", "content": "hi"}]
 HEAD = f"Host: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n".encode()
@@ -275,7 +285,8 @@ def test_hostile_headers_get_an_openai_shaped_answer(server, headers, status):
     reply = raw_exchange(server.port, b"POST /v1/chat/completions HTTP/1.1\r\n" + headers + b"\r\n")
     status_line, _, rest = reply.partition(b"\r\n")
     assert status_line.split()[1] == status, reply[:200]
-    check_answer(int(status), rest.partition(b"\r\n\r\n")[2])
+    head, _, body = rest.partition(b"\r\n\r\n")
+    check_answer(int(status), body, content_type(head))
 
 
 def _one_line(data: bytes) -> bytes:
@@ -301,7 +312,8 @@ def test_any_request_line_gets_an_http_answer(server, line):
     reply = raw_exchange(server.port, line + b"\r\n" + HEAD + b"\r\n")
     status_line, _, rest = reply.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 "), (line, reply[:200])
-    check_answer(int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2])
+    head, _, body = rest.partition(b"\r\n\r\n")
+    check_answer(int(status_line.split()[1]), body, content_type(head))
 
 
 HEADER_LINES = st.lists(
@@ -325,7 +337,8 @@ def test_any_header_gets_an_http_answer(server, lines, path):
     )
     status_line, _, rest = reply.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 "), (lines, reply[:200])
-    check_answer(int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2])
+    head, _, body = rest.partition(b"\r\n\r\n")
+    check_answer(int(status_line.split()[1]), body, content_type(head))
 
 
 def test_after_all_of_it_the_server_serves_and_the_manager_never_restarted(server):
