@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,14 @@ def _load(path: Path | None, flags: dict[str, Any] | None = None) -> Config | No
 
 def engines_ready(config: Config, modality: str | None = None) -> bool:
     """Print each model (of one modality, or all) whose engine is missing; warn of other problems."""
+    missing = missing_engines(config, modality)
+    for line in missing:
+        print(f"allm: {line}", file=sys.stderr)
+    return not missing
+
+
+def missing_engines(config: Config, modality: str | None = None) -> list[str]:
+    """Each model (of one modality, or all) whose engine is not installed; warns of other problems."""
     missing = []
     for model in config.models:
         if modality is not None and model.modality != modality:
@@ -68,23 +76,37 @@ def engines_ready(config: Config, modality: str | None = None) -> bool:
                 missing.append(f"model {model.id!r} {problem.message}")
             else:  # the files may yet appear; requests for the model say what is wrong until then
                 log.warning("model %r: field %r: %s", model.id, problem.field, problem.message)
-    for line in missing:
-        print(f"allm: {line}", file=sys.stderr)
-    return not missing
+    return missing
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = _load(args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir})
+    flags = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
+    config = _load(args.config, flags)
     if config is None or not engines_ready(config):
         return 2
-    return _run_http(config, supervise=True, what="serving")
+    return _run_http(config, _rereader(args.config, flags), supervise=True, what="serving")
 
 
 def gateway(args: argparse.Namespace) -> int:
-    config = _load(args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir})
+    flags = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
+    config = _load(args.config, flags)
     if config is None:
         return 2
-    return _run_http(config, supervise=False, what="gateway for")
+    return _run_http(config, _rereader(args.config, flags), supervise=False, what="gateway for")
+
+
+def _rereader(path: Path | None, flags: dict[str, Any]) -> Callable[[], Config]:
+    """What SIGHUP reloads: the same file and variables, the same flags on top, and the same
+    refusal of a model whose engine is missing; every problem in one ConfigError."""
+
+    def reread() -> Config:
+        config = load(path, flags=flags)
+        missing = missing_engines(config)
+        if missing:
+            raise ConfigError(*missing)
+        return config
+
+    return reread
 
 
 def _banner(line: str) -> None:
@@ -95,10 +117,10 @@ def _banner(line: str) -> None:
         print(line, flush=True)
 
 
-def _run_http(config: Config, *, supervise: bool, what: str) -> int:
+def _run_http(config: Config, reread: Callable[[], Config], *, supervise: bool, what: str) -> int:
     from allm.gateway.app import create_app
 
-    app = create_app(config, supervise=supervise)
+    app = create_app(config, supervise=supervise, reread=reread)
     _banner(
         f"allm {__version__}: {what} {', '.join(m.id for m in config.models)} "
         f"on http://{config.host}:{config.port}"

@@ -12,8 +12,10 @@ import contextlib
 import hmac
 import logging
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,19 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
 from allm import __version__
-from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, page, responses
+from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, page, reload, responses
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.store import ResponseStore
 from allm.kernel.client import KernelClient
+from allm.kernel.codes import REASON_DRAINING, InternalError
 from allm.kernel.registry import MANAGERS
 from allm.kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
 
 log = logging.getLogger("allm.gateway")
 
+#: how long before the drain's end the requests still running are ended with a coded error
+DRAIN_MARGIN_S = 0.5
 OPEN_PATHS = frozenset({"/health", "/ready"}) | openapi.OPEN_PATHS
 
 
@@ -74,13 +79,23 @@ def shared_runtime_dir(config: Config) -> Path:
     return (config.runtime_dir or config.data_dir / "run").expanduser()
 
 
-def create_app(config: Config, name: str = "allm", *, supervise: bool = True) -> Sanic[Any, Any]:
+def create_app(
+    config: Config,
+    name: str = "allm",
+    *,
+    supervise: bool = True,
+    reread: Callable[[], Config] | None = None,
+) -> Sanic[Any, Any]:
     """The HTTP app.  ``supervise``: start and watch the managers (``allm serve``); otherwise
-    connect to managers something else runs (``allm gateway`` beside ``allm manager``)."""
+    connect to managers something else runs (``allm gateway`` beside ``allm manager``).
+    ``reread``: the configuration read again, or ConfigError naming every problem; given, a
+    SIGHUP reloads it (allm/gateway/reload.py)."""
     app = Sanic(name, configure_logging=False, request_class=errors.EdgeRequest)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes
     app.config.RESPONSE_TIMEOUT = int(config.request_timeout_s) + 30
     app.config.KEEP_ALIVE_TIMEOUT = 30
+    # SIGTERM: in-flight requests (streams too) get this long to finish before connections close.
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.drain_timeout_s
     app.ctx.config = config
     app.blueprint(chat.bp)
     app.blueprint(responses.bp)
@@ -90,7 +105,7 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
     app.blueprint(openapi.bp)
     app.blueprint(page.bp)
     app.error_handler.add(Exception, errors.handle)
-    keys = [key.encode() for key in config.api_keys]
+    app.ctx.api_keys = [key.encode() for key in config.api_keys]  # a reload replaces them
     observed = metrics.Metrics(lambda: ops.managers_of(app), version=__version__)
     app.ctx.metrics = observed
     app.ctx.started_at = time.monotonic()
@@ -107,15 +122,24 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
             request.path,
             endpoint,
         )
+        if app.ctx.draining:  # one that slipped in on an open connection after SIGTERM
+            raise ApiError(
+                503,
+                "the server is shutting down: send the request again, to another server or later",
+                code="draining",
+                type="server_error",
+                headers={"Retry-After": "1"},
+            )
 
     @app.on_request
     async def authorize(request: Request) -> HTTPResponse | None:
-        if request.method == "OPTIONS" and config.cors_origins:
+        if request.method == "OPTIONS" and app.ctx.config.cors_origins:
             return empty(status=204)
         if request.method == errors.UNREAD:
             # Sanic's stand-in for a request it could not read runs the middleware too: a 401
             # would hide the 400 or 413 that says what was wrong with it.
             return None
+        keys = app.ctx.api_keys
         if not keys or request.path in OPEN_PATHS:
             return None
         supplied = request.headers.get("authorization", "")
@@ -136,7 +160,8 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
 
     async def cors(request: Request, response: BaseHTTPResponse) -> None:
         origin = request.headers.get("origin")
-        if origin and ("*" in config.cors_origins or origin in config.cors_origins):
+        origins = app.ctx.config.cors_origins
+        if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
@@ -207,9 +232,50 @@ def create_app(config: Config, name: str = "allm", *, supervise: bool = True) ->
         interval_s = min(images.SWEEP_INTERVAL_S, config.images.url_ttl_s)
         app.ctx.image_sweeps = asyncio.create_task(app.ctx.images.sweep_every(interval_s))
         log.info("managers: %s", ", ".join(s.name for s in specs) or "none")
+        if reread is not None:
+            reloading = asyncio.Lock()  # one at a time: a second SIGHUP waits for the first
+
+            async def on_hangup() -> None:
+                async with reloading:
+                    app.ctx.last_reload = await reload.reload(app, reread)
+
+            def hangup() -> None:
+                task = asyncio.get_running_loop().create_task(on_hangup())
+                app.ctx.reloads.add(task)
+                task.add_done_callback(app.ctx.reloads.discard)
+
+            app.ctx.reloads = set()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+
+    @app.before_server_stop
+    async def drain(app: Sanic[Any, Any]) -> None:
+        # Sanic now stops listening and waits up to GRACEFUL_SHUTDOWN_TIMEOUT for the requests
+        # in flight. Just before it gives up, end what still runs with a coded error, so a
+        # stream's client reads why it ends instead of a cut connection.
+        app.ctx.draining = True
+        log.info(
+            "draining: %d request(s) in flight, up to %g s (drain_timeout_s)",
+            observed.serving,
+            config.drain_timeout_s,
+        )
+
+        async def deadline() -> None:
+            await asyncio.sleep(max(0.0, config.drain_timeout_s - DRAIN_MARGIN_S))
+            left = app.ctx.client.cancel_all(
+                InternalError(
+                    f"the server is shutting down and its drain time ({config.drain_timeout_s:g} s) ran out",
+                    reason=REASON_DRAINING,
+                )
+            )
+            if left:
+                log.warning("drain time ran out: ended %d request(s) still running", left)
+
+        app.ctx.drain_deadline = asyncio.get_running_loop().create_task(deadline())
 
     @app.after_server_stop
     async def stop_kernel(app: Sanic[Any, Any]) -> None:
+        with contextlib.suppress(AttributeError):  # no drain if it never served
+            app.ctx.drain_deadline.cancel()
         app.ctx.image_sweeps.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app.ctx.image_sweeps

@@ -305,10 +305,19 @@ class KernelClient:
         params: p.Params | None = None,
         blobs: tuple[bytes, ...] = (),
         timeout_s: float | None = None,
+        endpoint: str | None = None,
     ) -> p.Result:
-        """One request; returns its result or raises its error."""
+        """One request; returns its result or raises its error.  ``endpoint``: to that instance
+        (a reload's new catalog goes to each); one that never started may be sent to another."""
         async with self.stream(
-            modality, op, model=model, params=params, blobs=blobs, timeout_s=timeout_s, stream=False
+            modality,
+            op,
+            model=model,
+            params=params,
+            blobs=blobs,
+            timeout_s=timeout_s,
+            stream=False,
+            endpoint=endpoint,
         ) as stream:
             async for _chunk in stream:
                 pass
@@ -325,6 +334,7 @@ class KernelClient:
         blobs: tuple[bytes, ...] = (),
         timeout_s: float | None = None,
         stream: bool = True,
+        endpoint: str | None = None,
     ) -> Stream:
         """A streaming request: ``async with client.stream(...) as s: async for chunk in s``."""
         timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
@@ -339,19 +349,31 @@ class KernelClient:
             stream=stream,
             blobs=blobs,
         )
-        return Stream(self, modality, req, time.monotonic() + timeout)
+        return Stream(self, modality, req, time.monotonic() + timeout, endpoint)
 
-    async def _submit(self, modality: str, req: p.Request, deadline: float) -> _Pending:
-        pending = await self._place(modality, req, deadline, None)
+    async def _submit(
+        self, modality: str, req: p.Request, deadline: float, endpoint: str | None = None
+    ) -> _Pending:
+        pending = await self._place(modality, req, deadline, None, endpoint)
         pending.deadline = deadline
         pending.timer = asyncio.get_running_loop().call_at(_loop_time(deadline), self._expire, pending)
         return pending
 
     async def _place(
-        self, modality: str, req: p.Request, deadline: float, pending: _Pending | None
+        self,
+        modality: str,
+        req: p.Request,
+        deadline: float,
+        pending: _Pending | None,
+        endpoint: str | None = None,
     ) -> _Pending:
-        """Send a request to the least-loaded live instance, waiting for one within the deadline."""
+        """Send a request to the least-loaded live instance (or to ``endpoint``'s), waiting for
+        one within the deadline."""
         insts = self._instances_of(modality)
+        if endpoint is not None:
+            insts = [i for i in insts if i.endpoint == endpoint]
+            if not insts:
+                raise UnsupportedError(f"no {modality} manager instance at {endpoint}")
         frames = p.encode(req)
         while True:
             live = [i for i in insts if i.live]
@@ -399,6 +421,15 @@ class KernelClient:
             dealer = pending.inst.dealer
             if dealer is not None:
                 dealer.send(p.encode(p.Cancel(pending.req.rid)))
+
+    def cancel_all(self, exc: AllmError) -> int:
+        """End every request in flight with ``exc`` and tell its manager to stop it (a drain's
+        deadline); returns how many there were."""
+        insts = self._by_endpoint.values()
+        pendings = [q for inst in insts for q in inst.pending.values() if q.terminal is None]
+        for pending in pendings:
+            self._cancel(pending, exc)
+        return len(pendings)
 
     def _after_death(self, in_flight: Sequence[_Pending], exc: AllmError, slots: int) -> None:
         """An instance died with these requests open: fail what may have run, resend the rest."""
@@ -605,9 +636,17 @@ class Stream:
     so a caller that goes away (an HTTP client disconnecting) stops the engine.
     """
 
-    def __init__(self, client: KernelClient, modality: str, req: p.Request, deadline: float) -> None:
+    def __init__(
+        self,
+        client: KernelClient,
+        modality: str,
+        req: p.Request,
+        deadline: float,
+        endpoint: str | None = None,
+    ) -> None:
         self._client = client
         self._modality = modality
+        self._endpoint = endpoint
         self.req = req
         self._deadline = deadline
         self._pending: _Pending | None = None
@@ -620,7 +659,9 @@ class Stream:
 
     async def __aenter__(self) -> Stream:
         try:
-            self._pending = await self._client._submit(self._modality, self.req, self._deadline)
+            self._pending = await self._client._submit(
+                self._modality, self.req, self._deadline, self._endpoint
+            )
         except AllmError as exc:  # refused before it was sent: no instance, none in time
             self._ended(exc)
             raise

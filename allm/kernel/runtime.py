@@ -779,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime.begin_drain()
 
     signal.signal(signal.SIGTERM, on_signal)
+    # A reload is the gateway's: it sends the new catalog over the protocol (the configure op).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Under our supervisor, Ctrl-C reaches the whole process group: the
     # supervisor decides when we stop, not the terminal.
     if os.environ.get(PARENT_ENV):

@@ -368,6 +368,13 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def update_settings(self, modality: str, settings: Mapping[str, Any]) -> None:
+        """Start this modality's instances with these settings from their next start on (a
+        reload: the running ones are told over the protocol)."""
+        for child in self._children:
+            if child.spec.modality == modality:
+                child.spec = dataclasses.replace(child.spec, settings=dict(settings))
+
     def status(self) -> list[InstanceStatus]:
         now = time.monotonic()
         return [

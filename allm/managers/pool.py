@@ -78,13 +78,16 @@ class _Loading:
 
 
 class _Loaded:
-    __slots__ = ("engine", "estimate_bytes", "in_use", "last_used")
+    __slots__ = ("closed", "engine", "entry", "estimate_bytes", "in_use", "last_used", "stale")
 
-    def __init__(self, engine: Engine, estimate_bytes: int) -> None:
+    def __init__(self, engine: Engine, estimate_bytes: int, entry: ModelEntry) -> None:
         self.engine = engine
         self.estimate_bytes = estimate_bytes
+        self.entry = entry  # the catalog entry it was loaded from
         self.in_use = 0
         self.last_used = time.monotonic()
+        self.stale = False  # its entry changed or left the catalog: closed when its last user is done
+        self.closed = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -157,18 +160,59 @@ class ModelPool:
         try:
             yield slot.engine
         finally:
-            with self._lock:
-                slot.in_use -= 1
-                slot.last_used = time.monotonic()
+            self._release(model_id, slot)
+
+    def _release(self, model_id: str, slot: _Loaded) -> None:
+        with self._lock:
+            slot.in_use -= 1
+            slot.last_used = time.monotonic()
+            if not slot.stale or slot.in_use or slot.closed:
+                return
+            self._forget(model_id, slot)
+        slot.engine.close()
+        log.info("unloaded %s: its catalog entry changed or was removed", model_id)
+
+    def _forget(self, model_id: str, slot: _Loaded) -> None:
+        """Take a slot out of the pool (under the lock): the caller closes its engine."""
+        slot.closed = True
+        if self._loaded.get(model_id) is slot:
+            del self._loaded[model_id]
+            self._names = tuple(self._loaded)
+        self._stats.setdefault(model_id, ModelStats()).unloads += 1
+
+    def configure(self, catalog: Mapping[str, ModelEntry]) -> dict[str, list[str]]:
+        """Take a new catalog (a reload): a model whose entry is the same stays loaded and serves
+        on; one whose entry changed or left is unloaded as soon as no request uses it, and the
+        next request for a changed one loads it anew. Never waits for an engine to close."""
+        with self._lock:
+            old, self.catalog = self.catalog, dict(catalog)
+            stale = [(m, s) for m, s in self._loaded.items() if self.catalog.get(m) != s.entry]
+            idle = []
+            for model_id, slot in stale:
+                slot.stale = True
+                if not slot.in_use:
+                    self._forget(model_id, slot)
+                    idle.append((model_id, slot))
+
+        def close() -> None:
+            for model_id, slot in idle:
+                slot.engine.close()
+                log.info("unloaded %s: its catalog entry changed or was removed", model_id)
+
+        if idle:
+            threading.Thread(target=close, name="reload-unload", daemon=True).start()
+        return {
+            "added": sorted(set(self.catalog) - set(old)),
+            "removed": sorted(set(old) - set(self.catalog)),
+            "changed": sorted(m for m in set(old) & set(self.catalog) if old[m] != self.catalog[m]),
+        }
 
     def unload(self, model_id: str) -> bool:
         with self._lock:
             slot = self._loaded.get(model_id)
             if slot is None or slot.in_use:
                 return False
-            del self._loaded[model_id]
-            self._names = tuple(self._loaded)
-            self._stats.setdefault(model_id, ModelStats()).unloads += 1
+            self._forget(model_id, slot)
         slot.engine.close()
         log.info("unloaded %s", model_id)
         return True
@@ -183,8 +227,9 @@ class ModelPool:
     def _take(self, model_id: str) -> _Loaded | None:
         with self._lock:
             slot = self._loaded.get(model_id)
-            if slot is not None:
-                slot.in_use += 1
+            if slot is None or slot.stale:  # a stale one serves only those already using it
+                return None
+            slot.in_use += 1
             return slot
 
     def _acquire(self, model_id: str, ctx: RequestContext | None) -> _Loaded:
@@ -226,6 +271,8 @@ class ModelPool:
             stats.load_s += time.monotonic() - record.started
             with self._lock:
                 slot.in_use += 1
+                # Reloaded meanwhile: it serves this request, then leaves.
+                slot.stale = self.catalog.get(model_id) != slot.entry
                 self._loaded[model_id] = slot
                 self._names = tuple(self._loaded)
             return slot
@@ -257,7 +304,7 @@ class ModelPool:
             with self._lock:
                 holder[0].estimate_bytes += extra_bytes
 
-        slot = _Loaded(plan.load(progress, reserve), need)
+        slot = _Loaded(plan.load(progress, reserve), need, entry)
         holder.append(slot)
         log.info("loaded %s in %.2f s (estimate %.0f MiB)", model_id, time.monotonic() - started, need / MIB)
         return slot
@@ -313,7 +360,7 @@ class PooledManager:
     ``operations`` is the loaded engine's method of that name, called with the request.
     """
 
-    inline_ops = frozenset({"models"})
+    inline_ops = frozenset({"models", "configure"})
 
     def __init__(
         self, info: ManagerInfo, plan: Callable[[ModelEntry], Plan], *, operations: frozenset[str]
@@ -348,6 +395,11 @@ class PooledManager:
             return Reply({"models": listing})
         if ctx.op == "unload":
             return Reply({"unloaded": self.pool.unload(ctx.model)})
+        if ctx.op == "configure":  # a reload: the new catalog of this modality
+            entries = [ModelEntry.from_settings(raw) for raw in ctx.params.get("models", [])]
+            changes = self.pool.configure({e.id: e for e in entries})
+            log.info("catalog reloaded: %s", changes)
+            return Reply(changes)
         if ctx.op not in self.operations and ctx.op != "load":
             raise UnsupportedError(f"the {self.pool.modality} manager has no operation {ctx.op!r}")
         with self.pool.use(ctx.model, ctx) as engine:

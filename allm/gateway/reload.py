@@ -1,0 +1,142 @@
+"""SIGHUP: read the configuration again and apply what can change while serving.
+
+A reload is all or nothing for a bad file: if the new configuration has any problem (a
+syntax error, a bad value, a model whose engine is not installed) nothing of it is
+applied, and every problem is reported, in the log and in ``/status``'s
+``server.reload``. Otherwise:
+
+- the catalog: each manager instance is sent its modality's new models (the ``configure``
+  op). A model whose entry is unchanged stays loaded and its requests run on; one whose
+  entry changed or left is unloaded once no request uses it. The supervisor starts
+  instances with the new catalog from then on;
+- ``api_keys``, ``cors_origins`` and ``request_timeout_s`` apply to the next request;
+- everything else (the address, directories, heartbeats, a modality's instances, queue
+  and memory, a model of a modality with no manager running) needs a restart: it is
+  named in ``restart_needed`` and the running value stays.
+
+See docs/design.md, "Stop and reload".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sanic import Sanic
+
+from allm.gateway.config import Config, ConfigError, ModelConfig
+from allm.kernel.codes import AllmError
+
+log = logging.getLogger("allm.reload")
+
+#: the settings a reload applies to a running server
+LIVE = ("api_keys", "cors_origins", "request_timeout_s")
+#: how long one manager instance is given to take its new catalog
+CONFIGURE_TIMEOUT_S = 10.0
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The changed settings a running server cannot take."""
+    out = []
+    for field in dataclasses.fields(Config):
+        name = field.name
+        if name in LIVE or name in ("models", "modalities"):
+            continue
+        if getattr(old, name) != getattr(new, name):
+            out.append(f"setting {name}: {getattr(old, name)!r} → {getattr(new, name)!r}")
+    for modality in sorted(set(old.modalities) | set(new.modalities)):
+        before, after = old.modality(modality), new.modality(modality)
+        for field in dataclasses.fields(before):
+            a, b = getattr(before, field.name), getattr(after, field.name)
+            if a != b:
+                out.append(f"setting [{modality}] {field.name}: {a!r} → {b!r}")
+    return out
+
+
+def _models_of(models: tuple[ModelConfig, ...], modality: str) -> list[dict[str, Any]]:
+    return [m.settings() for m in models if m.modality == modality]
+
+
+async def reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str, Any]:
+    """Read the configuration again and apply it; returns what ``/status`` shows of it."""
+    old: Config = app.ctx.config
+    result: dict[str, Any] = {
+        "at": time.time(),
+        "ok": False,
+        "applied": [],
+        "restart_needed": [],
+        "problems": [],
+    }
+    try:
+        new = reread()
+    except ConfigError as exc:
+        result["problems"] = list(exc.problems)
+        log.error("reload refused, nothing applied: %s", "; ".join(exc.problems))
+        return result
+    except OSError as exc:
+        result["problems"] = [f"the configuration could not be read: {exc}"]
+        log.error("reload refused, nothing applied: %s", exc)
+        return result
+
+    restart = restart_needed(old, new)
+    serving = {spec.modality for spec in app.ctx.specs}
+    models = tuple(m for m in new.models if m.modality in serving)
+    restart += [
+        f"model {m.id!r}: no {m.modality} manager runs; a restart starts one"
+        for m in new.models
+        if m.modality not in serving
+    ]
+    applied: list[str] = []
+    # The managers first: a model the gateway admits is then one its manager knows.
+    for modality in sorted(serving):
+        before, after = _models_of(old.models, modality), _models_of(models, modality)
+        if before == after:
+            continue
+        specs = [s for s in app.ctx.specs if s.modality == modality]
+        if app.ctx.supervisor is not None:
+            app.ctx.supervisor.update_settings(modality, {**specs[0].settings, "models": after})
+        answers = await asyncio.gather(
+            *(
+                app.ctx.client.call(
+                    modality,
+                    "configure",
+                    params={"models": after},
+                    endpoint=spec.endpoint,
+                    timeout_s=CONFIGURE_TIMEOUT_S,
+                )
+                for spec in specs
+            ),
+            return_exceptions=True,
+        )
+        changes: dict[str, list[str]] = {}
+        for spec, answer in zip(specs, answers, strict=True):
+            if isinstance(answer, AllmError):
+                # It takes the new catalog when it starts again (ours, or supervisord's
+                # `allm manager`, which reads the same file).
+                log.warning("%s did not take the new catalog now: %s", spec.name, answer.message)
+                applied.append(
+                    f"{spec.name}: not reached ({answer.message}); it reads the catalog when it starts"
+                )
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                changes = answer.data
+        said = [f"{kind} {', '.join(ids)}" for kind, ids in sorted(changes.items()) if ids]
+        applied.append(f"{modality} models: {'; '.join(said) or 'options changed'}")
+    if not applied and models != old.models:
+        applied.append("models: the gateway's own settings of a model")
+    live = {name: getattr(new, name) for name in LIVE if getattr(new, name) != getattr(old, name)}
+    applied += [f"setting {name}" for name in live]
+    app.ctx.config = dataclasses.replace(old, models=models, **live)
+    app.ctx.api_keys = [key.encode() for key in app.ctx.config.api_keys]
+    result.update(ok=True, applied=applied, restart_needed=restart)
+    log.info(
+        "reloaded: applied %s; needs a restart: %s",
+        "; ".join(applied) or "nothing (no change)",
+        "; ".join(restart) or "nothing",
+    )
+    return result

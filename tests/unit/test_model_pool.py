@@ -1,0 +1,115 @@
+"""The pool's bookkeeping on a reload (configure) and its per-model counts, with a stand-in engine.
+
+The real engines' loads and unloads under a reload are in tests/integration/test_stop_reload.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from allm.kernel.codes import UnsupportedError
+from allm.managers.pool import ModelEntry, ModelPool, Plan
+
+
+class Engine:
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def pool(*entries: ModelEntry) -> tuple[ModelPool, list[Engine]]:
+    made: list[Engine] = []
+
+    def plan(entry: ModelEntry) -> Plan:
+        def load(progress, reserve):
+            engine = Engine(entry)
+            made.append(engine)
+            return engine
+
+        return Plan(estimate_bytes=1000, load=load)
+
+    return ModelPool({e.id: e for e in entries}, plan, free_bytes=lambda: 10**12), made
+
+
+def entry(model_id: str, path: str = "/m.gguf", **options) -> ModelEntry:
+    return ModelEntry(model_id, Path(path), options=options)
+
+
+def wait_closed(engine: Engine) -> None:
+    deadline = time.monotonic() + 5
+    while not engine.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_an_unchanged_model_stays_loaded_and_a_removed_idle_one_leaves():
+    p, made = pool(entry("a"), entry("b"))
+    for model in ("a", "b"):
+        with p.use(model):
+            pass
+    changes = p.configure({"a": entry("a"), "c": entry("c")})
+    assert changes == {"added": ["c"], "removed": ["b"], "changed": []}
+    [a, b] = made
+    wait_closed(b)
+    assert b.closed
+    assert not a.closed
+    assert p.loaded() == ("a",)
+    with p.use("a") as engine:
+        assert engine is a  # not loaded again
+    assert p.stats()["b"]["unloads"] == 1
+    assert p.stats()["a"]["loads"] == 1
+
+
+def test_a_changed_model_in_use_finishes_on_its_old_engine_then_the_next_use_loads_the_new():
+    p, made = pool(entry("a", n_ctx=512))
+    with p.use("a") as old:
+        changes = p.configure({"a": entry("a", n_ctx=1024)})
+        assert changes["changed"] == ["a"]
+        assert not old.closed  # its request runs on
+        with p.use("a") as new:  # a request that comes now gets the new entry
+            assert new is not old
+            assert new.entry.options == {"n_ctx": 1024}
+        assert not old.closed
+    assert old.closed  # its last user is done
+    assert p.loaded() == ("a",)
+    with p.use("a") as again:
+        assert again is made[1]
+    assert p.stats()["a"]["loads"] == 2
+    assert p.stats()["a"]["unloads"] == 1
+
+
+def test_a_removed_model_in_use_is_unloaded_when_its_request_ends_and_refused_after():
+    p, _made = pool(entry("a"))
+    with p.use("a") as engine:
+        p.configure({})
+        assert not engine.closed
+    assert engine.closed
+    assert p.loaded() == ()
+    with pytest.raises(UnsupportedError, match="not in this manager's catalog"), p.use("a"):
+        pass
+
+
+def test_stats_count_failed_loads_and_report_memory_only_while_loaded():
+    p, _made = pool(entry("a"))
+
+    def broken(entry_: ModelEntry) -> Plan:
+        def load(progress, reserve):
+            raise RuntimeError("no")
+
+        return Plan(estimate_bytes=1000, load=load)
+
+    with p.use("a"):
+        pass
+    assert p.stats()["a"]["memory_bytes"] == 1000
+    p.unload("a")
+    assert p.stats()["a"]["memory_bytes"] is None
+    p._plan = broken
+    with pytest.raises(RuntimeError), p.use("a"):
+        pass
+    assert p.stats()["a"]["load_failures"] == 1
+    assert p.stats()["a"]["loads"] == 1
