@@ -10,6 +10,7 @@ before the server starts, and the gateway itself never imports a manager.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -152,10 +153,58 @@ def manager(args: argparse.Namespace) -> int:
         )
         print(f"allm: nothing for `allm manager {args.modality}` to serve: {why}", file=sys.stderr)
         return 2
+    if args.bind is not None:
+        spec = _bound(spec, args)
+        if spec is None:
+            return 2
     command = runtime_command(spec, sys.executable, config.heartbeat_interval_s, config.drain_timeout_s)
     env = {**os.environ, SETTINGS_ENV: json.dumps(dict(spec.settings))}
     _banner(f"allm {__version__}: {spec.name} on {spec.endpoint}")
     os.execve(sys.executable, command, env)  # noqa: S606 - our own interpreter and module
+
+
+def _bound(spec: Any, args: argparse.Namespace) -> Any:
+    """The spec at ``--bind``'s endpoint, with its CURVE keys for tcp://; None (said why) if unusable."""
+    from allm.kernel import curve
+    from allm.kernel.transport import check_endpoint
+
+    try:
+        check_endpoint(args.bind)
+        if args.bind.startswith("tcp://"):
+            if not args.secret_key:
+                raise ValueError(
+                    "a tcp:// endpoint needs this manager's key pair: --secret-key FILE.key_secret"
+                )
+            if not args.allow:
+                raise ValueError(
+                    "a tcp:// endpoint lets in only known gateways: --allow GATEWAY.key (repeatable)"
+                )
+            curve.load_pair(args.secret_key)
+            for key in args.allow:
+                curve.load_public(key)
+    except (ValueError, curve.BadKey) as exc:
+        print(f"allm: manager --bind {args.bind}: {exc}", file=sys.stderr)
+        return None
+    return dataclasses.replace(
+        spec,
+        endpoint=args.bind,
+        curve_secret=str(Path(args.secret_key).expanduser().resolve()) if args.secret_key else None,
+        curve_allow=tuple(str(Path(k).expanduser().resolve()) if Path(k).exists() else k for k in args.allow),
+    )
+
+
+def keys(args: argparse.Namespace) -> int:
+    from allm.kernel import curve
+
+    try:
+        public, secret = curve.make_keys(args.dir, args.name)
+    except curve.BadKey as exc:
+        print(f"allm: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key:  {public}  (give it to the other side)")
+    print(f"secret key:  {secret}  (mode 0600: keep it on this host)")
+    print(f"Z85:         {curve.load_public(str(public)).decode()}")
+    return 0
 
 
 def check(args: argparse.Namespace) -> int:
@@ -292,8 +341,35 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--instance", type=int, default=0, help="which instance of it, from 0 (default 0)")
     one.add_argument("--config", type=Path, help=CONFIG_HELP)
     one.add_argument("--data-dir", help="where the managers' sockets are, under run/ (ALLM_DATA_DIR)")
+    one.add_argument(
+        "--bind",
+        metavar="ENDPOINT",
+        help="serve gateways on other hosts at tcp://ADDR:PORT (CURVE: needs --secret-key and --allow), "
+        "instead of the ipc:// socket in the runtime directory",
+    )
+    one.add_argument(
+        "--secret-key", metavar="FILE", help="this manager's key pair: NAME.key_secret from allm keys"
+    )
+    one.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a gateway's public key (its NAME.key file, or the 40 Z85 characters) to let in; repeatable",
+    )
     _log_option(one)
     one.set_defaults(run=manager)
+
+    pair = commands.add_parser(
+        "keys",
+        help="make a CURVE key pair for managers and gateways on other hosts",
+        description="Write NAME.key (the public key: give it to the other side) and NAME.key_secret "
+        "(both keys, mode 0600: keep it on this host) for tcp:// connections between a gateway and "
+        "managers on other hosts. Refuses to overwrite.",
+    )
+    pair.add_argument("name", metavar="NAME", help="the files' name: gateway, host-a, …")
+    pair.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
+    pair.set_defaults(run=keys)
 
     validate = commands.add_parser(
         "check",

@@ -6,9 +6,11 @@ Round trip: one small request at a time, p50/p99 in µs:
   bare     pyzmq asyncio DEALER → ROUTER echo process (msgpack, nothing else)
   kernel   KernelClient.call → manager runtime, op on a worker thread (the engine path)
   kernel*  KernelClient.call → manager runtime, inline op on the I/O thread
+  tcp      the same worker-thread op to a manager on tcp://127.0.0.1 with CURVE (another host's path)
 Relay: one stream of token-sized frames, frames/s received by the caller:
   bare     one `await recv_multipart()` per frame
   kernel   KernelClient.stream, chunks produced on the worker thread
+  tcp      the same over tcp:// with CURVE
 Rounds alternate the contenders so machine noise hits both alike.
 """
 
@@ -28,8 +30,10 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from allm.kernel import curve
 from allm.kernel.client import KernelClient
 from allm.kernel.supervisor import ManagerSpec, Supervisor
+from tests.integration.gateway_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = {"model": "m", "input": "x" * 150}
@@ -102,18 +106,42 @@ async def run(args: argparse.Namespace) -> None:
     await client.start()
     await supervisor.start()
     await client.wait_live(timeout_s=30)
+    # The same manager on tcp:// with CURVE, as a gateway reaches one on another host.
+    curve.make_keys(tmp, "gateway")
+    _public, host_secret = curve.make_keys(tmp, "host")
+    tcp_ep = f"tcp://127.0.0.1:{free_port()}"
+    tcp_spec = ManagerSpec(
+        "echo",
+        "bench.echo_manager",
+        tcp_ep,
+        env={"PYTHONPATH": str(ROOT)},
+        curve_secret=str(host_secret),
+        curve_allow=(str(tmp / "gateway.key"),),
+    )
+    tcp_client = KernelClient(
+        {"echo": [tcp_ep]},
+        keys=curve.load_pair(tmp / "gateway.key_secret"),
+        server_keys={tcp_ep: curve.load_public(str(tmp / "host.key"))},
+    )
+    tcp_supervisor = Supervisor([tcp_spec], tcp_client, cwd=str(ROOT))
+    await tcp_client.start()
+    await tcp_supervisor.start()
+    await tcp_client.wait_live(timeout_s=30)
 
-    rt: dict[str, list[float]] = {"bare": [], "kernel": [], "kernel*": []}
-    relay: dict[str, list[float]] = {"bare": [], "kernel": []}
+    rt: dict[str, list[float]] = {"bare": [], "kernel": [], "kernel*": [], "tcp": []}
+    relay: dict[str, list[float]] = {"bare": [], "kernel": [], "tcp": []}
     try:
         await bare_round_trips(sock, 200)
         await kernel_round_trips(client, "echo", 200)
+        await kernel_round_trips(tcp_client, "echo", 200)
         for _ in range(args.rounds):
             rt["bare"] += await bare_round_trips(sock, args.requests)
             rt["kernel"] += await kernel_round_trips(client, "echo", args.requests)
             rt["kernel*"] += await kernel_round_trips(client, "ping", args.requests)
+            rt["tcp"] += await kernel_round_trips(tcp_client, "echo", args.requests)
             relay["bare"].append(await bare_relay(sock, args.frames))
             relay["kernel"].append(await kernel_relay(client, args.frames))
+            relay["tcp"].append(await kernel_relay(tcp_client, args.frames))
     finally:
         await sock.send_multipart([msgpack.packb({"op": "quit"})])
         await sock.recv_multipart()
@@ -122,21 +150,28 @@ async def run(args: argparse.Namespace) -> None:
         bare.wait(timeout=10)
         await supervisor.stop()
         await client.close()
+        await tcp_supervisor.stop()
+        await tcp_client.close()
 
     bare_p50 = pct(rt["bare"], 0.5)
-    print(f"round trip, {args.rounds}×{args.requests} sequential small requests over ipc:// (µs)")
+    print(f"round trip, {args.rounds}×{args.requests} sequential small requests (µs)")
     print(f"  {'':28} {'p50':>8} {'p99':>8} {'p50 vs bare':>12}")
     labels = {
         "bare": "bare pyzmq asyncio echo",
         "kernel": "kernel, worker-thread op",
         "kernel*": "kernel, inline op",
+        "tcp": "kernel, tcp:// + CURVE",
     }
     for key, label in labels.items():
         p50, p99 = pct(rt[key], 0.5), pct(rt[key], 0.99)
         print(f"  {label:28} {p50:8.0f} {p99:8.0f} {p50 / bare_p50:11.2f}×")
     print(f"relay, {args.rounds} streams of {args.frames} token frames (frames/s, median)")
     bare_rate = statistics.median(relay["bare"])
-    for key, label in (("bare", "bare pyzmq, await per frame"), ("kernel", "kernel client stream")):
+    for key, label in (
+        ("bare", "bare pyzmq, await per frame"),
+        ("kernel", "kernel client stream"),
+        ("tcp", "kernel stream, tcp:// + CURVE"),
+    ):
         rate = statistics.median(relay[key])
         print(f"  {label:28} {rate:10,.0f}   {rate / bare_rate:5.2f}×")
     print(f"(python {sys.version.split()[0]}, {os.cpu_count()} cores, pyzmq {zmq.__version__})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import shutil
@@ -27,6 +28,7 @@ from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, pag
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.store import ResponseStore
+from allm.kernel import curve
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import REASON_DRAINING, InternalError
 from allm.kernel.registry import MANAGERS
@@ -34,6 +36,8 @@ from allm.kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
 
 log = logging.getLogger("allm.gateway")
 
+#: room beside the largest body a request may carry (its header, params, other frames)
+MESSAGE_MARGIN_BYTES = 1 << 20
 #: how long before the drain's end the requests still running are ended with a coded error
 DRAIN_MARGIN_S = 0.5
 OPEN_PATHS = frozenset({"/health", "/ready"}) | openapi.OPEN_PATHS
@@ -51,7 +55,7 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
         settings = {
             "models": models,
             # The budget is the host's: its instances share it.
-            "memory_budget_bytes": None if budget is None else budget // options.instances,
+            "memory_budget_bytes": None if budget is None else budget // max(1, options.instances),
             "idle_unload_s": options.idle_unload_s,
             "load_stall_s": options.load_stall_s,
             # where a manager keeps what it makes from a model once (a converted copy)
@@ -68,9 +72,33 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
                     settings=settings,
                     memory_cap_bytes=options.memory_cap_bytes,
                     step_limit_s=options.step_limit_s,
+                    max_message_bytes=config.max_body_bytes + MESSAGE_MARGIN_BYTES,
                 )
             )
     return specs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Remote:
+    """A manager instance on another host, as /status and the kernel client see it."""
+
+    modality: str
+    endpoint: str
+    public_key: str
+    instance: int  # its place among its modality's remote instances
+
+    @property
+    def name(self) -> str:
+        return f"{self.modality}@{self.endpoint.removeprefix('tcp://')}"
+
+
+def remote_managers(config: Config) -> list[Remote]:
+    """Every remote instance of the config, in order."""
+    return [
+        Remote(modality, remote.endpoint, remote.public_key, i)
+        for modality in MANAGERS
+        for i, remote in enumerate(config.modality(modality).remote)
+    ]
 
 
 def shared_runtime_dir(config: Config) -> Path:
@@ -197,6 +225,10 @@ def create_app(
         routes: dict[str, list[str]] = {}
         for spec in specs:
             routes.setdefault(spec.modality, []).append(spec.endpoint)
+        remotes = remote_managers(config)
+        for remote in remotes:
+            routes.setdefault(remote.modality, []).append(remote.endpoint)
+        app.ctx.remotes = remotes
         client = KernelClient(
             routes,
             heartbeat_timeout_s=config.heartbeat_timeout_s,
@@ -204,6 +236,8 @@ def create_app(
             # Unsupervised, a manager nobody hears from is failed or not running: say so at once.
             absent_after_s=None if supervise else 2 * config.heartbeat_timeout_s,
             observer=observed,
+            keys=curve.load_pair(config.curve_secret_key) if config.curve_secret_key else None,
+            server_keys={r.endpoint: r.public_key.encode() for r in remotes},
         )
         supervisor = (
             Supervisor(

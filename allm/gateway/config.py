@@ -28,7 +28,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from allm.kernel import curve
 from allm.kernel.registry import MANAGERS
+from allm.kernel.transport import check_endpoint
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +55,7 @@ MODALITY_SETTINGS = frozenset(
         "memory_cap_mib",
         "load_stall_s",
         "step_limit_s",
+        "remote",
     }
 )
 
@@ -138,8 +141,21 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RemoteManager:
+    """A manager instance on another host (``allm manager MODALITY --bind tcp://…``)."""
+
+    endpoint: str  # tcp://host:port
+    public_key: str  # its CURVE public key, Z85
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.removeprefix("tcp://")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ModalityConfig:
-    instances: int = 1
+    instances: int = 1  # local ones: started and supervised by `allm serve`
+    remote: tuple[RemoteManager, ...] = ()  # on other hosts: found by their heartbeats
     queue_size: int = 16
     memory_budget_bytes: int | None = None
     idle_unload_s: float | None = None
@@ -193,6 +209,8 @@ class Config:
     restart_cooldown_s: float = 300.0  # a manager failed by a crash loop is tried again after this
     responses_ttl_s: float = RESPONSES_TTL_S  # a stored response is forgotten this long after it was made
     responses_max_stored: int = RESPONSES_MAX_STORED  # past this many, the oldest are forgotten first
+    database_url: str | None = None  # stored responses in PostgreSQL (postgresql://…); SQLite when None
+    curve_secret_key: Path | None = None  # this gateway's CURVE key pair, for managers on other hosts
     modalities: Mapping[str, ModalityConfig] = dataclasses.field(default_factory=dict)
     images: ImageLimits = dataclasses.field(default_factory=ImageLimits)
     models: tuple[ModelConfig, ...] = ()
@@ -361,6 +379,7 @@ def read(
         "cors_origins": "ALLM_CORS_ORIGINS",
         "max_body_bytes": "ALLM_MAX_BODY_BYTES",
         "request_timeout_s": "ALLM_REQUEST_TIMEOUT_S",
+        "database_url": "ALLM_DATABASE_URL",
     }
     for key, var in env_names.items():
         if var in environ:
@@ -409,6 +428,8 @@ def read(
         setting(key, lambda key: Path(_typed(key, server[key], str)).expanduser(), key)
     for key in ("api_keys", "cors_origins"):
         setting(key, _str_tuple, key, server.get(key))
+    setting("database_url", _database_url, server.get("database_url"))
+    setting("curve_secret_key", _key_pair_file, server.get("curve_secret_key"))
 
     responses = doc.get("responses", {})
     if not isinstance(responses, dict):
@@ -435,6 +456,11 @@ def read(
         if name == "image":
             values["images"] = _image_limits(raw, problems)
         modalities[name] = _modality(name, raw, problems, IMAGE_SETTINGS if name == "image" else frozenset())
+    if any(m.remote for m in modalities.values()) and "curve_secret_key" not in values:
+        problems.add(
+            "setting curve_secret_key is needed to reach managers on other hosts: "
+            "make a key pair with `allm keys gateway` and give its .key_secret file"
+        )
 
     raw_models = doc.get("models", [])
     if not isinstance(raw_models, list):
@@ -463,7 +489,50 @@ def read(
                     dict(DEFAULT_MODEL_SAMPLING),
                 ),
             )
+    for name in sorted({m.modality for m in models}):
+        options = modalities.get(name) or ModalityConfig()
+        if not options.instances and not options.remote:
+            problems.add(f"[{name}] instances = 0 and no remote manager: nothing serves its models")
     return Config(**values, modalities=modalities, models=tuple(models)), tuple(problems.found)
+
+
+def _database_url(value: Any) -> str:
+    url = _typed("database_url", value, str)
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"setting database_url must be a postgresql:// URL, got {url!r}")
+    return cast(str, url)
+
+
+def _key_pair_file(value: Any) -> Path:
+    path = Path(_typed("curve_secret_key", value, str)).expanduser()
+    try:
+        curve.load_pair(path)
+    except curve.BadKey as exc:
+        raise ConfigError(f"setting curve_secret_key: {exc}") from None
+    return path
+
+
+def _remote(name: str, raw: Any) -> tuple[RemoteManager, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"setting {name}.remote must be a list of {{endpoint, public_key}} tables")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"{name}.remote[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"endpoint", "public_key"}:
+            raise ConfigError(f"setting {where} must be a table of endpoint and public_key")
+        endpoint = _typed(f"{where}.endpoint", entry["endpoint"], str)
+        if not endpoint.startswith("tcp://"):
+            raise ConfigError(f"setting {where}.endpoint must be tcp://host:port, got {endpoint!r}")
+        try:
+            check_endpoint(endpoint)
+            key = curve.load_public(_typed(f"{where}.public_key", entry["public_key"], str))
+        except (ValueError, curve.BadKey) as exc:
+            raise ConfigError(f"setting {where}: {exc}") from None
+        out.append(RemoteManager(endpoint, key.decode()))
+    endpoints = [r.endpoint for r in out]
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(f"setting {name}.remote lists an endpoint twice")
+    return tuple(out)
 
 
 def _modality(
@@ -481,8 +550,10 @@ def _modality(
         checked = problems.take(_typed, f"{name}.{key}", raw[key], kind, minimum=minimum)
         return default if checked is None else checked * scale
 
+    remote = problems.take(_remote, name, raw["remote"]) if "remote" in raw else ()
     return ModalityConfig(
-        instances=value("instances", int, 1, defaults.instances),
+        instances=value("instances", int, 0, defaults.instances),
+        remote=remote or (),
         queue_size=value("queue_size", int, 0, defaults.queue_size),
         memory_budget_bytes=value("memory_budget_mib", int, 1, None, MIB),
         idle_unload_s=value("idle_unload_s", float, 0.01, None),

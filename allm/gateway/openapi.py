@@ -189,7 +189,7 @@ ROUTES = (
     Route(
         "get",
         "/ready",
-        "Readiness: every manager is up and the default text model loads",
+        "Readiness: each modality has a manager up and the default text model loads",
         STATUS,
         open=True,
         other={"503": _object(None, ["status", "reason"], status=STRING, reason=STRING)},

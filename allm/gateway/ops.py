@@ -1,7 +1,7 @@
 """Operations and discovery: liveness, readiness, manager status, the model list.
 
 GET /health      the process answers (no auth)
-GET /ready       every manager is up and the default text model loads (no auth)
+GET /ready       each modality has a manager up and the default text model loads (no auth)
 GET /status      each manager instance: pid, state, restarts, last exit and cause, when it is
                  tried again, models loaded and loading (with progress), what runs, queue, memory
 GET /metrics     Prometheus's text format (allm/gateway/metrics.py)
@@ -34,8 +34,9 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
 
 def managers_of(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
     """Each manager instance as /status shows it (and /metrics counts it)."""
+    remotes = getattr(app.ctx, "remotes", [])
     if app.ctx.supervisor is None:
-        return heard_status(app)
+        return heard_status(app, [*app.ctx.specs, *remotes])
     views = {v.endpoint: v for v in app.ctx.client.instances()}
     out = []
     for s in app.ctx.supervisor.status():
@@ -65,12 +66,13 @@ def managers_of(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
                 "queued": hb.queued if hb else 0,
                 "capacity": hb.capacity if hb else 0,
                 "memory_bytes": s.memory_bytes,
+                "remote": False,
             }
         )
-    return out
+    return out + heard_status(app, remotes)
 
 
-def heard_status(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
+def heard_status(app: Sanic[Any, Any], targets: list[Any]) -> list[dict[str, Any]]:
     """Managers something else runs (``allm gateway``): what their heartbeats say.
 
     ``state`` is ``running`` while heartbeats come, ``absent`` when none has come for the
@@ -78,7 +80,7 @@ def heard_status(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
     """
     views = {v.endpoint: v for v in app.ctx.client.instances()}
     out = []
-    for spec in app.ctx.specs:
+    for spec in targets:  # ManagerSpec (run by supervisord) or Remote (another host)
         view = views.get(spec.endpoint)
         hb = view.heartbeat if view is not None else None
         live = bool(view and view.live)
@@ -107,6 +109,7 @@ def heard_status(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
                 "capacity": hb.capacity if hb else 0,
                 "memory_bytes": hb.memory_bytes if hb else None,
                 "heard_s_ago": round(view.heard_s_ago, 3) if view and view.heard_s_ago is not None else None,
+                "remote": spec.endpoint.startswith("tcp://"),
             }
         )
     return out
@@ -121,8 +124,11 @@ async def health(request: Request) -> HTTPResponse:
 async def ready(request: Request) -> HTTPResponse:
     config: Config = request.app.ctx.config
     managers = manager_status(request)
-    down = [m["name"] for m in managers if not m["live"]]
-    if down:
+    # Ready while each modality has an instance up: one host of several down is routed around.
+    modalities = {m["modality"] for m in managers}
+    up = {m["modality"] for m in managers if m["live"]}
+    if modalities - up:
+        down = [m["name"] for m in managers if not m["live"]]
         return json_response({"status": "not_ready", "reason": f"managers not up: {down}"}, status=503)
     default = next((m for m in config.models if m.modality == "text"), None)
     if default is not None:

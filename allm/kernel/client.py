@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
+from allm.kernel import curve
 from allm.kernel import protocol as p
 from allm.kernel.codes import (
     REASON_BAD_VERSION,
@@ -165,11 +166,16 @@ class KernelClient:
         max_buffered_chunks: int = 1_000_000,
         absent_after_s: float | None = None,
         observer: Observer | None = None,
+        keys: curve.KeyPair | None = None,
+        server_keys: Mapping[str, bytes] | None = None,
     ) -> None:
         """``absent_after_s``: with no supervisor of ours (``allm gateway``), a modality none of
         whose instances has been heard from for this long fails its requests at once, instead
         of holding them until their deadline for a manager that may never come.
-        ``observer``: told of each request's tag, chunks and end, in the caller's task."""
+        ``observer``: told of each request's tag, chunks and end, in the caller's task.
+        ``keys``, ``server_keys``: our CURVE key pair and each tcp:// manager's public key."""
+        self._keys = keys
+        self._server_keys = dict(server_keys or {})
         self.absent_after_s = absent_after_s
         self.observer = observer
         self._started_at = time.monotonic()
@@ -199,8 +205,13 @@ class KernelClient:
                 inst.endpoint,
                 self._routing_id,
                 self._on_message_for(inst),
-                # Unsupervised, the closing connection is how a manager's death is known at once.
-                on_disconnect=None if self.absent_after_s is None else self._on_disconnect_for(inst),
+                # Unsupervised (or on another host), the closing connection is how a
+                # manager's death is known at once.
+                on_disconnect=self._on_disconnect_for(inst)
+                if self.absent_after_s is not None or inst.endpoint.startswith("tcp://")
+                else None,
+                keys=self._keys,
+                server_key=self._server_keys.get(inst.endpoint),
             )
             inst.dealer.send(self._hello)
         self._ticker = asyncio.create_task(self._tick(), name="kernel-client-ticker")
@@ -306,6 +317,7 @@ class KernelClient:
         blobs: tuple[bytes, ...] = (),
         timeout_s: float | None = None,
         endpoint: str | None = None,
+        prefer: str | None = None,
     ) -> p.Result:
         """One request; returns its result or raises its error.  ``endpoint``: to that instance
         (a reload's new catalog goes to each); one that never started may be sent to another."""
@@ -318,6 +330,7 @@ class KernelClient:
             timeout_s=timeout_s,
             stream=False,
             endpoint=endpoint,
+            prefer=prefer,
         ) as stream:
             async for _chunk in stream:
                 pass
@@ -335,8 +348,10 @@ class KernelClient:
         timeout_s: float | None = None,
         stream: bool = True,
         endpoint: str | None = None,
+        prefer: str | None = None,
     ) -> Stream:
-        """A streaming request: ``async with client.stream(...) as s: async for chunk in s``."""
+        """A streaming request: ``async with client.stream(...) as s: async for chunk in s``.
+        ``prefer``: the instance to choose among equally loaded ones (it holds the prefix)."""
         timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         observer = self.observer
         req = p.Request(
@@ -349,12 +364,17 @@ class KernelClient:
             stream=stream,
             blobs=blobs,
         )
-        return Stream(self, modality, req, time.monotonic() + timeout, endpoint)
+        return Stream(self, modality, req, time.monotonic() + timeout, endpoint=endpoint, prefer=prefer)
 
     async def _submit(
-        self, modality: str, req: p.Request, deadline: float, endpoint: str | None = None
+        self,
+        modality: str,
+        req: p.Request,
+        deadline: float,
+        endpoint: str | None = None,
+        prefer: str | None = None,
     ) -> _Pending:
-        pending = await self._place(modality, req, deadline, None, endpoint)
+        pending = await self._place(modality, req, deadline, None, endpoint=endpoint, prefer=prefer)
         pending.deadline = deadline
         pending.timer = asyncio.get_running_loop().call_at(_loop_time(deadline), self._expire, pending)
         return pending
@@ -365,7 +385,9 @@ class KernelClient:
         req: p.Request,
         deadline: float,
         pending: _Pending | None,
+        *,
         endpoint: str | None = None,
+        prefer: str | None = None,
     ) -> _Pending:
         """Send a request to the least-loaded live instance (or to ``endpoint``'s), waiting for
         one within the deadline."""
@@ -378,7 +400,7 @@ class KernelClient:
         while True:
             live = [i for i in insts if i.live]
             if live:
-                inst = min(live, key=lambda i: len(i.pending))
+                inst = min(live, key=lambda i: _cost(i, req.model, prefer))
                 hb = inst.heartbeat
                 # A request sent again already holds its place in line: no capacity check.
                 if pending is None and hb is not None and len(inst.pending) >= hb.capacity:
@@ -617,6 +639,19 @@ class KernelClient:
                 raise DeadlineError(f"timed out waiting for {what}") from None
 
 
+def _cost(inst: _Instance, model: str, prefer: str | None) -> int:
+    """How much an instance would make a request wait: its outstanding requests, one more
+    where the model is not loaded (a load to pay), one fewer where the caller prefers it
+    (it holds the conversation's prefix cache). Ties go to the earlier instance."""
+    cost = 2 * len(inst.pending)
+    hb = inst.heartbeat
+    if model and (hb is None or model not in hb.models):
+        cost += 2
+    if prefer is not None and inst.endpoint == prefer:
+        cost -= 1
+    return cost
+
+
 def _slots(inst: _Instance) -> int:
     """How many requests the instance runs at once, from its heartbeat (1 when unknown)."""
     slots = inst.heartbeat.extra.get("slots", 1) if inst.heartbeat is not None else 1
@@ -642,11 +677,14 @@ class Stream:
         modality: str,
         req: p.Request,
         deadline: float,
+        *,
         endpoint: str | None = None,
+        prefer: str | None = None,
     ) -> None:
         self._client = client
         self._modality = modality
         self._endpoint = endpoint
+        self._prefer = prefer
         self.req = req
         self._deadline = deadline
         self._pending: _Pending | None = None
@@ -657,10 +695,15 @@ class Stream:
     def rid(self) -> int:
         return self.req.rid
 
+    @property
+    def endpoint(self) -> str | None:
+        """The instance the request went to (last, if it was sent again)."""
+        return self._pending.inst.endpoint if self._pending is not None else None
+
     async def __aenter__(self) -> Stream:
         try:
             self._pending = await self._client._submit(
-                self._modality, self.req, self._deadline, self._endpoint
+                self._modality, self.req, self._deadline, self._endpoint, self._prefer
             )
         except AllmError as exc:  # refused before it was sent: no instance, none in time
             self._ended(exc)

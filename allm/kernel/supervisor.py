@@ -74,6 +74,9 @@ class ManagerSpec:
     memory_cap_bytes: int | None = None  # allocated (anonymous) memory, not mapped model files
     step_limit_s: float | None = None  # the runtime's watchdog: longest a request may go without progress
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    max_message_bytes: int | None = None  # a bigger message from a peer closes its connection
+    curve_secret: str | None = None  # tcp://: the manager's .key_secret file (allm keys)
+    curve_allow: tuple[str, ...] = ()  # tcp://: the client public keys (or key files) let in
 
     @property
     def name(self) -> str:
@@ -296,6 +299,9 @@ def runtime_command(
         str(drain_timeout_s),
         "--step-limit-s",
         str(spec.step_limit_s or 0),
+        *(["--max-message-bytes", str(spec.max_message_bytes)] if spec.max_message_bytes else []),
+        *(["--curve-secret", spec.curve_secret] if spec.curve_secret else []),
+        *(arg for key in spec.curve_allow for arg in ("--curve-allow", key)),
     ]
 
 

@@ -1,7 +1,8 @@
 """ZeroMQ sockets: the manager's ROUTER, the client's DEALER, framing and polling.
 
-This is the only module that touches zmq.  Two traps it exists to avoid,
-both measured with pyzmq 27:
+This module and curve.py (CURVE keys and who may connect) are the only ones that touch
+zmq.  A tcp:// endpoint is always CURVE: a Router or Dealer refuses one without keys.
+Two traps this module exists to avoid, both measured with pyzmq 27:
 
 - A ROUTER silently drops messages for a peer whose queue is full.  The
   manager's ROUTER sets ROUTER_MANDATORY, so a full peer answers ``FULL`` and
@@ -23,6 +24,8 @@ from typing import cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from allm.kernel import curve
 
 # Requests flow in freely; replies are held to a small window so that a slow
 # reader pushes back on the manager (which then holds frames, never drops them).
@@ -58,16 +61,36 @@ def check_endpoint(endpoint: str) -> str:
 
 
 class Router:
-    """The manager's socket: receives from many clients, answers each by peer id."""
+    """The manager's socket: receives from many clients, answers each by peer id.
 
-    def __init__(self, endpoint: str) -> None:
+    ``keys`` and ``allowed``: serve CURVE with this key pair to the clients with these
+    public keys only (required for tcp://). ``max_message_bytes``: a peer that sends a
+    bigger message is disconnected by ZeroMQ before any of it is read.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        keys: curve.KeyPair | None = None,
+        allowed: Sequence[bytes] = (),
+        max_message_bytes: int | None = None,
+    ) -> None:
         self.endpoint = check_endpoint(endpoint)
+        if endpoint.startswith("tcp://") and keys is None:
+            raise ValueError(f"{endpoint}: a tcp:// endpoint needs a CURVE key pair (allm keys)")
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
         sock.setsockopt(zmq.RCVHWM, REQUEST_HWM)
+        if max_message_bytes is not None:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._gate: curve.Gate | None = None
+        if keys is not None:
+            self._gate = curve.Gate(self._ctx, allowed)
+            curve.serve_with(sock, keys)
         path = _ipc_path(endpoint)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +144,8 @@ class Router:
     def close(self, linger_ms: int = 1000) -> None:
         """Close, first giving queued replies up to ``linger_ms`` to leave."""
         self._sock.close(linger=linger_ms)
+        if self._gate is not None:
+            self._gate.stop()
         self._ctx.term()
         path = _ipc_path(self.endpoint)
         if path is not None:
@@ -139,12 +164,21 @@ class Dealer:
         endpoint: str,
         routing_id: bytes,
         on_message: Callable[[list[bytes]], None],
+        *,
         on_disconnect: Callable[[], None] | None = None,
+        keys: curve.KeyPair | None = None,
+        server_key: bytes | None = None,
     ) -> None:
         """``on_disconnect``: called when the connection to the manager closes (its process
-        ended, or closed its socket); a hung manager keeps its connection and is not reported."""
+        ended, or closed its socket); a hung manager keeps its connection and is not reported.
+        ``keys`` and ``server_key``: talk CURVE, to the manager with that public key only
+        (required for tcp://)."""
         self.endpoint = check_endpoint(endpoint)
+        if endpoint.startswith("tcp://") and (keys is None or server_key is None):
+            raise ValueError(f"{endpoint}: a tcp:// endpoint needs CURVE keys: ours and the manager's")
         sock = ctx.socket(zmq.DEALER)
+        if keys is not None and server_key is not None:
+            curve.connect_with(sock, keys, server_key)
         sock.setsockopt(zmq.LINGER, 0)
         # Queue only on a finished connection: a send to a manager that is down
         # fails at once instead of waiting to reach its successor, stale.

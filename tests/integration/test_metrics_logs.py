@@ -149,17 +149,29 @@ def test_known_traffic_gives_exact_counts_ids_and_access_lines(tmp_path):
         assert model_row["managers"] == ["text#0"]
         assert model_row["requests"] == 3
         assert model_row["tokens_out"] == completion
+        # One the engine refuses: the manager logs its failure (successes only at DEBUG).
+        status, _headers, body = server.request(
+            "POST",
+            CHAT,
+            {"model": MODEL, "messages": [{"role": "user", "content": "word " * 6000}], "max_tokens": 4},
+            headers={"x-request-id": "trace-refused"},
+        )
+        assert status == 400
+        assert json.loads(body)["error"]["code"] == "context_length_exceeded"
     text = log.read_text()
     access = [line for line in text.splitlines() if "allm.access [trace-metrics-1]" in line]
     assert len(access) == 1, text[-4000:]
     assert f"POST {CHAT} model={MODEL} status=200 code=OK" in access[0]
     assert f"completion_tokens={usages[1]['completion_tokens']}" in access[0]
     assert "duration_ms=" in access[0]
-    # The manager's own line for the same request carries the same id.
-    manager_lines = [line for line in text.splitlines() if "text#0" in line and "[trace-metrics-1]" in line]
-    assert any("finished op=chat" in line and "outcome=ok" in line for line in manager_lines), manager_lines
+    # The manager's own line for a request carries the same id as the gateway's.
+    manager_lines = [line for line in text.splitlines() if "text#0" in line and "[trace-refused]" in line]
+    assert any("finished op=chat" in line and "outcome=UNSUPPORTED" in line for line in manager_lines), (
+        manager_lines
+    )
+    assert any("allm.access [trace-refused]" in line and "status=400" in line for line in text.splitlines())
     refused = [line for line in text.splitlines() if "allm.access" in line and "status=400" in line]
-    assert len(refused) == 1
+    assert len(refused) == 2
 
 
 def read_events(conn: http.client.HTTPConnection, body: dict):
@@ -234,6 +246,13 @@ def test_json_logs_are_one_object_a_line_with_the_request_id_in_gateway_and_mana
         )
         assert status == 200
         assert headers["x-request-id"] == "trace-json"
+        status, _headers, _ = server.request(
+            "POST",
+            CHAT,
+            {"model": MODEL, "messages": [{"role": "user", "content": "word " * 6000}], "max_tokens": 4},
+            headers={"x-request-id": "trace-json-refused"},
+        )
+        assert status == 400
     entries = []
     for line in Path(log).read_text().splitlines():
         if line.strip():
@@ -248,5 +267,7 @@ def test_json_logs_are_one_object_a_line_with_the_request_id_in_gateway_and_mana
     assert isinstance(line["completion_tokens"], int)
     assert line["completion_tokens"] > 0
     assert line["duration_ms"] > 0
-    managed = [e for e in entries if e["process"] == "text#0" and e.get("request_id") == "trace-json"]
-    assert any(e["message"] == "finished" and e["op"] == "chat" for e in managed), managed
+    managed = [e for e in entries if e["process"] == "text#0" and e.get("request_id") == "trace-json-refused"]
+    assert any(e["message"] == "finished" and e["op"] == "chat" and e["outcome"] != "ok" for e in managed), (
+        managed
+    )

@@ -1,0 +1,168 @@
+"""Hosts made on this machine: network namespaces joined to this one by veth links.
+
+Each host is a namespace with its own loopback and one veth link to the test's namespace
+(10.177.N.1 here, 10.177.N.2 there): a manager in it is reached over a real network
+interface, and the link can be cut (``ip link set … down``) and restored. Where namespaces
+cannot be made (no CAP_NET_ADMIN), each host is a loopback address of its own
+(127.77.0.N) and a cut is the nearest stand-in: the manager is stopped (SIGSTOP), so its
+heartbeats stop exactly as they would behind a dead link; ``Hosts.real`` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.integration.gateway_server import free_port
+
+ALLM = Path(sys.executable).parent / "allm"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+class Host:
+    def __init__(self, index: int, namespace: str | None, address: str, link: str | None) -> None:
+        self.index = index
+        self.namespace = namespace
+        self.address = address  # where the gateway reaches it
+        self.link = link  # the veth end in the test's namespace
+        self.manager: subprocess.Popen[bytes] | None = None
+        self.log: Path | None = None
+        self.endpoint = ""
+        self.started_with: tuple[Path, Path, Path, Path] | None = None
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace] if self.namespace else []
+
+    def start_manager(
+        self, config: Path, secret: Path, allow: Path, log: Path, port: int | None = None
+    ) -> str:
+        """``allm manager text --bind tcp://ADDRESS:PORT`` on this host; returns its endpoint."""
+        if not self.endpoint:  # a restart binds the same endpoint again
+            self.endpoint = f"tcp://{self.address}:{port or free_port()}"
+        self.started_with = (config, secret, allow, log)
+        self.log = log
+        out = open(log, "ab")  # noqa: SIM115 - the child holds it; closed in stop_manager
+        self.manager = subprocess.Popen(
+            [
+                *self.prefix(),
+                str(ALLM),
+                "manager",
+                "text",
+                "--config",
+                str(config),
+                "--bind",
+                self.endpoint,
+                "--secret-key",
+                str(secret),
+                "--allow",
+                str(allow),
+            ],
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "ALLM_LOG_LEVEL": "DEBUG"},  # a line per request (tests count them)
+            start_new_session=True,
+        )
+        out.close()
+        return self.endpoint
+
+    def stop_manager(self, signum: int = signal.SIGTERM) -> None:
+        proc = self.manager
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signum)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.manager = None
+
+
+class Hosts:
+    """``with Hosts(2) as hosts:`` two hosts, removed (and their managers stopped) after."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.tag = uuid.uuid4().hex[:6]
+        self.hosts: list[Host] = []
+        self.real = False  # namespaces and veth links, not loopback stand-ins
+
+    def __enter__(self) -> Hosts:
+        try:
+            self._make_namespaces()
+            self.real = True
+        except (OSError, subprocess.CalledProcessError):
+            self._remove_namespaces()
+            self.hosts = [Host(i, None, f"127.77.0.{i + 2}", None) for i in range(self.count)]
+        return self
+
+    def _make_namespaces(self) -> None:
+        for i in range(self.count):
+            ns = f"allm-{self.tag}-{i}"
+            here, there = f"av{self.tag}{i}", f"ah{self.tag}{i}"
+            subnet = f"10.177.{(int(self.tag, 16) + i) % 250}"
+            self.hosts.append(Host(i, ns, f"{subnet}.2", here))
+            _ip("netns", "add", ns)
+            _ip("link", "add", here, "type", "veth", "peer", "name", there)
+            _ip("link", "set", there, "netns", ns)
+            _ip("addr", "add", f"{subnet}.1/24", "dev", here)
+            _ip("link", "set", here, "up")
+            _ip("-n", ns, "addr", "add", f"{subnet}.2/24", "dev", there)
+            _ip("-n", ns, "link", "set", there, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+
+    def _remove_namespaces(self) -> None:
+        for host in self.hosts:
+            if host.link:
+                with contextlib.suppress(subprocess.CalledProcessError, OSError):
+                    _ip("link", "delete", host.link)
+            if host.namespace:
+                with contextlib.suppress(subprocess.CalledProcessError, OSError):
+                    _ip("netns", "delete", host.namespace)
+
+    def __exit__(self, *exc: object) -> None:
+        for host in self.hosts:
+            host.stop_manager()
+        self._remove_namespaces()
+
+    def __iter__(self) -> Iterator[Host]:
+        return iter(self.hosts)
+
+    def __getitem__(self, i: int) -> Host:
+        return self.hosts[i]
+
+    def cut(self, host: Host) -> None:
+        """The host drops off the network (or, on loopback, its manager stops dead)."""
+        if host.link:
+            _ip("link", "set", host.link, "down")
+        elif host.manager is not None:
+            os.killpg(host.manager.pid, signal.SIGSTOP)
+
+    def restore(self, host: Host) -> None:
+        if host.link:
+            _ip("link", "set", host.link, "up")
+        elif host.manager is not None:
+            os.killpg(host.manager.pid, signal.SIGCONT)
+
+
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

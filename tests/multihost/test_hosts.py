@@ -1,0 +1,153 @@
+"""Two text-manager hosts and a gateway: shared traffic, a host killed or cut off under load, rejoining.
+
+The hosts are network namespaces joined by veth links (tests/multihost/hosts.py), each
+running `allm manager text --bind tcp://…` with CURVE; the gateway is `allm serve` with
+no text manager of its own, only the two remote ones. Nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from allm.kernel.codes import Code
+from tests.integration.gateway_server import running_server
+from tests.model_files import smollm2_path
+
+from .hosts import ALLM, Hosts, wait_for
+
+MODEL = "smol"
+HEARTBEAT_TIMEOUT_S = 2.0
+#: what the fault table answers for a host's death or silence (a crash is INTERNAL there)
+FAULT_CODES = frozenset(c.name.lower() for c in Code if c is not Code.OK) | {"manager_failed"}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("gateway", "host-0", "host-1"):
+        subprocess.run([str(ALLM), "keys", name, "--dir", str(keys)], check=True, capture_output=True)
+    model = f'\n[[models]]\nid = "{MODEL}"\npath = "{smollm2_path()}"\n'
+    with Hosts(2) as hosts:
+        remotes = []
+        for host in hosts:
+            data = tmp_path / f"host-{host.index}"
+            data.mkdir()
+            config = data / "host.toml"
+            config.write_text(f'[server]\ndata_dir = "{data}"\n{model}')
+            endpoint = host.start_manager(
+                config, keys / f"host-{host.index}.key_secret", keys / "gateway.key", data / "manager.log"
+            )
+            remotes.append(f'{{ endpoint = "{endpoint}", public_key = "{keys}/host-{host.index}.key" }}')
+        gateway = (
+            f'[server]\ndata_dir = "{tmp_path}"\ncurve_secret_key = "{keys}/gateway.key_secret"\n'
+            f"heartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n\n"
+            f"[text]\ninstances = 0\nremote = [{', '.join(remotes)}]\n{model}"
+        )
+        with running_server(gateway, tmp_path, log=tmp_path / "gateway.log") as server:
+            yield server, hosts
+
+
+def managers(server):
+    return {m["endpoint"]: m for m in server.managers()}
+
+
+def finished(host) -> int:
+    """The chat requests this host's manager finished (its log's per-request lines)."""
+    return sum("finished op=chat" in line for line in host.log.read_text().splitlines())
+
+
+def chat(server, max_tokens: int = 40, content: str = "Write a long essay about mountains."):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    status, _headers, data = server.request("POST", "/v1/chat/completions", body)
+    return status, json.loads(data)
+
+
+def assert_success_or_coded(outcomes):
+    """Each request ended with success or a coded error of the fault table: none lost."""
+    for status, body in outcomes:
+        if status == 200:
+            assert body["choices"][0]["message"]["content"]
+        else:
+            assert status in (500, 503, 504), (status, body)
+            assert body["error"]["code"] in FAULT_CODES, body
+
+
+def load(server, n: int, max_tokens: int = 40):
+    """Start n requests at once; returns their futures."""
+    pool = concurrent.futures.ThreadPoolExecutor(n)
+    futures = [pool.submit(chat, server, max_tokens) for _ in range(n)]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def test_the_two_hosts_share_the_traffic(cluster):
+    server, hosts = cluster
+    status = managers(server)
+    assert {hosts[0].endpoint, hosts[1].endpoint} <= set(status)
+    assert all(m["live"] and m["remote"] for m in status.values())
+    outcomes = [f.result(120) for f in load(server, 6)]
+    assert [s for s, _ in outcomes] == [200] * 6
+    served = [finished(host) for host in hosts]
+    assert sum(served) == 6
+    assert min(served) >= 2, served  # least outstanding work first: both took a share
+
+
+def test_a_host_killed_under_load_loses_no_request_and_rejoins(cluster):
+    server, hosts = cluster
+    victim, other = hosts[0], hosts[1]
+    futures = load(server, 6, max_tokens=120)
+    wait_for(lambda: managers(server)[victim.endpoint]["active"] > 0, 60, "the victim to be busy")
+    victim.manager.send_signal(signal.SIGKILL)
+    outcomes = [f.result(120) for f in futures]
+    assert_success_or_coded(outcomes)
+    assert any(s != 200 for s, _ in outcomes)  # what ran on the victim ended with its code
+    assert any(s == 200 for s, _ in outcomes)  # the other host went on
+    wait_for(lambda: not managers(server)[victim.endpoint]["live"], 30, "the victim to leave the rotation")
+    before = finished(other)
+    assert [chat(server, 5)[0] for _ in range(3)] == [200] * 3
+    assert finished(other) == before + 3
+    # Brought back (as supervisord would), it rejoins and gets work again.
+    victim.stop_manager()
+    assert victim.started_with is not None
+    victim.start_manager(*victim.started_with)
+    wait_for(lambda: managers(server)[victim.endpoint]["live"], 60, "the victim to rejoin")
+    before = finished(victim)
+    outcomes = [f.result(120) for f in load(server, 4, max_tokens=30)]
+    assert [s for s, _ in outcomes] == [200] * 4
+    assert finished(victim) > before
+
+
+def test_a_host_cut_off_under_load_loses_no_request_and_rejoins_when_its_link_returns(cluster):
+    server, hosts = cluster
+    cut, other = hosts[1], hosts[0]
+    futures = load(server, 6, max_tokens=200)
+    wait_for(lambda: managers(server)[cut.endpoint]["active"] > 0, 60, "the host to be busy")
+    cut_at = time.monotonic()
+    hosts.cut(cut)
+    outcomes = [f.result(120) for f in futures]
+    assert_success_or_coded(outcomes)
+    failed = [body["error"]["code"] for s, body in outcomes if s != 200]
+    assert failed, "the requests running behind the cut link must end"
+    assert set(failed) <= {"timeout"}, failed  # its heartbeats stopped: TIMEOUT, per the fault table
+    assert time.monotonic() - cut_at < 60
+    wait_for(lambda: not managers(server)[cut.endpoint]["live"], 30, "the cut host to leave the rotation")
+    before = finished(other)
+    assert [chat(server, 5)[0] for _ in range(3)] == [200] * 3
+    assert finished(other) == before + 3
+    hosts.restore(cut)
+    wait_for(lambda: managers(server)[cut.endpoint]["live"], 60, "the cut host to rejoin")
+    before = finished(cut)
+    outcomes = [f.result(120) for f in load(server, 4, max_tokens=30)]
+    assert [s for s, _ in outcomes] == [200] * 4
+    assert finished(cut) > before
