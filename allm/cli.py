@@ -83,7 +83,7 @@ def missing_engines(config: Config, modality: str | None = None) -> list[str]:
 def serve(args: argparse.Namespace) -> int:
     flags = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
     config = _load(args.config, flags)
-    if config is None or not engines_ready(config):
+    if config is None or not engines_ready(config) or not _store_ready(config):
         return 2
     return _run_http(config, _rereader(args.config, flags), supervise=True, what="serving")
 
@@ -91,9 +91,21 @@ def serve(args: argparse.Namespace) -> int:
 def gateway(args: argparse.Namespace) -> int:
     flags = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
     config = _load(args.config, flags)
-    if config is None:
+    if config is None or not _store_ready(config):
         return 2
     return _run_http(config, _rereader(args.config, flags), supervise=False, what="gateway for")
+
+
+def _store_ready(config: Config) -> bool:
+    """False (said why) when the stored responses' database needs what this install lacks."""
+    from allm.gateway import store
+
+    try:
+        store.check(config)
+    except ConfigError as exc:
+        print(f"allm: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _rereader(path: Path | None, flags: dict[str, Any]) -> Callable[[], Config]:
@@ -101,7 +113,10 @@ def _rereader(path: Path | None, flags: dict[str, Any]) -> Callable[[], Config]:
     refusal of a model whose engine is missing; every problem in one ConfigError."""
 
     def reread() -> Config:
+        from allm.gateway import store
+
         config = load(path, flags=flags)
+        store.check(config)
         missing = missing_engines(config)
         if missing:
             raise ConfigError(*missing)

@@ -27,7 +27,7 @@ from allm import __version__
 from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, page, reload, responses
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
-from allm.gateway.store import ResponseStore
+from allm.gateway.store import open_store
 from allm.kernel import curve
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import REASON_DRAINING, InternalError
@@ -214,6 +214,8 @@ def create_app(
 
     @app.before_server_start
     async def start_kernel(app: Sanic[Any, Any]) -> None:
+        # first: a store that cannot open stops start-up before anything else is started
+        app.ctx.store = await asyncio.to_thread(open_store, config)
         if supervise:
             runtime_dir = config.runtime_dir or Path(tempfile.mkdtemp(prefix="allm-"))
         else:
@@ -257,11 +259,6 @@ def create_app(
         app.ctx.client = client
         app.ctx.supervisor = supervisor
         app.ctx.specs = specs
-        app.ctx.store = ResponseStore(
-            config.data_dir.expanduser() / "responses.sqlite3",
-            ttl_s=config.responses_ttl_s,
-            max_stored=config.responses_max_stored,
-        )
         app.ctx.images = images.image_files(config)
         interval_s = min(images.SWEEP_INTERVAL_S, config.images.url_ttl_s)
         app.ctx.image_sweeps = asyncio.create_task(app.ctx.images.sweep_every(interval_s))

@@ -35,6 +35,8 @@ log = logging.getLogger("allm.reload")
 
 #: the settings a reload applies to a running server
 LIVE = ("api_keys", "cors_origins", "request_timeout_s")
+#: settings whose values never go to the log or /status
+SECRET = frozenset({"database_url", "curve_secret_key"})
 #: how long one manager instance is given to take its new catalog
 CONFIGURE_TIMEOUT_S = 10.0
 
@@ -47,7 +49,10 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         if name in LIVE or name in ("models", "modalities"):
             continue
         if getattr(old, name) != getattr(new, name):
-            out.append(f"setting {name}: {getattr(old, name)!r} → {getattr(new, name)!r}")
+            if name in SECRET:  # its value may hold a password: say only that it changed
+                out.append(f"setting {name}: changed")
+            else:
+                out.append(f"setting {name}: {getattr(old, name)!r} → {getattr(new, name)!r}")
     for modality in sorted(set(old.modalities) | set(new.modalities)):
         before, after = old.modality(modality), new.modality(modality)
         for field in dataclasses.fields(before):
