@@ -284,6 +284,11 @@ class ManagerCollector(Collector):
         up = GaugeMetricFamily(
             "allm_manager_up", "1 while the manager instance answers heartbeats", labels=names
         )
+        info = GaugeMetricFamily(
+            "allm_manager_info",
+            "each manager instance: its endpoint, and whether it runs on another host",
+            labels=[*names, "endpoint", "remote"],
+        )
         gauges = {
             key: GaugeMetricFamily(f"allm_manager_{key}", text, labels=names)
             for key, text in (
@@ -318,6 +323,7 @@ class ManagerCollector(Collector):
         for row in self.managers():
             labels = [row["name"], row["modality"]]
             up.add_metric(labels, 1.0 if row["live"] else 0.0)
+            info.add_metric([*labels, row["endpoint"], "true" if row.get("remote") else "false"], 1.0)
             for key, family in gauges.items():
                 value = row.get(key)
                 if value is not None:
@@ -336,6 +342,7 @@ class ManagerCollector(Collector):
                 stats["load_seconds"].add_metric(pair, float(st.get("load_s", 0.0)))
                 stats["unloads"].add_metric(pair, float(st.get("unloads", 0)))
         yield up
+        yield info
         yield from gauges.values()
         yield restarts
         yield deaths

@@ -87,6 +87,7 @@ class Turn:
     def __init__(self, payload: dict[str, Any], model: ModelConfig, history: list[Item]) -> None:
         self.payload = payload
         self.model = model.id
+        self.prefer: str | None = None  # the manager instance to choose among equally loaded ones
         self.metadata = payload.get("metadata", {})
         self.instructions = payload.get("instructions")
         # Every earlier item is kept; only an earlier response's instructions are not (OpenAI's rule).
@@ -179,10 +180,15 @@ async def _turn(request: Request) -> Turn:
     model = model_for(config, payload, "text")
     history: list[Item] = []
     previous = payload.get("previous_response_id")
+    prefer = None
     if previous:
         response, items = await _stored(request, previous, "previous_response_id")
         history = items + response["output"]
-    return Turn(payload, model, history)
+        # The instance that served it holds the conversation's prefix in its cache.
+        prefer = await request.app.ctx.store.instance_of(previous)
+    turn = Turn(payload, model, history)
+    turn.prefer = prefer
+    return turn
 
 
 @bp.post("/responses")
@@ -191,13 +197,22 @@ async def create(request: Request) -> HTTPResponse | None:
     client = request.app.ctx.client
     turn = await _turn(request)
     if not turn.payload.get("stream"):
-        result = await client.call(
-            "text", "chat", model=turn.model, params=turn.params, timeout_s=config.request_timeout_s
-        )
-        data = result.data
+        async with client.stream(
+            "text",
+            "chat",
+            model=turn.model,
+            params=turn.params,
+            timeout_s=config.request_timeout_s,
+            stream=False,
+            prefer=turn.prefer,
+        ) as s:
+            async for _chunk in s:
+                pass
+        assert s.result is not None
+        data = s.result.data
         response = turn.response("completed", output=output_items(data), data=data)
         if turn.store:
-            await request.app.ctx.store.put(response, turn.items)
+            await request.app.ctx.store.put(response, turn.items, instance=s.endpoint)
         return json_response(response)
     await _stream(request, turn)
     return None
@@ -207,7 +222,12 @@ async def _stream(request: Request, turn: Turn) -> None:
     config: Config = request.app.ctx.config
     events = Events(turn)
     async with request.app.ctx.client.stream(
-        "text", "chat", model=turn.model, params=turn.params, timeout_s=config.request_timeout_s
+        "text",
+        "chat",
+        model=turn.model,
+        params=turn.params,
+        timeout_s=config.request_timeout_s,
+        prefer=turn.prefer,
     ) as s:
         response = await request.respond(
             content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -232,7 +252,12 @@ async def _stream(request: Request, turn: Turn) -> None:
         assert s.result is not None
         tail, final = events.finish(s.result.data)
         if turn.store:
-            await request.app.ctx.store.put(final, turn.items)
+            try:
+                await request.app.ctx.store.put(final, turn.items, instance=s.endpoint)
+            except ApiError as exc:  # the store is down: the stream ends saying so, not cut
+                await response.send(events.event("error", code=exc.code, message=exc.message, param=None))
+                await response.eof()
+                return
         await response.send(tail)
         await response.eof()
 

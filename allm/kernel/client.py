@@ -639,17 +639,13 @@ class KernelClient:
                 raise DeadlineError(f"timed out waiting for {what}") from None
 
 
-def _cost(inst: _Instance, model: str, prefer: str | None) -> int:
-    """How much an instance would make a request wait: its outstanding requests, one more
-    where the model is not loaded (a load to pay), one fewer where the caller prefers it
-    (it holds the conversation's prefix cache). Ties go to the earlier instance."""
-    cost = 2 * len(inst.pending)
+def _cost(inst: _Instance, model: str, prefer: str | None) -> tuple[int, bool, bool]:
+    """Which instance a request goes to: the least outstanding requests; among equals, the one
+    the caller prefers (it holds the conversation's prefix cache), then one that has the model
+    loaded (its heartbeat says so), then the earlier one."""
     hb = inst.heartbeat
-    if model and (hb is None or model not in hb.models):
-        cost += 2
-    if prefer is not None and inst.endpoint == prefer:
-        cost -= 1
-    return cost
+    loaded = not model or (hb is not None and model in hb.models)
+    return (len(inst.pending), inst.endpoint != prefer, not loaded)
 
 
 def _slots(inst: _Instance) -> int:

@@ -17,6 +17,7 @@ import pytest
 
 from allm.kernel.codes import Code
 from tests.integration.gateway_server import running_server
+from tests.integration.test_metrics_logs import scrape, value
 from tests.model_files import smollm2_path
 
 from .hosts import ALLM, Hosts, wait_for
@@ -101,6 +102,22 @@ def test_the_two_hosts_share_the_traffic(cluster):
     served = [finished(host) for host in hosts]
     assert sum(served) == 6
     assert min(served) >= 2, served  # least outstanding work first: both took a share
+    samples = scrape(server)
+    for host in hosts:
+        name = f"text@{host.endpoint.removeprefix('tcp://')}"
+        assert value(samples, "allm_manager_up", manager=name, modality="text") == 1
+        assert (
+            value(
+                samples,
+                "allm_manager_info",
+                manager=name,
+                modality="text",
+                endpoint=host.endpoint,
+                remote="true",
+            )
+            == 1
+        )
+        assert value(samples, "allm_model_loaded", manager=name, model=MODEL) == 1
 
 
 def test_a_host_killed_under_load_loses_no_request_and_rejoins(cluster):
@@ -151,3 +168,32 @@ def test_a_host_cut_off_under_load_loses_no_request_and_rejoins_when_its_link_re
     outcomes = [f.result(120) for f in load(server, 4, max_tokens=30)]
     assert [s for s, _ in outcomes] == [200] * 4
     assert finished(cut) > before
+
+
+def respond(server, **fields):
+    body = {"model": MODEL, "max_output_tokens": 8, "temperature": 0, "store": True, **fields}
+    status, _headers, data = server.request("POST", "/v1/responses", body)
+    assert status == 200, data
+    return json.loads(data)
+
+
+def test_a_continued_conversation_goes_back_to_the_host_that_holds_its_prefix(cluster):
+    server, hosts = cluster
+    first, second = hosts[0], hosts[1]
+    # Both hosts get the model loaded (two at once go one to each).
+    assert [f.result(120)[0] for f in load(server, 2, max_tokens=4)] == [200, 200]
+    assert all(m["models"] == [MODEL] for m in managers(server).values())
+    # Keep the first host busy, so the conversation starts on the second one.
+    busy = load(server, 1, max_tokens=300)
+    wait_for(lambda: managers(server)[first.endpoint]["active"] > 0, 60, "the first host to be busy")
+    before = finished(second)
+    opened = respond(server, input="My name is Ada. Remember it.")
+    assert finished(second) == before + 1
+    busy[0].result(120)
+    # Both idle now: with no preference the tie would go to the first host.
+    wait_for(lambda: all(m["active"] == 0 for m in managers(server).values()), 30, "both hosts idle")
+    previous = opened["id"]
+    counts = [finished(host) for host in hosts]
+    for _ in range(3):
+        previous = respond(server, input="What is my name?", previous_response_id=previous)["id"]
+    assert [finished(host) for host in hosts] == [counts[0], counts[1] + 3]

@@ -239,3 +239,48 @@ def test_every_bad_image_setting_is_reported_at_once(tmp_path):
         "setting image.url_ttl_s",
         "setting image.default_size",
     ]
+
+
+def test_remote_managers_need_curve_keys_and_name_every_bad_field(tmp_path):
+    from allm.kernel import curve
+
+    curve.make_keys(tmp_path, "gateway")
+    curve.make_keys(tmp_path, "host")
+    host_key = curve.load_public(str(tmp_path / "host.key")).decode()
+    good = write(
+        tmp_path,
+        f'[server]\ncurve_secret_key = "{tmp_path}/gateway.key_secret"\n\n'
+        "[text]\ninstances = 0\nremote = ["
+        f'{{ endpoint = "tcp://10.0.0.2:5555", public_key = "{tmp_path}/host.key" }}, '
+        f'{{ endpoint = "tcp://10.0.0.3:5555", public_key = "{host_key}" }}]\n',
+    )
+    config = load(good, environ={})
+    remote = config.modality("text").remote
+    assert [(r.endpoint, r.public_key) for r in remote] == [
+        ("tcp://10.0.0.2:5555", host_key),
+        ("tcp://10.0.0.3:5555", host_key),
+    ]
+    assert config.modality("text").instances == 0
+    bad = write(
+        tmp_path,
+        "[text]\ninstances = 0\n"
+        'remote = [{ endpoint = "ipc:///tmp/x.sock", public_key = "k" }, { endpoint = "tcp://h:1" }]\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load(bad, environ={})
+    text = str(info.value)
+    assert "text.remote[0].endpoint must be tcp://host:port" in text
+    no_keys = write(
+        tmp_path, f'[text]\nremote = [{{ endpoint = "tcp://10.0.0.2:5555", public_key = "{host_key}" }}]\n'
+    )
+    with pytest.raises(ConfigError, match="curve_secret_key is needed"):
+        load(no_keys, environ={})
+    nobody = write(tmp_path, "[text]\ninstances = 0\n")
+    with pytest.raises(ConfigError, match=r"\[text\] instances = 0 and no remote manager"):
+        load(nobody, environ={})
+
+
+def test_database_url_must_be_postgresql(tmp_path):
+    assert load(environ={"ALLM_DATABASE_URL": "postgresql://u@h/db"}).database_url == "postgresql://u@h/db"
+    with pytest.raises(ConfigError, match="database_url must be a postgresql:// URL"):
+        load(environ={"ALLM_DATABASE_URL": "mysql://h/db"})
