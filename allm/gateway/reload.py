@@ -39,6 +39,8 @@ LIVE = ("api_keys", "cors_origins", "request_timeout_s")
 SECRET = frozenset({"database_url", "curve_secret_key"})
 #: how long one manager instance is given to take its new catalog
 CONFIGURE_TIMEOUT_S = 10.0
+#: how long a reload waits for heartbeats that show the new catalog (a few heartbeat intervals)
+CATALOG_WAIT_S = 3.0
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
@@ -64,6 +66,21 @@ def restart_needed(old: Config, new: Config) -> list[str]:
 
 def _models_of(models: tuple[ModelConfig, ...], modality: str) -> list[dict[str, Any]]:
     return [m.settings() for m in models if m.modality == modality]
+
+
+async def _heard_catalog(app: Sanic[Any, Any], endpoints: set[str], catalog: list[str]) -> None:
+    """Wait (briefly) until these instances' heartbeats carry the new catalog: the kernel
+    client routes a model's requests by it, so a new model is served from the first request."""
+    deadline = time.monotonic() + CATALOG_WAIT_S
+    while time.monotonic() < deadline:
+        views = {v.endpoint: v for v in app.ctx.client.instances()}
+        if all(
+            (hb := views[e].heartbeat) is None or hb.extra.get("catalog") in (None, catalog)
+            for e in endpoints
+            if e in views
+        ):
+            return
+        await asyncio.sleep(0.05)
 
 
 async def reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str, Any]:
@@ -132,6 +149,12 @@ async def reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str
                 changes = answer.data
         said = [f"{kind} {', '.join(ids)}" for kind, ids in sorted(changes.items()) if ids]
         applied.append(f"{modality} models: {'; '.join(said) or 'options changed'}")
+        reached = {
+            spec.endpoint
+            for spec, answer in zip(specs, answers, strict=True)
+            if not isinstance(answer, BaseException)
+        }
+        await _heard_catalog(app, reached, sorted(m["id"] for m in after))
     if not applied and models != old.models:
         applied.append("models: the gateway's own settings of a model")
     live = {name: getattr(new, name) for name in LIVE if getattr(new, name) != getattr(old, name)}

@@ -392,6 +392,16 @@ class KernelClient:
         """Send a request to the least-loaded live instance (or to ``endpoint``'s), waiting for
         one within the deadline."""
         insts = self._instances_of(modality)
+        if req.model:
+            # Only instances whose catalog (from their heartbeats) has the model, or that
+            # have not said yet; none at all is an answer now, not at the deadline.
+            insts = [i for i in insts if _serves(i, req.model)]
+            if not insts:
+                raise UnsupportedError(
+                    f"no {modality} manager has model {req.model!r} in its catalog",
+                    reason="model_not_found",
+                    param="model",
+                )
         if endpoint is not None:
             insts = [i for i in insts if i.endpoint == endpoint]
             if not insts:
@@ -637,6 +647,13 @@ class KernelClient:
         except TimeoutError:
             if time.monotonic() >= deadline:
                 raise DeadlineError(f"timed out waiting for {what}") from None
+
+
+def _serves(inst: _Instance, model: str) -> bool:
+    """Whether the instance's catalog holds the model (True until its heartbeat says)."""
+    hb = inst.heartbeat
+    catalog = hb.extra.get("catalog") if hb is not None else None
+    return not isinstance(catalog, list) or model in catalog
 
 
 def _cost(inst: _Instance, model: str, prefer: str | None) -> tuple[int, bool, bool]:

@@ -381,7 +381,13 @@ class PooledManager:
         return self.pool.loaded()
 
     def status(self) -> dict[str, Any]:
-        return {"loading": self.pool.loading(), "model_stats": self.pool.stats()}
+        # catalog: what this instance can serve, so that a gateway routes a model's requests
+        # only to instances that have it (hosts may hold different catalogs)
+        return {
+            "loading": self.pool.loading(),
+            "model_stats": self.pool.stats(),
+            "catalog": sorted(self.pool.catalog),
+        }
 
     def close(self) -> None:
         self.pool.close()

@@ -15,7 +15,7 @@ from .gateway_server import ALLM, ROOT, running_server
 
 def test_a_bad_catalog_stops_start_up_naming_the_entry_and_field(tmp_path):
     config = tmp_path / "bad.toml"
-    config.write_text('[[models]]\nid = "m"\npath = "/x.gguf"\nformat = "onnx"\n')
+    config.write_text('[[models]]\nid = "m"\npath = "/x.gguf"\nformat = "pytorch"\n')
     done = subprocess.run(
         [str(ALLM), "serve", "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )

@@ -182,7 +182,7 @@ def test_a_bad_new_file_is_reported_and_nothing_of_it_applied(tmp_path):
     with running_server(catalog(tmp_path, ["smol"]), tmp_path) as server:
         # A good change (a new model) beside two bad ones: none of it may land.
         bad = catalog(tmp_path, ["smol", "extra"], "request_timeout_s = -5\n")
-        bad += '\n[[models]]\nid = "broken"\npath = "/x.gguf"\nformat = "onnx"\n'
+        bad += '\n[[models]]\nid = "broken"\npath = "/x.gguf"\nformat = "pytorch"\n'
         config.write_text(bad)
         before = time.time()
         server.proc.send_signal(signal.SIGHUP)

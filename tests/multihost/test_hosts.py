@@ -8,6 +8,7 @@ no text manager of its own, only the two remote ones. Nothing here is mocked.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import subprocess
@@ -28,19 +29,30 @@ HEARTBEAT_TIMEOUT_S = 2.0
 FAULT_CODES = frozenset(c.name.lower() for c in Code if c is not Code.OK) | {"manager_failed"}
 
 
+def catalog(ids) -> str:
+    return "".join(f'\n[[models]]\nid = "{i}"\npath = "{smollm2_path()}"\n' for i in ids)
+
+
 @pytest.fixture
 def cluster(tmp_path):
+    with make_cluster(tmp_path, [[MODEL], [MODEL]]) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def make_cluster(tmp_path, host_models):
+    """Hosts with these catalogs, and a gateway whose catalog is all of them."""
     keys = tmp_path / "keys"
-    for name in ("gateway", "host-0", "host-1"):
+    for name in ("gateway", *(f"host-{i}" for i in range(len(host_models)))):
         subprocess.run([str(ALLM), "keys", name, "--dir", str(keys)], check=True, capture_output=True)
-    model = f'\n[[models]]\nid = "{MODEL}"\npath = "{smollm2_path()}"\n'
-    with Hosts(2) as hosts:
+    model = catalog(dict.fromkeys(i for ids in host_models for i in ids))
+    with Hosts(len(host_models)) as hosts:
         remotes = []
         for host in hosts:
             data = tmp_path / f"host-{host.index}"
             data.mkdir()
             config = data / "host.toml"
-            config.write_text(f'[server]\ndata_dir = "{data}"\n{model}')
+            config.write_text(f'[server]\ndata_dir = "{data}"\n{catalog(host_models[host.index])}')
             endpoint = host.start_manager(
                 config, keys / f"host-{host.index}.key_secret", keys / "gateway.key", data / "manager.log"
             )
@@ -170,6 +182,11 @@ def test_a_host_cut_off_under_load_loses_no_request_and_rejoins_when_its_link_re
     assert finished(cut) > before
 
 
+def chat_model(server, model: str) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    return server.request("POST", "/v1/chat/completions", body)[0]
+
+
 def respond(server, **fields):
     body = {"model": MODEL, "max_output_tokens": 8, "temperature": 0, "store": True, **fields}
     status, _headers, data = server.request("POST", "/v1/responses", body)
@@ -197,3 +214,12 @@ def test_a_continued_conversation_goes_back_to_the_host_that_holds_its_prefix(cl
     for _ in range(3):
         previous = respond(server, input="What is my name?", previous_response_id=previous)["id"]
     assert [finished(host) for host in hosts] == [counts[0], counts[1] + 3]
+
+
+def test_a_model_goes_only_to_the_hosts_whose_catalog_has_it(tmp_path):
+    with make_cluster(tmp_path, [["only-a"], ["only-b"]]) as (server, hosts):
+        wait_for(lambda: all(m["live"] for m in managers(server).values()), 30, "both hosts to be heard")
+        served = [finished(host) for host in hosts]
+        # Idle hosts: a tie would go to the first, which does not have "only-b".
+        assert [chat_model(server, m) for m in ("only-b", "only-a", "only-b")] == [200] * 3
+        assert [finished(host) for host in hosts] == [served[0] + 1, served[1] + 2]

@@ -72,7 +72,7 @@ def test_check_reports_every_problem_at_once_each_naming_its_entry_and_field(cap
         '[[models]]\nid = "gone"\npath = "/nonexistent/m.gguf"\noptions = { n_ctx = 2, bogus = 1 }\n'
         f'[[models]]\nid = "cut"\npath = "{tmp_path / "cut.gguf"}"\n'
         f'[[models]]\nid = "text"\npath = "{tmp_path / "notes.txt"}"\n'
-        '[[models]]\nid = "odd"\npath = "/x"\nformat = "onnx"\n'
+        '[[models]]\nid = "odd"\npath = "/x"\nformat = "pytorch"\n'
         '[[models]]\nid = "tuned"\npath = "/y"\nformat = "safetensors"\noptions = { dtype = "int3" }\n',
     )
     status, out, err = run(capsys, "check", str(config))
