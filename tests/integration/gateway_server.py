@@ -61,6 +61,17 @@ class Server:
         return self.json("GET", "/status")[1]["managers"]
 
 
+def wait_for(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; fail after the time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @contextlib.contextmanager
 def running_server(
     config_toml: str,

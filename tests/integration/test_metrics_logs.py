@@ -10,12 +10,11 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .gateway_server import Server, running_server
+from .gateway_server import Server, running_server, wait_for
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -55,16 +54,6 @@ def stream_lines(server: Server, body: dict) -> list[dict]:
         for line in data.decode().splitlines()
         if line.startswith("data: ") and line != "data: [DONE]"
     ]
-
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_known_traffic_gives_exact_counts_ids_and_access_lines(tmp_path):

@@ -14,8 +14,8 @@ import time
 
 from tests.model_files import smollm2_path
 
-from .gateway_server import Server, running_server
-from .test_metrics_logs import scrape, value, wait_for
+from .gateway_server import Server, running_server, wait_for
+from .test_metrics_logs import scrape, value
 
 CHAT = "/v1/chat/completions"
 

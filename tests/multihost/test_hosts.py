@@ -17,11 +17,11 @@ import time
 import pytest
 
 from allm.kernel.codes import Code
-from tests.integration.gateway_server import running_server
+from tests.integration.gateway_server import running_server, wait_for
 from tests.integration.test_metrics_logs import scrape, value
 from tests.model_files import smollm2_path
 
-from .hosts import ALLM, Hosts, wait_for
+from .hosts import ALLM, Hosts
 
 MODEL = "smol"
 HEARTBEAT_TIMEOUT_S = 2.0
