@@ -260,3 +260,26 @@ def test_json_logs_are_one_object_a_line_with_the_request_id_in_gateway_and_mana
     assert any(e["message"] == "finished" and e["op"] == "chat" and e["outcome"] != "ok" for e in managed), (
         managed
     )
+
+
+def test_a_client_that_leaves_mid_stream_is_counted_as_499_cancelled(tmp_path):
+    with running_server(f'[server]\ndata_dir = "{tmp_path}"\n', tmp_path) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Write a long essay about rivers."}],
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+        }
+        events = read_events(conn, body)
+        for _ in range(3):
+            next(events)
+        conn.sock.shutdown(2)  # gone, as a closed browser tab
+        conn.close()
+        labels = {"endpoint": CHAT, "model": MODEL, "status": "499", "code": "CANCELLED"}
+        wait_for(lambda: value(scrape(server), "allm_requests_total", **labels) == 1, 30, "the 499")
+        samples = scrape(server)
+        assert value(samples, "allm_requests_in_flight") == 1  # the scrape alone: nothing left open
+        # the engine stopped: the manager is idle again
+        wait_for(lambda: server.managers()[0]["active"] == 0, 10, "the manager to be idle")
