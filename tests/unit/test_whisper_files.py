@@ -525,3 +525,13 @@ def test_command_line_converts_and_reports_errors(ct2_dir, tmp_path, capsys):
     assert check_model(tmp_path / "out.bin").n_tensors == 50
     assert main([str(tmp_path), str(tmp_path / "again.bin")]) == 1
     assert "ct2_convert: no model.bin in" in capsys.readouterr().err
+
+
+def test_convert_reports_its_progress_tensor_by_tensor_up_to_done(ct2_dir, tmp_path):
+    seen: list[float] = []
+    source, _variables = ct2_dir
+    convert(source, tmp_path / "ggml.bin", seen.append)
+    assert len(seen) > 10  # one a tensor: a long conversion keeps the watchdog informed
+    assert seen == sorted(seen)
+    assert 0 < seen[0] < 0.5
+    assert seen[-1] > 0.9

@@ -30,7 +30,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -388,8 +388,22 @@ def _vocab(source_dir: Path, hparams: Hparams) -> list[bytes]:
 # -- the conversion ---------------------------------------------------------------------
 
 
-def convert(source_dir: Path, target: Path) -> Path:
-    """Write ``target`` (a whisper.cpp ggml file) from a CTranslate2 whisper directory; returns it."""
+def _counted(
+    tensors: Iterator[tuple[str, np.ndarray]], total_bytes: int, progress: Callable[[float], None]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors, telling ``progress`` the fraction of the source's bytes converted so far."""
+    done = 0
+    for name, data in tensors:
+        yield name, data
+        done += data.nbytes
+        progress(min(1.0, done / max(1, total_bytes)))
+
+
+def convert(source_dir: Path, target: Path, progress: Callable[[float], None] | None = None) -> Path:
+    """Write ``target`` (a whisper.cpp ggml file) from a CTranslate2 whisper directory; returns it.
+
+    ``progress`` hears the fraction done tensor by tensor: a large model converts for minutes,
+    and the watchdog judges a load by its progress."""
     target = target.absolute()
     model = _ModelBin(source_dir / "model.bin")
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -399,6 +413,8 @@ def convert(source_dir: Path, target: Path) -> Path:
         vocab = _vocab(source_dir, hparams)
         filters = ggml_format.mel_filters(hparams.n_mels)
         tensors = _typed(_whisper_tensors(model, hparams), hparams, model.path)
+        if progress is not None:
+            tensors = _counted(tensors, model.path.stat().st_size, progress)
         ggml_format.write_ggml(tmp, hparams, filters, vocab, tensors)
         check_model(tmp)  # what pywhispercpp will be given must pass the same gate
         os.replace(tmp, target)

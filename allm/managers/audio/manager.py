@@ -137,7 +137,7 @@ def make_plan(cache_dir: Path | None) -> Callable[[ModelEntry], Plan]:
                 assert source.target is not None  # plan_load refused a conversion with nowhere to go
                 source.target.parent.mkdir(parents=True, exist_ok=True)
                 progress(0.1)
-                convert(source.path, source.target)
+                convert(source.path, source.target, lambda done: progress(0.1 + 0.75 * done))
                 info = check_model(source.target)
             progress(0.9)
             engine = WhisperEngine(entry.id, info, dict(entry.options))
