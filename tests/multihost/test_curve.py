@@ -235,3 +235,58 @@ def test_allm_manager_refuses_tcp_without_keys(tmp_path):
     )
     assert done.returncode == 2
     assert "--secret-key" in done.stderr
+
+
+def test_the_audio_manager_binds_tcp_with_curve_too(keys, tmp_path):
+    # No catalog: allm's defaults, whisper tiny.en for audio.
+    config = tmp_path / "host.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n')
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [str(ALLM), "manager", "audio", "--config", str(config), "--bind", "tcp://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2  # no keys: refused before it binds
+    proc = subprocess.Popen(
+        [
+            str(ALLM),
+            "manager",
+            "audio",
+            "--config",
+            str(config),
+            "--bind",
+            endpoint,
+            "--secret-key",
+            str(keys / "host.key_secret"),
+            "--allow",
+            str(keys / "gateway.key"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ctx = zmq.Context()
+    sock = dealer(
+        ctx,
+        endpoint,
+        curve.load_pair(keys / "gateway.key_secret"),
+        curve.load_public(str(keys / "host.key")),
+    )
+    try:
+        sock.send_multipart(p.encode(p.Hello(client="probe")))
+        deadline = time.monotonic() + 30
+        modality = None
+        while time.monotonic() < deadline and modality is None:
+            if sock.poll(500):
+                msg = p.decode(sock.recv_multipart())
+                if isinstance(msg, p.Heartbeat):
+                    modality = msg.modality
+            else:
+                send(sock, p.Hello(client="probe"))
+        assert modality == "audio"
+    finally:
+        sock.close()
+        ctx.term()
+        proc.terminate()
+        proc.wait(30)

@@ -37,12 +37,30 @@ def test_version_is_the_installed_distributions():
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [
-        ([], ("serve", "gateway", "manager", "check", "models", "--version")),
-        (["serve"], ("--config", "--host", "--port", "--data-dir", "engine is not installed")),
+        ([], ("serve", "gateway", "manager", "keys", "check", "models", "--version")),
+        (
+            ["serve"],
+            ("--config", "--host", "--port", "--data-dir", "--log-format", "engine is not installed"),
+        ),
         (["check"], ("CONFIG", "every problem", "exits 1")),
         (["models"], ("CONFIG", "--json", "installed")),
         (["gateway"], ("--config", "--host", "--port", "heartbeats", "allm manager")),
-        (["manager"], ("MODALITY", "text, audio, image", "--instance", "--config", "exec", "SIGTERM drains")),
+        (
+            ["manager"],
+            (
+                "MODALITY",
+                "text, audio, image",
+                "--instance",
+                "--config",
+                "exec",
+                "SIGTERM drains",
+                "--bind",
+                "--secret-key",
+                "--allow",
+                "--log-format",
+            ),
+        ),
+        (["keys"], ("NAME", "NAME.key", "NAME.key_secret", "0600", "--dir", "overwrite")),
     ],
 )
 def test_every_command_has_complete_help(argv, needles):
