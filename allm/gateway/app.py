@@ -68,6 +68,7 @@ def manager_specs(config: Config, runtime_dir: Path) -> list[ManagerSpec]:
                     module,
                     f"ipc://{runtime_dir}/{modality}-{instance}.sock",
                     instance=instance,
+                    slots=config.slots(modality),
                     queue_size=options.queue_size,
                     settings=settings,
                     memory_cap_bytes=options.memory_cap_bytes,

@@ -78,9 +78,14 @@ def usage(data: dict[str, Any]) -> dict[str, int]:
 
 
 def chat_usage(data: dict[str, Any]) -> dict[str, Any]:
-    """Usage with the reasoning tokens counted apart (0 where the model does not reason)."""
+    """Usage with the reasoning tokens counted apart (0 where the model does not reason), and
+    the prompt tokens the model's cache already held (not computed again)."""
     reasoning = data["usage"].get("reasoning_tokens", 0)
-    return {**usage(data), "completion_tokens_details": {"reasoning_tokens": reasoning}}
+    return {
+        **usage(data),
+        "prompt_tokens_details": {"cached_tokens": data.get("cached_tokens", 0)},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
 
 
 def tool_calls(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,6 +38,8 @@ MIB = 1024 * 1024
 #: the formats a catalog entry may name, per modality
 FORMATS: Mapping[str, tuple[str, ...]] = {"text": ("gguf", "safetensors"), "audio": ("ggml", "ctranslate2")}
 DEFAULT_AUDIO_MODEL_ID = "whisper-tiny.en"
+#: requests one manager instance runs at once, by modality (the rest wait in its queue)
+DEFAULT_SLOTS: Mapping[str, int] = {"text": 4}
 #: every image side is a multiple of this (the latent is an eighth of the image) and at least MIN_SIDE
 SIDE_STEP = 8
 MIN_SIDE = 64
@@ -56,6 +58,7 @@ MODALITY_SETTINGS = frozenset(
         "load_stall_s",
         "step_limit_s",
         "remote",
+        "slots",
     }
 )
 
@@ -155,6 +158,7 @@ class RemoteManager:
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModalityConfig:
     instances: int = 1  # local ones: started and supervised by `allm serve`
+    slots: int | None = None  # requests an instance runs at once (None: the modality's default)
     remote: tuple[RemoteManager, ...] = ()  # on other hosts: found by their heartbeats
     queue_size: int = 16
     memory_budget_bytes: int | None = None
@@ -220,6 +224,13 @@ class Config:
 
     def modality(self, name: str) -> ModalityConfig:
         return self.modalities.get(name) or ModalityConfig()
+
+    def slots(self, modality: str) -> int:
+        """Requests one instance of the modality runs at once: the text manager decodes up to
+        this many sequences together (each GGUF model's n_parallel, at most); the audio and
+        image engines run one request at a time."""
+        configured = self.modality(modality).slots
+        return configured if configured is not None else DEFAULT_SLOTS.get(modality, 1)
 
 
 def default_model_path() -> Path | None:
@@ -553,6 +564,7 @@ def _modality(
     remote = problems.take(_remote, name, raw["remote"]) if "remote" in raw else ()
     return ModalityConfig(
         instances=value("instances", int, 0, defaults.instances),
+        slots=value("slots", int, 1, None),
         remote=remote or (),
         queue_size=value("queue_size", int, 0, defaults.queue_size),
         memory_budget_bytes=value("memory_budget_mib", int, 1, None, MIB),

@@ -130,7 +130,7 @@ class Turn:
             used_in, used_out = used["prompt_tokens"], used["completion_tokens"]
             usage = {
                 "input_tokens": used_in,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": data.get("cached_tokens", 0)},
                 "output_tokens": used_out,
                 "output_tokens_details": {"reasoning_tokens": used.get("reasoning_tokens", 0)},
                 "total_tokens": used_in + used_out,

@@ -23,12 +23,14 @@ async def text_manager(
     heartbeat_timeout_s: float = 5.0,
     heartbeat_interval_s: float = 0.1,
     step_limit_s: float | None = None,
+    slots: int = 1,
 ) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
     async with manager(
         "text",
         settings,
         heartbeat_timeout_s=heartbeat_timeout_s,
         heartbeat_interval_s=heartbeat_interval_s,
+        slots=slots,
         step_limit_s=step_limit_s,
     ) as pair:
         yield pair
@@ -43,6 +45,7 @@ async def manager(
     heartbeat_interval_s: float = 0.1,
     step_limit_s: float | None = None,
     memory_cap_bytes: int | None = None,
+    slots: int = 1,
 ) -> AsyncIterator[tuple[KernelClient, Supervisor]]:
     """One instance of a registered manager, supervised, with a client connected to it."""
     runtime_dir = Path(tempfile.mkdtemp(prefix="allm-x-"))
@@ -52,6 +55,7 @@ async def manager(
         module_for(modality),
         endpoint,
         settings=settings,
+        slots=slots,
         queue_size=8,
         step_limit_s=step_limit_s,
         memory_cap_bytes=memory_cap_bytes,

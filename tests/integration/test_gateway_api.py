@@ -40,6 +40,7 @@ max_body_bytes = 65536
 data_dir = "{tmp / "data"}"
 
 [text]
+slots = 1       # one request runs, one waits: the queue test fills both
 queue_size = 1
 
 [[models]]

@@ -329,9 +329,10 @@ async def test_gpu_layers_on_a_build_without_gpu_offload_are_refused_by_name(tex
 
 
 async def test_the_embedding_context_takes_its_share_of_the_budget():
-    # SmolLM2 at n_ctx 2048 is estimated at ~240 MiB; its embedding context at ~140 MiB more.
+    # SmolLM2 at n_ctx 2048 and one sequence is estimated at ~240 MiB; its embedding context
+    # at ~140 MiB more (each further sequence adds its own cache: n_parallel 1 keeps the sums).
     settings = {
-        "models": [{"id": SMOL, "path": str(smollm2_path()), "options": {"n_ctx": 2048}}],
+        "models": [{"id": SMOL, "path": str(smollm2_path()), "options": {"n_ctx": 2048, "n_parallel": 1}}],
         "memory_budget_bytes": 300 * MIB,
     }
     async with text_manager(settings) as (client, _):

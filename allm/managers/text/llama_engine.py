@@ -4,7 +4,9 @@ Generation is driven token by token here rather than through the binding's
 ``create_completion``, so that: each token leaves as it is produced; cancel
 is checked between tokens; ``max_tokens`` is a hard limit (the binding
 overshoots it while text ends mid UTF-8 sequence); usage is the tokenizer's
-count.  Every binding call that can fail is wrapped and raises a coded error.
+count.  Concurrent requests for one model are decoded together, a sequence
+each, in one llama.cpp context (``batching.Batcher``: continuous batching).
+Every binding call that can fail is wrapped and raises a coded error.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from allm.kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
 from allm.kernel.runtime import Reply, RequestContext
+from allm.managers.text.batching import Batcher
 from allm.managers.text.chat_format import (
     TEXT_ONLY_GRAMMAR,
     Family,
@@ -56,13 +59,14 @@ os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 import llama_cpp
 import llama_cpp._internals as llama_internals
-import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 log = logging.getLogger("allm.text.llama")
 
 CONTEXT_EXCEEDED = "context_length_exceeded"
+#: the context the binding's own Llama keeps: it only tokenizes (generation has the batcher's)
+TOKENIZER_CTX = 256
 
 # llama.cpp explains a failed load only in its log: keep the last lines.
 _LOG_LINES: collections.deque[str] = collections.deque(maxlen=50)
@@ -84,22 +88,6 @@ def _llama_reason() -> str:
         if any(w in line.lower() for w in ("error", "failed", "invalid", "unknown", "not ")):
             return line
     return _LOG_LINES[-1] if _LOG_LINES else "no reason logged"
-
-
-class _SamplingLlama(llama_cpp.Llama):
-    """The binding's Llama, generating with a sampler chain of ours when one is set.
-
-    ``generate`` builds its chain in ``_init_sampler`` from a fixed set of arguments
-    and has no logit_bias (its custom-sampler hook calls itself "probably broken");
-    here llama.cpp's own samplers are chained in allm's documented order.
-    """
-
-    chain: Callable[[], llama_internals.LlamaSampler] | None = None
-
-    def _init_sampler(self, *args: Any, **kwargs: Any) -> llama_internals.LlamaSampler:
-        if self.chain is not None:
-            return self.chain()
-        return super()._init_sampler(*args, **kwargs)
 
 
 def free_vram_bytes() -> int | None:
@@ -131,7 +119,7 @@ def check_gpu_fit(model_id: str, header: GGUFHeader, options: LlamaOptions) -> N
         )
     layers = header.arch_int("block_count") or 1
     share = 1.0 if options.n_gpu_layers < 0 else min(1.0, options.n_gpu_layers / layers)
-    need = int((header.file_size + kv_cache_bytes(header, options.n_ctx)) * share)
+    need = int((header.file_size + options.n_parallel * kv_cache_bytes(header, options.n_ctx)) * share)
     free = free_vram_bytes()
     if free is not None and need > free:
         raise OomVramError(
@@ -200,12 +188,28 @@ class LlamaEngine:
         self.model_id = model_id
         self.header = header
         self.options = options
-        self.lock = threading.Lock()
-        self._embedder: _SamplingLlama | None = None
+        self.lock = threading.Lock()  # the embedding context: one request at a time
+        self._embedder: llama_cpp.Llama | None = None
         self._reserve_embedder = reserve_embedder
-        self.llm = self._load(embedding=False, progress=progress)
-        # llama.cpp may pad the context it allocates; the binding's buffers keep the asked size.
-        self.n_ctx = min(self.llm.n_ctx(), options.n_ctx)
+        # The binding's Llama gives the model, its tokenizer and metadata; its own context is
+        # left tiny: generation runs in the batcher's, a sequence per request.
+        self.llm = self._load(embedding=False, progress=progress, n_ctx=TOKENIZER_CTX)
+        self.n_ctx = options.n_ctx
+        try:
+            self.batcher = Batcher(
+                self.llm._model.model,
+                n_parallel=options.n_parallel,
+                n_ctx=options.n_ctx,
+                n_threads=options.n_threads or 1,
+                n_vocab=self.llm.n_vocab(),
+                logprob_of=lambda logits, token, top_n: logprob_entry(
+                    logits, token, top_n, self._token_bytes
+                ),
+                name=model_id,
+            )
+        except BaseException:
+            self.llm.close()
+            raise
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         self._formatter = None
@@ -226,13 +230,15 @@ class LlamaEngine:
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
-    def _load(self, *, embedding: bool, progress: Callable[[float], None] | None) -> _SamplingLlama:
+    def _load(
+        self, *, embedding: bool, progress: Callable[[float], None] | None, n_ctx: int | None = None
+    ) -> llama_cpp.Llama:
         _LOG_LINES.clear()
         try:
             with _load_progress(progress):
-                return _SamplingLlama(
+                return llama_cpp.Llama(
                     str(self.header.path),
-                    n_ctx=self.options.n_ctx,
+                    n_ctx=n_ctx or self.options.n_ctx,
                     n_threads=self.options.n_threads,
                     n_threads_batch=self.options.n_threads,
                     n_gpu_layers=self.options.n_gpu_layers,
@@ -252,6 +258,8 @@ class LlamaEngine:
             raise LoadFailedError(f"llama.cpp could not load {self.model_id}: {reason}") from exc
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.batcher.close()
         with contextlib.suppress(Exception):
             self.llm.close()
         if self._embedder is not None:
@@ -282,18 +290,20 @@ class LlamaEngine:
         if plan.grammar is not None or plan.lazy is not None:
             # the plan's grammar covers a JSON answer too
             sampling = dataclasses.replace(sampling, json_schema=None, json_object=False)
-        source = _LlamaSource(self, sampling, special=family is not Family.GENERIC)
-        with self.lock:
-            return run_chat(
-                ctx,
-                source,
-                prompt,
-                plan,
-                sampling,
-                room=self.n_ctx - len(prompt),
-                model_id=self.model_id,
-                logprob_of=self._logprob_of(sampling),
-            )
+        drawn = _Drawn()
+        source = _LlamaSource(self, ctx, sampling, drawn, special=family is not Family.GENERIC)
+        reply = run_chat(
+            ctx,
+            source,
+            prompt,
+            plan,
+            sampling,
+            room=self.n_ctx - len(prompt),
+            model_id=self.model_id,
+            logprob_of=drawn.logprob_of(sampling),
+        )
+        reply.data["cached_tokens"] = drawn.cached or 0  # prompt tokens its sequence held already
+        return reply
 
     def _plan(self, req: ChatRequest, *, thinking: bool) -> ChatPlan:
         """How this model's reply is constrained and read (see ChatPlan)."""
@@ -420,26 +430,34 @@ class LlamaEngine:
         return None
 
     def _tokens(
-        self, prompt: list[int], sampling: Sampling, gbnf: str | None = None
+        self,
+        ctx: RequestContext,
+        prompt: list[int],
+        sampling: Sampling,
+        drawn: _Drawn,
+        gbnf: str | None = None,
     ) -> Generator[int, None, None]:
+        """The request's tokens, drawn on its own sequence of the batcher's context."""
         sampling.check_vocab(self.llm.n_vocab())
         grammar = self._grammar(sampling) if gbnf is None else self._compile(gbnf)
-        if sampling.seed is not None:
-            # A reused prompt prefix is decoded in other batch shapes, which moves
-            # the logits by rounding: a seeded request starts from scratch to reproduce.
-            self.llm.reset()
-        seed = sampling.seed_or_random()
-        self.llm.set_seed(seed)
-        self.llm.chain = lambda: self._sampler_chain(sampling, grammar, seed)
+        chain = self._sampler_chain(sampling, grammar, sampling.seed_or_random())
+        work = self.batcher.start(
+            prompt,
+            chain,
+            top_logprobs=sampling.top_logprobs if sampling.logprobs else None,
+            seeded=sampling.seed is not None,
+        )
         try:
-            yield from self.llm.generate(prompt, reset=True, grammar=grammar)
-        except MemoryError as exc:
-            raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
-        except RuntimeError as exc:
-            # A failed llama_decode leaves the context's cache in an unknown state: restart.
-            raise InternalError(f"llama.cpp failed while generating: {exc}", restart=True) from exc
+            while True:
+                token, entry = self.batcher.take(
+                    work, cancelled=lambda: ctx.cancelled, time_left_s=ctx.time_left_s
+                )
+                if drawn.cached is None:
+                    drawn.cached = work.cached
+                drawn.entry = entry
+                yield token
         finally:
-            self.llm.chain = None
+            self.batcher.finish(work)
 
     def _sampler_chain(
         self, sampling: Sampling, grammar: LlamaGrammar | None, seed: int
@@ -472,18 +490,6 @@ class LlamaEngine:
         chain.add_dist(seed)
         return chain
 
-    def logprob_entry(self, token: int, top_n: int) -> dict[str, Any]:
-        """OpenAI's logprobs entry for ``token``, just yielded by generation.
-
-        Call it before the next token is pulled: it reads the logits llama.cpp
-        holds for the position ``token`` was drawn at. These are the model's own
-        distribution (the log-softmax of the raw logits), before logit_bias,
-        penalties, grammar or any filter, as OpenAI's logprobs are.
-        """
-        n_vocab = self.llm.n_vocab()
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
-        return logprob_entry(logits, token, top_n, self._token_bytes)
-
     def _token_bytes(self, token: int) -> bytes:
         """A token's own bytes: no leading space stripped, special tokens as their text."""
         vocab = self.llm._model.vocab
@@ -495,45 +501,68 @@ class LlamaEngine:
                 return buffer.raw[:n]
             size = -n
 
-    def _logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
-        """What the token loop calls for each token's logprobs, when the request asks for them."""
-        if not sampling.logprobs:
-            return None
-        top_n = sampling.top_logprobs
-        return lambda token: self.logprob_entry(token, top_n)
-
     def _generate(
         self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, stream: bool, param: str
     ) -> Reply:
         self._check_not_empty(prompt, param)
         self._check_fits(len(prompt), 1, param)
         vocab = self.llm._model.vocab
-        with self.lock:
-            return run_generation(
-                ctx,
-                self._tokens(prompt, sampling),
-                _LlamaDetokenizer(self.llm, prompt),
-                lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
-                sampling,
-                prompt_tokens=len(prompt),
-                room=self.n_ctx - len(prompt),
-                stream=stream,
-                model_id=self.model_id,
-                logprob_of=self._logprob_of(sampling),
-            )
+        drawn = _Drawn()
+        reply = run_generation(
+            ctx,
+            self._tokens(ctx, prompt, sampling, drawn),
+            _LlamaDetokenizer(self.llm, prompt),
+            lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+            sampling,
+            prompt_tokens=len(prompt),
+            room=self.n_ctx - len(prompt),
+            stream=stream,
+            model_id=self.model_id,
+            logprob_of=drawn.logprob_of(sampling),
+        )
+        reply.data["cached_tokens"] = drawn.cached or 0  # prompt tokens its sequence held already
+        return reply
+
+
+class _Drawn:
+    """What the batcher said of one request's tokens: the last one's logprobs entry, and how
+    many of its prompt tokens its sequence's cache already held."""
+
+    def __init__(self) -> None:
+        self.entry: dict[str, Any] | None = None
+        self.cached: int | None = None
+
+    def logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
+        """What the token loop calls for each token's logprobs, when the request asks for them.
+
+        The entries are the model's own distribution (the log-softmax of the raw logits),
+        before logit_bias, penalties, grammar or any filter, as OpenAI's logprobs are; the
+        batcher reads them when it draws the token."""
+        if not sampling.logprobs:
+            return None
+
+        def entry(_token: int) -> dict[str, Any]:
+            assert self.entry is not None
+            return self.entry
+
+        return entry
 
 
 class _LlamaSource:
     """A LlamaEngine as the chat loop's TokenSource, for one request's sampling."""
 
-    def __init__(self, engine: LlamaEngine, sampling: Sampling, *, special: bool) -> None:
+    def __init__(
+        self, engine: LlamaEngine, ctx: RequestContext, sampling: Sampling, drawn: _Drawn, *, special: bool
+    ) -> None:
         self.engine = engine
+        self.ctx = ctx
         self.sampling = sampling
+        self.drawn = drawn
         self.special = special
         self.vocab = engine.llm._model.vocab
 
     def tokens(self, prompt: list[int], grammar: str | None) -> Generator[int, None, None]:
-        return self.engine._tokens(prompt, self.sampling, grammar)
+        return self.engine._tokens(self.ctx, prompt, self.sampling, self.drawn, grammar)
 
     def detokenizer(self, prompt: list[int]) -> ChatDetokenizer:
         return _LlamaDetokenizer(self.engine.llm, prompt, special=self.special)

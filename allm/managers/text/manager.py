@@ -84,7 +84,9 @@ def plan_load(entry: ModelEntry) -> Plan:
         header = resolved.header
         options = LlamaOptions.from_settings(entry.id, entry.options)
         check_gpu_fit(entry.id, header, options)
-        estimate = header.file_size + kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
+        # a cache of n_ctx tokens for each of its n_parallel sequences
+        kv = options.n_parallel * kv_cache_bytes(header, options.n_ctx)
+        estimate = header.file_size + kv + OVERHEAD_BYTES
         # The embedding context, loaded on first use, reserves its own cache then.
         embedder_bytes = kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(

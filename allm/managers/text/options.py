@@ -13,6 +13,7 @@ from typing import Any
 
 from allm.kernel.codes import LoadFailedError
 
+DEFAULT_N_PARALLEL = 4  # a GGUF model's sequences decoded together: llama-server's default slots
 DEFAULT_N_CTX = 4096  # llama.cpp's own default here: a 128k-token cache would dwarf most models
 BACKENDS = ("auto", "mlx", "transformers")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -64,8 +65,11 @@ def llama_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailed
     """Every bad option of a GGUF model (llama.cpp), each naming its option."""
     return _all(
         [
-            lambda: _unknown(model_id, "llama.cpp", options, {"n_ctx", "n_threads", "n_gpu_layers"}),
+            lambda: _unknown(
+                model_id, "llama.cpp", options, {"n_ctx", "n_threads", "n_gpu_layers", "n_parallel"}
+            ),
             lambda: _count(model_id, options, "n_ctx", DEFAULT_N_CTX, 16),
+            lambda: _count(model_id, options, "n_parallel", DEFAULT_N_PARALLEL, 1),
             lambda: _count(model_id, options, "n_threads", default_threads(), 1),
             lambda: _count(model_id, options, "n_gpu_layers", 0, -1),
         ]
@@ -87,9 +91,10 @@ def safetensors_problems(model_id: str, options: Mapping[str, Any]) -> list[Load
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LlamaOptions:
-    n_ctx: int = DEFAULT_N_CTX
+    n_ctx: int = DEFAULT_N_CTX  # the context of each sequence: the most one request may use
     n_threads: int | None = None
     n_gpu_layers: int = 0
+    n_parallel: int = 4  # sequences decoded together (continuous batching), each with its own cache
 
     @classmethod
     def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
@@ -99,6 +104,7 @@ class LlamaOptions:
             n_ctx=options.get("n_ctx", DEFAULT_N_CTX),
             n_threads=options.get("n_threads", default_threads()),
             n_gpu_layers=options.get("n_gpu_layers", 0),
+            n_parallel=options.get("n_parallel", DEFAULT_N_PARALLEL),
         )
 
 

@@ -1,0 +1,325 @@
+"""Continuous batching on llama.cpp: one context, a sequence per request, one decode a step.
+
+A ``Batcher`` owns a llama.cpp context with ``n_parallel`` sequences (each with a KV
+stream of its own, ``n_ctx`` tokens long) and one thread that drives it. Each step it
+builds one ``llama_batch``: the last token of every running sequence that its reader is
+ready for, then prompt tokens of sequences still reading their prompt (chunked, so a long
+prompt joins a running batch without stalling it), calls ``llama_decode`` once, and draws
+each sequence's next token with that request's own llama.cpp sampler chain (penalties,
+grammar, top-k/top-p/min-p, temperature and seed). The request's worker thread reads its
+tokens as they come (``Batcher.take``); it runs at most one token ahead of its reader, so
+a reader that stops (a stop sequence, the token limit, a cancel) costs at most one token.
+
+Prefix reuse: a request goes to the free sequence whose cache shares the longest start
+with its prompt (a system prompt, a conversation continued), which keeps those tokens and
+decodes the rest. A seeded request is decoded in calls of its own, its prompt in chunks
+aligned at fixed positions, and its reused prefix cut back to such a boundary: the same
+arithmetic whether it runs alone or beside others, and whether its prefix was cached or
+not, so the same seed gives the same text (docs/agents.md, "Sampling").
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from allm.kernel.codes import AllmError, CancelledError, DeadlineError, InternalError, LoadFailedError
+
+log = logging.getLogger("allm.text.batch")
+
+#: tokens drawn ahead of a reader: one, so the engine works while the reader handles the last
+LOOKAHEAD = 1
+#: prompt tokens one step decodes while other sequences are generating (chunked prefill)
+PREFILL_CHUNK = 64
+#: the aligned chunk a seeded request's prompt is decoded in
+SEEDED_CHUNK = 64
+#: the most tokens one llama_decode takes
+N_BATCH = 512
+
+Entry = dict[str, Any]
+LogprobOf = Callable[[np.ndarray, int, int], Entry]  # (logits, token, top_n) → OpenAI's entry
+
+
+class _Sequence:
+    """One of the context's sequences, and the tokens its cache holds."""
+
+    __slots__ = ("busy", "seq", "tokens")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.tokens: list[int] = []
+        self.busy = False
+
+
+class Work:
+    """One request's generation on one sequence."""
+
+    __slots__ = (
+        "cached",
+        "closed",
+        "error",
+        "last",
+        "out",
+        "pos",
+        "prompt",
+        "sampler",
+        "seeded",
+        "sequence",
+        "todo",
+        "top_logprobs",
+    )
+
+    def __init__(self, prompt: list[int], sampler: Any, *, top_logprobs: int | None, seeded: bool) -> None:
+        self.prompt = prompt
+        self.sampler = sampler  # llama_cpp._internals.LlamaSampler: kept alive while in use
+        self.top_logprobs = top_logprobs
+        self.seeded = seeded
+        self.out: collections.deque[tuple[int, Entry | None]] = collections.deque()
+        self.error: AllmError | None = None
+        self.closed = False  # its reader is done with it
+        self.sequence: _Sequence | None = None
+        self.todo: list[int] = []  # prompt tokens still to decode
+        self.pos = 0  # the position of the next token to decode
+        self.last: int | None = None  # drawn, not yet decoded
+        self.cached = 0  # prompt tokens its sequence's cache already held
+
+
+class Batcher:
+    """A llama.cpp context of ``n_parallel`` sequences, driven by a thread of its own."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        n_parallel: int,
+        n_ctx: int,
+        n_threads: int,
+        n_vocab: int,
+        logprob_of: LogprobOf,
+        name: str = "model",
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_parallel * n_ctx
+        params.n_seq_max = n_parallel
+        params.n_batch = N_BATCH
+        params.n_ubatch = N_BATCH
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.kv_unified = False  # a KV stream per sequence: one's numbers never depend on another's
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise LoadFailedError(
+                f"llama.cpp could not make a context of {n_parallel} × {n_ctx} tokens for {name}"
+            )
+        self.n_ctx = n_ctx
+        self.n_vocab = n_vocab
+        self.name = name
+        self._logprob_of = logprob_of
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._sequences = [_Sequence(i) for i in range(n_parallel)]
+        self._waiting: collections.deque[Work] = collections.deque()
+        self._running: list[Work] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the readers' side (worker threads) ------------------------------------------
+
+    def start(self, prompt: list[int], sampler: Any, *, top_logprobs: int | None, seeded: bool) -> Work:
+        work = Work(prompt, sampler, top_logprobs=top_logprobs, seeded=seeded)
+        with self._cond:
+            if self._closed:
+                raise InternalError(f"{self.name} is being unloaded")
+            self._waiting.append(work)
+            self._cond.notify_all()
+        return work
+
+    def take(
+        self, work: Work, *, cancelled: Callable[[], bool], time_left_s: Callable[[], float | None]
+    ) -> tuple[int, Entry | None]:
+        """The next token of ``work`` (and its logprobs entry), waiting for it; raises the
+        request's cancel or deadline, or the engine's error."""
+        with self._cond:
+            while not work.out:
+                if work.error is not None:
+                    raise work.error
+                if cancelled():
+                    raise CancelledError("request cancelled")
+                left = time_left_s()
+                if left is not None and left <= 0:
+                    raise DeadlineError("request passed its deadline")
+                self._cond.wait(0.05 if left is None else max(0.001, min(0.05, left)))
+            item = work.out.popleft()
+            self._cond.notify_all()  # it may now draw the next one
+            return item
+
+    def finish(self, work: Work) -> None:
+        """The reader is done with ``work`` (finished, stopped, cancelled): free its sequence."""
+        with self._cond:
+            work.closed = True
+            if work in self._waiting:
+                self._waiting.remove(work)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for work in [*self._waiting, *self._running]:
+                work.error = InternalError(f"{self.name} was unloaded")
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():  # stuck in C: the context must outlive it
+            log.error("the batch thread of %s did not stop; leaving its context", self.name)
+            return
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self.ctx)
+
+    # -- the batch thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                ready = self._schedule()
+                while not ready and not self._closed:
+                    self._cond.wait()
+                    ready = self._schedule()
+                if self._closed:
+                    return
+            plain = [w for w in ready if not w.seeded]
+            groups = ([plain] if plain else []) + [[w] for w in ready if w.seeded]
+            for group in groups:
+                try:
+                    self._step(group)
+                except AllmError as exc:
+                    self._fail(group, exc)
+                except Exception as exc:  # never let the thread die with readers waiting
+                    log.exception("a batch step of %s failed", self.name)
+                    self._fail(
+                        group, InternalError(f"llama.cpp failed while generating: {exc}", restart=True)
+                    )
+
+    def _schedule(self) -> list[Work]:
+        """Under the lock: let go of finished work, seat waiting work, and say what can step."""
+        for work in [w for w in self._running if w.closed or w.error is not None]:
+            self._running.remove(work)
+            assert work.sequence is not None
+            work.sequence.busy = False
+        while self._waiting:
+            free = [s for s in self._sequences if not s.busy]
+            if not free:
+                break
+            work = self._waiting.popleft()
+            self._seat(work, free)
+            self._running.append(work)
+        return [
+            w
+            for w in self._running
+            if not w.closed
+            and w.error is None
+            and len(w.out) < LOOKAHEAD
+            and w.pos < self.n_ctx  # a reader stops at its room; never past the context
+        ]
+
+    def _seat(self, work: Work, free: list[_Sequence]) -> None:
+        """Give ``work`` the free sequence whose cache shares the longest start with its prompt."""
+
+        def shared(sequence: _Sequence) -> int:
+            n = 0
+            for a, b in zip(sequence.tokens, work.prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        sequence = max(free, key=shared)
+        keep = min(shared(sequence), len(work.prompt) - 1)  # the last prompt token gives the logits
+        if work.seeded:
+            keep -= keep % SEEDED_CHUNK  # decoded as a cold start would have decoded it
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, keep, -1)
+        del sequence.tokens[keep:]
+        sequence.busy = True
+        work.sequence = sequence
+        work.cached = keep
+        work.pos = keep
+        work.todo = work.prompt[keep:]
+
+    def _step(self, group: list[Work]) -> None:
+        batch = self._batch
+        n = 0
+        draws: list[tuple[Work, int]] = []
+        added: list[tuple[Work, list[int]]] = []
+
+        def add(work: Work, tokens: list[int], logits_last: bool) -> None:
+            nonlocal n
+            assert work.sequence is not None
+            for i, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = work.pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = work.sequence.seq
+                batch.logits[n] = logits_last and i == len(tokens) - 1
+                n += 1
+            if logits_last:
+                draws.append((work, n - 1))
+            added.append((work, tokens))
+
+        generating = any(not w.todo for w in group)
+        for work in group:
+            if not work.todo:
+                assert work.last is not None
+                add(work, [work.last], True)
+        for work in group:
+            if not work.todo or n >= N_BATCH:
+                continue
+            if work.seeded:
+                room = SEEDED_CHUNK - work.pos % SEEDED_CHUNK
+            else:
+                room = PREFILL_CHUNK if generating else N_BATCH
+            take = work.todo[: min(room, N_BATCH - n)]
+            add(work, take, len(take) == len(work.todo))
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            # A failed decode leaves the context in an unknown state (docs/reliability.md).
+            raise InternalError(f"llama_decode failed with status {rc} in {self.name}", restart=True)
+        for work, tokens in added:
+            assert work.sequence is not None
+            work.sequence.tokens.extend(tokens)
+            work.pos += len(tokens)
+            if work.todo:
+                del work.todo[: len(tokens)]
+        drawn = []
+        for work, index in draws:
+            token = int(llama_cpp.llama_sampler_sample(work.sampler.sampler, self.ctx, index))
+            entry = None
+            if work.top_logprobs is not None:
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,)
+                )
+                entry = self._logprob_of(logits, token, work.top_logprobs)
+            drawn.append((work, token, entry))
+        with self._cond:
+            for work, token, entry in drawn:
+                work.last = token
+                work.out.append((token, entry))
+            self._cond.notify_all()
+
+    def _fail(self, group: list[Work], exc: AllmError) -> None:
+        with self._cond:
+            for work in group:
+                work.error = exc
+            self._cond.notify_all()
+
+    # -- what /status and the tests read ---------------------------------------------
+
+    def cached_tokens(self, work: Work) -> int:
+        return work.cached
