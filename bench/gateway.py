@@ -1,14 +1,17 @@
-"""allm serve vs llama-cpp-python: time to first token and tokens/s over HTTP.
+"""allm serve vs llama.cpp's llama-server and llama-cpp-python: first token and tokens/s over HTTP.
 
-    .venv/bin/python -m bench.gateway [--tokens N] [--rounds N] [--threads N]
+    .venv/bin/python -m bench.gateway [--tokens N] [--rounds N] [--threads N] [--parallel N]
 
 Side by side, on SmolLM2-135M-Instruct (Q4_1) with the same threads and greedy decoding:
   direct        Llama.create_chat_completion(stream=True) in this process (1 client)
-  allm          `allm serve`, POST /v1/chat/completions with stream=true
+  allm          `allm serve`, POST /v1/chat/completions with stream=true (n_parallel sequences)
+  llama-server  llama.cpp's own C++ server, the same llama.cpp as the pinned llama-cpp-python
+                (built once from its source distribution with scripts/setup's CPU flags, into
+                ~/.cache/allm/llama-server, never into the repository), the same slots
   llama_cpp     `python -m llama_cpp.server` (llama-cpp-python's own OpenAI server), same request
-at 1 and at 4 concurrent streaming clients.  Per request: TTFT (first content
-delta) and tokens/s after it; at 4 clients also the aggregate tokens/s.
-Rounds alternate the servers; figures are medians.
+at 1, 4 and 8 concurrent streaming clients. Per request: TTFT (first content delta) and
+tokens/s after it; with several clients also the aggregate tokens/s. Rounds alternate the
+servers; figures are medians.
 """
 
 from __future__ import annotations
@@ -109,12 +112,45 @@ def concurrent_streams(port: int, model: str, tokens: int, clients: int) -> tupl
     return runs, sum(r[2] for r in runs) / wall
 
 
+CACHE = Path.home() / ".cache" / "allm" / "llama-server"
+CPU_FLAGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF"
+
+
+def llama_server_binary() -> Path:
+    """llama.cpp's llama-server from the source distribution of the llama-cpp-python we run,
+    built once (a few minutes on 2 cores) with the CPU flags scripts/setup gives the binding."""
+    from importlib.metadata import version
+
+    release = version("llama_cpp_python")
+    source = CACHE / f"llama_cpp_python-{release}" / "vendor" / "llama.cpp"
+    binary = source / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if not source.exists():
+        sdist = [f"llama_cpp_python=={release}", "-d", str(CACHE)]
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, *sdist], check=True)
+        subprocess.run(["tar", "xzf", f"llama_cpp_python-{release}.tar.gz"], cwd=CACHE, check=True)
+    build = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+    flags = [*CPU_FLAGS.split(), *build]
+    subprocess.run(["cmake", "-S", ".", "-B", "build", *flags], cwd=source, check=True)
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(
+        ["cmake", "--build", "build", "--target", "llama-server", "-j", jobs], cwd=source, check=True
+    )
+    return binary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--parallel", type=int, default=4, help="sequences decoded together (both servers)")
+    parser.add_argument("--clients", default="1,4,8", help="concurrent streams to measure")
     args = parser.parse_args()
+    levels = [int(n) for n in args.clients.split(",")]
 
     from llama_cpp import Llama
 
@@ -124,9 +160,29 @@ def main() -> None:
     config = tmp / "allm.toml"
     config.write_text(
         f'[server]\ndata_dir = "{tmp}"\n\n[[models]]\nid = "smol"\npath = "{path}"\n'
-        f"options = {{ n_ctx = 2048, n_threads = {args.threads} }}\n"
+        f"options = {{ n_ctx = 2048, n_threads = {args.threads}, n_parallel = {args.parallel} }}\n"
+        f"\n[text]\nslots = {args.parallel}\n"
     )
-    allm_port, llama_port = free_port(), free_port()
+    allm_port, llama_port, server_port = free_port(), free_port(), free_port()
+    server_cmd = [
+        str(llama_server_binary()),
+        "--model",
+        str(path),
+        "--alias",
+        "smol",
+        "--ctx-size",
+        str(2048 * args.parallel),  # the same context a sequence as allm's
+        "--parallel",
+        str(args.parallel),
+        "--threads",
+        str(args.threads),
+        "--threads-batch",
+        str(args.threads),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(server_port),
+    ]
     allm_cmd = [
         str(Path(sys.executable).parent / "allm"),
         "serve",
@@ -158,10 +214,16 @@ def main() -> None:
         "False",
     ]
     llm = Llama(str(path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    one: dict[str, list[tuple]] = {"direct": [], "allm": [], "llama_cpp": []}
-    four: dict[str, list[tuple[list[tuple], float]]] = {"allm": [], "llama_cpp": []}
-    ports = {"allm": allm_port, "llama_cpp": llama_port}
-    with server(allm_cmd, allm_port, "/ready"), server(llama_cmd, llama_port, "/v1/models"):
+    one: dict[str, list[tuple]] = {"direct": [], "allm": [], "llama-server": [], "llama_cpp": []}
+    many: dict[int, dict[str, list[tuple[list[tuple], float]]]] = {
+        n: {"allm": [], "llama-server": [], "llama_cpp": []} for n in levels if n > 1
+    }
+    ports = {"allm": allm_port, "llama-server": server_port, "llama_cpp": llama_port}
+    with (
+        server(allm_cmd, allm_port, "/ready"),
+        server(server_cmd, server_port, "/health"),
+        server(llama_cmd, llama_port, "/v1/models"),
+    ):
         for port in ports.values():  # warm up
             http_stream(port, "smol", 8)
         direct_run(llm, 8)
@@ -169,29 +231,42 @@ def main() -> None:
             one["direct"].append(direct_run(llm, args.tokens))
             for name, port in ports.items():
                 one[name].append(http_stream(port, "smol", args.tokens))
-            for name, port in ports.items():
-                four[name].append(concurrent_streams(port, "smol", args.tokens, 4))
+            for n, runs in many.items():
+                for name, port in ports.items():
+                    runs[name].append(concurrent_streams(port, "smol", args.tokens, n))
     llm.close()
 
-    labels = {"direct": "llama-cpp-python, in process", "allm": "allm serve", "llama_cpp": "llama_cpp.server"}
-    print(f"SmolLM2-135M Q4_1, {args.threads} thread(s), greedy, {args.tokens} tokens, {args.rounds} rounds")
+    labels = {
+        "direct": "llama-cpp-python, in process",
+        "allm": "allm serve",
+        "llama-server": "llama.cpp llama-server",
+        "llama_cpp": "llama_cpp.server",
+    }
+    print(
+        f"SmolLM2-135M Q4_1, {args.threads} thread(s), {args.parallel} slots, greedy, "
+        f"{args.tokens} tokens, {args.rounds} rounds"
+    )
     print("1 client:")
-    print(f"  {'':30} {'TTFT ms':>9} {'tokens/s':>9} {'vs direct':>10}")
-    base_rate = statistics.median(r[1] for r in one["direct"])
-    base_ttft = statistics.median(r[0] for r in one["direct"])
+    print(f"  {'':30} {'TTFT ms':>9} {'tokens/s':>9} {'vs llama-server':>16}")
+    base_rate = statistics.median(r[1] for r in one["llama-server"])
     for key, label in labels.items():
         ttft = statistics.median(r[0] for r in one[key])
         rate = statistics.median(r[1] for r in one[key])
-        added_ms = (ttft - base_ttft) * 1000
-        print(f"  {label:30} {ttft * 1000:9.1f} {rate:9.1f} {rate / base_rate:9.3f}×  ({added_ms:+.1f} ms)")
-    print("4 concurrent clients:")
-    print(f"  {'':30} {'TTFT p50 ms':>12} {'TTFT max ms':>12} {'aggregate tok/s':>16}")
-    for key in ("allm", "llama_cpp"):
-        ttfts = [r[0] for runs, _agg in four[key] for r in runs]
-        agg = statistics.median(a for _runs, a in four[key])
-        p50, worst = statistics.median(ttfts) * 1000, max(ttfts) * 1000
-        print(f"  {labels[key]:30} {p50:12.1f} {worst:12.1f} {agg:16.1f}")
-    print(f"(python {sys.version.split()[0]}, {os.cpu_count()} cores)")
+        print(f"  {label:30} {ttft * 1000:9.1f} {rate:9.1f} {rate / base_rate:15.2f}×")
+    for n, runs in many.items():
+        print(f"{n} concurrent clients:")
+        head = f"{'TTFT p50 ms':>12} {'TTFT max ms':>12} {'aggregate tok/s':>16} {'vs llama-server':>16}"
+        print(f"  {'':30} {head}")
+        base = statistics.median(a for _runs, a in runs["llama-server"])
+        for key in ("allm", "llama-server", "llama_cpp"):
+            ttfts = [r[0] for group, _agg in runs[key] for r in group]
+            agg = statistics.median(a for _runs, a in runs[key])
+            p50, worst = statistics.median(ttfts) * 1000, max(ttfts) * 1000
+            print(f"  {labels[key]:30} {p50:12.1f} {worst:12.1f} {agg:16.1f} {agg / base:15.2f}×")
+    load = os.getloadavg()[0]
+    print(
+        f"(python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load:.2f} before the run)"
+    )
 
 
 if __name__ == "__main__":

@@ -421,8 +421,8 @@ class Supervisor:
         spec = child.spec
         env = {
             **os.environ,
-            # ggml's OpenMP threads busy-wait by default; on few cores that starves I/O.
-            "OMP_WAIT_POLICY": "PASSIVE",
+            # OMP_WAIT_POLICY is each engine's to choose (whisper.cpp's and stable-diffusion.cpp's
+            # managers set PASSIVE; llama.cpp is fastest with OpenMP's default): see their modules.
             # Otherwise an abort inside ggml starts gdb to print a backtrace.
             "GGML_NO_BACKTRACE": "1",
             "PYTHONUNBUFFERED": "1",

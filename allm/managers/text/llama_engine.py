@@ -54,7 +54,10 @@ from allm.managers.text.gguf_header import GGUFHeader
 from allm.managers.text.options import LlamaOptions
 from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY stays unset here (GNU OpenMP's default: spin briefly, then sleep): on a
+# small model each token crosses many thread barriers, and PASSIVE (right for whisper.cpp
+# and stable-diffusion.cpp, whose managers set it) made every one a sleep and a wake-up, a
+# third of the speed at two threads (docs/agents.md; bench/gateway.py measures it).
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 import llama_cpp
