@@ -34,7 +34,7 @@ from allm.kernel.codes import AllmError, CancelledError, DeadlineError, Internal
 log = logging.getLogger("allm.text.batch")
 
 #: tokens drawn ahead of a reader: one, so the engine works while the reader handles the last
-LOOKAHEAD = 1
+LOOKAHEAD = 3
 #: prompt tokens one step decodes while other sequences are generating (chunked prefill)
 PREFILL_CHUNK = 64
 #: the aligned chunk a seeded request's prompt is decoded in
