@@ -36,7 +36,10 @@ DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
 #: the formats a catalog entry may name, per modality
-FORMATS: Mapping[str, tuple[str, ...]] = {"text": ("gguf", "safetensors"), "audio": ("ggml", "ctranslate2")}
+FORMATS: Mapping[str, tuple[str, ...]] = {
+    "text": ("gguf", "safetensors", "onnx"),
+    "audio": ("ggml", "ctranslate2"),
+}
 DEFAULT_AUDIO_MODEL_ID = "whisper-tiny.en"
 #: requests one manager instance runs at once, by modality (the rest wait in its queue)
 DEFAULT_SLOTS: Mapping[str, int] = {"text": 4}

@@ -59,11 +59,15 @@ TRANSFORMERS: Final = Engine(
     "transformers", ("torch", "transformers", "accelerate", "safetensors"), "safetensors"
 )
 MLX_LM: Final = Engine("mlx-lm", ("mlx", "mlx_lm"), "safetensors")
+# Its model builder converts with torch and transformers (and onnx-ir); the tokenizer is transformers'.
+ONNX_GENAI: Final = Engine(
+    "onnxruntime-genai", ("onnxruntime_genai", "onnx_ir", "onnx", "torch", "transformers"), "onnx"
+)
 WHISPER_CPP: Final = Engine("whisper.cpp", ("pywhispercpp", "_pywhispercpp", "soundfile", "soxr"), "audio")
 STABLE_DIFFUSION_CPP: Final = Engine("stable-diffusion.cpp", ("stable_diffusion_cpp", "PIL"), "image")
 
 ENGINES: Final[Mapping[str, Engine]] = MappingProxyType(
-    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, WHISPER_CPP, STABLE_DIFFUSION_CPP)}
+    {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, ONNX_GENAI, WHISPER_CPP, STABLE_DIFFUSION_CPP)}
 )
 
 

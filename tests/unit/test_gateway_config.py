@@ -73,7 +73,7 @@ def test_catalog_models_and_modality_options(tmp_path):
         ("[[models]]\npath = '/x'\n", "models[0] needs a non-empty string field 'id'"),
         ("[[models]]\nid = 'a'\n", "models[0] needs a non-empty string field 'path'"),
         ("[[models]]\nid = 'a'\npath = '/x'\nmodality = 'video'\n", "model 'a': field 'modality'"),
-        ("[[models]]\nid = 'a'\npath = '/x'\nformat = 'onnx'\n", "model 'a': field 'format'"),
+        ("[[models]]\nid = 'a'\npath = '/x'\nformat = 'tflite'\n", "model 'a': field 'format'"),
         ("[[models]]\nid = 'a'\npath = '/x'\ncolour = 1\n", "models[0] has unknown field(s) ['colour']"),
         (
             "[[models]]\nid = 'a'\npath = '/x'\n[[models]]\nid = 'a'\npath = '/y'\n",

@@ -101,8 +101,12 @@ def test_backend_choice():
     with pytest.raises(AllmError) as info:
         choose_backend("transformers", "qwen")
     assert info.value.code is Code.UNSUPPORTED
+    assert choose_backend("onnx", "llama") == "onnx"
+    with pytest.raises(AllmError) as info:
+        choose_backend("onnx", "qwen")  # the builder reads it through transformers, which lacks it
+    assert info.value.code is Code.UNSUPPORTED
     with pytest.raises(AllmError):
-        choose_backend("onnx", "llama")
+        choose_backend("tensorrt", "llama")
 
 
 def test_memory_estimate_widens_what_transformers_expands():

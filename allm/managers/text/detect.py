@@ -2,8 +2,9 @@
 
 The rule of docs/design.md: a ``.gguf`` file (or a directory holding one) → llama.cpp;
 a directory with ``*.safetensors`` and ``config.json`` → the safetensors engine;
-both → the format given at registration, safetensors when none was given;
-neither → FORMAT_MISMATCH naming what was found.
+a directory with ``genai_config.json`` → ONNX Runtime GenAI, served as it is;
+several → the format given at registration, else safetensors, then onnx, then gguf;
+none → FORMAT_MISMATCH naming what was found.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ GGUF_MAGIC = b"GGUF"
 class Format(enum.StrEnum):
     GGUF = "gguf"
     SAFETENSORS = "safetensors"
+    ONNX = "onnx"  # an ONNX Runtime GenAI directory: genai_config.json, model.onnx, the tokenizer
+
+
+#: which format a directory holding several is served as, when the catalog names none
+PREFERENCE = (Format.SAFETENSORS, Format.ONNX, Format.GGUF)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Detected:
     format: Format
-    path: Path  # the .gguf file, or the safetensors directory
+    path: Path  # the .gguf file, or the safetensors or ONNX directory
 
 
 def _starts_with_gguf_magic(path: Path) -> bool:
@@ -50,13 +56,18 @@ def detect(path: Path, registered: Format | None = None) -> Detected:
         raise LoadFailedError(f"model path not found: {path}")
     if path.is_file():
         if path.suffix.lower() == ".gguf" or _starts_with_gguf_magic(path):
-            if registered is Format.SAFETENSORS:
-                raise FormatMismatchError(f"{path} is registered as safetensors but is a GGUF file")
+            if registered not in (None, Format.GGUF):
+                raise FormatMismatchError(f"{path} is registered as {registered} but is a GGUF file")
             return Detected(Format.GGUF, path)
         if path.suffix.lower() == ".safetensors":
             raise FormatMismatchError(
                 f"{path} is a lone .safetensors file: a safetensors model is a directory "
                 "with config.json, the tokenizer and the weights"
+            )
+        if path.suffix.lower() == ".onnx":
+            raise FormatMismatchError(
+                f"{path} is a lone .onnx file: an ONNX model is a directory with genai_config.json "
+                "(ONNX Runtime GenAI's layout), the tokenizer and the model"
             )
         raise FormatMismatchError(
             f"{path} is not a model: expected a .gguf file or a directory with *.safetensors and config.json"
@@ -65,23 +76,24 @@ def detect(path: Path, registered: Format | None = None) -> Detected:
     ggufs = sorted(path.glob("*.gguf"))
     has_weights = any(path.glob("*.safetensors"))
     has_config = (path / "config.json").is_file()
-    safetensors = has_weights and has_config
-    if ggufs and safetensors:
-        chosen = registered or Format.SAFETENSORS
-    elif ggufs:
-        chosen = Format.GGUF
-    elif safetensors:
-        chosen = Format.SAFETENSORS
-    elif has_weights:
+    found = {
+        Format.SAFETENSORS: has_weights and has_config,
+        Format.ONNX: (path / "genai_config.json").is_file(),
+        Format.GGUF: bool(ggufs),
+    }
+    held = [f for f in PREFERENCE if found[f]]
+    if not held and has_weights:
         raise FormatMismatchError(f"{path} holds *.safetensors but no config.json")
-    else:
+    if not held:
         raise FormatMismatchError(
-            f"{path} holds no model (no .gguf file, no *.safetensors with config.json): {_listing(path)}"
+            f"{path} holds no model (no .gguf file, no *.safetensors with config.json, "
+            f"no genai_config.json): {_listing(path)}"
         )
+    chosen = registered if registered in held else held[0]
     if registered is not None and registered is not chosen:
-        raise FormatMismatchError(f"{path} is registered as {registered} but holds only {chosen}")
-    if chosen is Format.SAFETENSORS:
-        return Detected(Format.SAFETENSORS, path)
+        raise FormatMismatchError(f"{path} is registered as {registered} but holds only {' and '.join(held)}")
+    if chosen is not Format.GGUF:
+        return Detected(chosen, path)
     if len(ggufs) > 1:
         names = ", ".join(g.name for g in ggufs)
         raise FormatMismatchError(f"{path} holds several GGUF files ({names}): name one file as the path")

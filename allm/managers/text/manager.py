@@ -2,12 +2,14 @@
 
 Settings (from the supervisor)::
 
-    {"models": [{"id", "path", "format"?, "options"?}, ...],
+    {"models": [{"id", "path", "format"?, "options"?}, ...], "cache_dir": str,
      "memory_budget_bytes": int | None, "idle_unload_s": float | None,
      "load_stall_s": float | None}
 
 Heartbeats carry ``{"loading": {model: {"elapsed_s", "fraction"}}}`` while a
 model loads, so the gateway can show it and nobody mistakes a load for a hang.
+A safetensors model on the onnx backend is converted once into ``cache_dir``
+by the load that first needs it (onnx_engine.py).
 """
 
 from __future__ import annotations
@@ -15,19 +17,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allm.kernel.codes import AllmError, LoadFailedError
-from allm.kernel.runtime import ManagerInfo
-from allm.managers.engines import LLAMA_CPP, MLX_LM, TRANSFORMERS, Engine, ModelReport, Problem
+from allm.kernel.codes import AllmError, CancelledError, DeadlineError, LoadFailedError
+from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.managers.engines import LLAMA_CPP, MLX_LM, ONNX_GENAI, TRANSFORMERS, Engine, ModelReport, Problem
 from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
 from allm.managers.text.detect import Format, detect
 from allm.managers.text.gguf_header import GGUFHeader, read_header
-from allm.managers.text.options import LlamaOptions, llama_problems, safetensors_problems
+from allm.managers.text.options import (
+    LlamaOptions,
+    OnnxOptions,
+    llama_problems,
+    onnx_problems,
+    safetensors_problems,
+)
 
 if TYPE_CHECKING:
-    from allm.managers.text.safetensors_engine import DirectoryInfo
+    from allm.managers.text.safetensors_engine import DirectoryInfo, SafetensorsEngine
 
 # Never reach for a model hub: a path that does not exist is an error, not a repo id.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,11 +56,30 @@ class Resolved:
     engine: Engine
     size_bytes: int
     header: GGUFHeader | None = None  # a GGUF model's
-    info: DirectoryInfo | None = None  # a safetensors model's
+    info: DirectoryInfo | None = None  # a safetensors or ONNX GenAI model's
 
 
 def _backend_engine(backend: str) -> Engine:
-    return MLX_LM if backend == "mlx" else TRANSFORMERS
+    return {"mlx": MLX_LM, "onnx": ONNX_GENAI}.get(backend, TRANSFORMERS)
+
+
+_serving = threading.local()  # the request this worker thread serves, for a conversion to watch
+
+
+def _stop_if_asked() -> None:
+    """Raise CANCELLED or TIMEOUT if the request this thread serves should stop.
+
+    A conversion polls it while its builder runs; it reads cancel and deadline without
+    counting as progress (``ctx.check()`` would), so a stuck builder still looks stuck.
+    """
+    ctx: RequestContext | None = getattr(_serving, "ctx", None)
+    if ctx is None:
+        return
+    if ctx.cancelled:
+        raise CancelledError("request cancelled")
+    left = ctx.time_left_s()
+    if left is not None and left <= 0:
+        raise DeadlineError("request passed its deadline")
 
 
 def resolve(entry: ModelEntry) -> Resolved:
@@ -59,6 +88,11 @@ def resolve(entry: ModelEntry) -> Resolved:
     if detected.format is Format.GGUF:
         header = read_header(detected.path)
         return Resolved(detected.format, LLAMA_CPP, header.file_size, header=header)
+    if detected.format is Format.ONNX:
+        from allm.managers.text.onnx_engine import check_genai_directory
+
+        info = check_genai_directory(detected.path)
+        return Resolved(detected.format, ONNX_GENAI, info.weight_bytes, info=info)
     from allm.managers.text.safetensors_engine import check_directory, choose_backend
 
     info = check_directory(detected.path)
@@ -69,11 +103,16 @@ def resolve(entry: ModelEntry) -> Resolved:
 def option_problems(entry: ModelEntry, fmt: Format) -> list[LoadFailedError]:
     if fmt is Format.GGUF:
         return llama_problems(entry.id, entry.options)
+    if fmt is Format.ONNX:
+        return onnx_problems(entry.id, entry.options)
     return safetensors_problems(entry.id, entry.options)
 
 
-def plan_load(entry: ModelEntry) -> Plan:
-    """Check the files, the options and the engine, and estimate memory, before any engine runs."""
+def plan_load(entry: ModelEntry, cache_dir: Path | None = None) -> Plan:
+    """Check the files, the options and the engine, and estimate memory, before any engine runs.
+
+    ``cache_dir``: where a model the onnx backend converts is kept (none: it cannot be).
+    """
     resolved = resolve(entry)
     for error in option_problems(entry, resolved.format):
         raise error
@@ -99,6 +138,8 @@ def plan_load(entry: ModelEntry) -> Plan:
 
     info = resolved.info
     assert info is not None
+    if resolved.engine is ONNX_GENAI:
+        return _plan_onnx(entry, resolved.format, info, cache_dir)
     backend = "mlx" if resolved.engine is MLX_LM else "transformers"
     weights = int(info.weight_bytes * widening(info, backend, entry.options))
     estimate = weights + kv_cache_bytes_of(info, entry.options) + OVERHEAD_BYTES
@@ -107,6 +148,28 @@ def plan_load(entry: ModelEntry) -> Plan:
         return SafetensorsEngine(entry.id, info, entry.options, progress)
 
     return Plan(estimate, load)
+
+
+def _plan_onnx(entry: ModelEntry, fmt: Format, info: DirectoryInfo, cache_dir: Path | None) -> Plan:
+    from allm.managers.text.onnx_engine import cache_name, load
+    from allm.managers.text.safetensors_engine import kv_cache_bytes_of
+
+    options = OnnxOptions.from_settings(entry.id, entry.options)
+    target = None
+    weights = info.weight_bytes  # an ONNX directory's, as they are
+    if fmt is Format.SAFETENSORS:
+        if cache_dir is None:
+            raise LoadFailedError(f"{entry.id}: no cache directory to convert {info.path} into", param="path")
+        target = cache_dir / "onnx" / cache_name(info, options)
+        weights = onnx_weight_bytes(info, options.precision)
+    # ONNX Runtime GenAI keeps float32 activations and cache on the CPU, float16 on a GPU.
+    dtype = "float32" if options.execution_provider == "cpu" else "float16"
+    estimate = weights + kv_cache_bytes_of(info, {**entry.options, "dtype": dtype}) + OVERHEAD_BYTES
+
+    def load_it(progress: Progress, _reserve: object) -> SafetensorsEngine:
+        return load(entry.id, info, entry.options, target, progress=progress, should_stop=_stop_if_asked)
+
+    return Plan(estimate, load_it)
 
 
 def describe(settings: Mapping[str, Any]) -> ModelReport:
@@ -127,7 +190,8 @@ def describe(settings: Mapping[str, Any]) -> ModelReport:
         for error in option_problems(entry, fmt):
             problems.setdefault(error.param or "options", error.message)
         if engine is None:  # the files could not say; the catalog still names the engine
-            engine = LLAMA_CPP if fmt is Format.GGUF else _backend_engine(str(entry.options.get("backend")))
+            backend = "onnx" if fmt is Format.ONNX else str(entry.options.get("backend"))
+            engine = LLAMA_CPP if fmt is Format.GGUF else _backend_engine(backend)
     if engine is not None and not engine.installed():
         problems.setdefault("format", engine.not_installed())
     return ModelReport(
@@ -153,9 +217,33 @@ def widening(info: DirectoryInfo, backend: str, options: Mapping[str, Any]) -> f
     return max(1.0, wanted_bytes / stored_bytes)
 
 
+#: bytes per weight once converted; int4 counts one byte: its scales, and the embeddings
+#: the builder leaves in float
+PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int4": 1.0}
+
+
+def onnx_weight_bytes(info: DirectoryInfo, precision: str) -> int:
+    """The weights of a safetensors model once the ONNX builder converted them to ``precision``."""
+    stored = str(info.config.get("torch_dtype") or info.config.get("dtype") or "bfloat16")
+    stored_bytes = 0.5 if info.mxfp4 else (4 if stored.endswith("float32") else 2)
+    return int(info.weight_bytes / stored_bytes * PRECISION_BYTES[precision])
+
+
 class TextManager(PooledManager):
     def __init__(self, info: ManagerInfo) -> None:
-        super().__init__(info, plan_load, operations=frozenset({"chat", "complete", "embed"}))
+        cache_dir = Path(info.settings["cache_dir"]) if info.settings.get("cache_dir") else None
+        super().__init__(
+            info,
+            lambda entry: plan_load(entry, cache_dir),
+            operations=frozenset({"chat", "complete", "embed"}),
+        )
+
+    def handle(self, ctx: RequestContext) -> Reply:
+        _serving.ctx = ctx
+        try:
+            return super().handle(ctx)
+        finally:
+            _serving.ctx = None
 
 
 def create(info: ManagerInfo) -> TextManager:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,8 +16,14 @@ from allm.kernel.codes import LoadFailedError
 
 DEFAULT_N_PARALLEL = 4  # a GGUF model's sequences decoded together: llama-server's default slots
 DEFAULT_N_CTX = 4096  # llama.cpp's own default here: a 128k-token cache would dwarf most models
-BACKENDS = ("auto", "mlx", "transformers")
+BACKENDS = ("auto", "mlx", "transformers", "onnx")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+#: ONNX Runtime GenAI's execution providers allm offers: DirectML (Windows), CUDA, the CPU
+EXECUTION_PROVIDERS = ("cpu", "dml", "cuda")
+PRECISIONS = ("int4", "fp16", "fp32")
+#: the precisions its model builder builds for each provider (the builder's own list of pairs)
+PROVIDER_PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp32", "fp16", "int4"), "dml": ("fp16", "int4")}
+ONNX_OPTIONS = frozenset({"execution_provider", "precision"})
 
 
 def llama_threads() -> int:
@@ -29,6 +36,30 @@ def llama_threads() -> int:
 def default_threads() -> int:
     """All cores but one: the manager's ZeroMQ I/O thread needs one to answer promptly."""
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def default_execution_provider() -> str:
+    """DirectML on Windows (any GPU there), the CPU elsewhere."""
+    return "dml" if sys.platform == "win32" else "cpu"
+
+
+def default_precision(provider: str) -> str:
+    """int4 on a GPU; float32 on the CPU, where it gives the transformers backend's very tokens.
+
+    int4 is faster on the CPU too (README, Benchmarks), but its rounding changes which token
+    is likeliest; it is one option away (``precision = "int4"``).
+    """
+    return "fp32" if provider == "cpu" else "int4"
+
+
+def preferred_backend() -> str:
+    """What ``backend = "auto"`` picks where the architecture allows: mlx on Apple silicon,
+    onnx (DirectML) on Windows, transformers elsewhere."""
+    import platform
+
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "onnx" if sys.platform == "win32" else "transformers"
 
 
 def _unknown(model_id: str, engine: str, options: Mapping[str, Any], known: set[str]) -> None:
@@ -85,15 +116,56 @@ def llama_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailed
 
 def safetensors_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailedError]:
     """Every bad option of a safetensors model, each naming its option."""
+    known = {"backend", "n_threads", "dtype", "n_ctx", *ONNX_OPTIONS}
     return _all(
         [
-            lambda: _unknown(model_id, "safetensors", options, {"backend", "n_threads", "dtype", "n_ctx"}),
+            lambda: _unknown(model_id, "safetensors", options, known),
             lambda: _choice(model_id, options, "backend", BACKENDS),
             lambda: _choice(model_id, options, "dtype", DTYPES),
             lambda: _count(model_id, options, "n_threads", default_threads(), 1),
             lambda: _count(model_id, options, "n_ctx", DEFAULT_N_CTX, 16),
+            *_onnx_checks(model_id, options),
         ]
     )
+
+
+def onnx_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailedError]:
+    """Every bad option of an ONNX GenAI directory (served as it is: no precision to choose)."""
+    return _all(
+        [
+            lambda: _unknown(
+                model_id, "ONNX GenAI", options, {"backend", "n_threads", "n_ctx", "execution_provider"}
+            ),
+            lambda: _choice(model_id, options, "backend", ("auto", "onnx")),
+            lambda: _count(model_id, options, "n_threads", default_threads(), 1),
+            lambda: _count(model_id, options, "n_ctx", DEFAULT_N_CTX, 16),
+            lambda: OnnxOptions.from_settings(model_id, options),
+        ]
+    )
+
+
+def _onnx_checks(model_id: str, options: Mapping[str, Any]) -> list[Callable[[], object]]:
+    """The onnx backend's options: a known provider and precision, a pair its builder builds,
+    and neither on another backend (nor the transformers backend's dtype on this one)."""
+    backend = options.get("backend", "auto")
+    onnx = backend == "onnx" or (backend == "auto" and preferred_backend() == "onnx")
+
+    def elsewhere() -> None:
+        given = sorted(ONNX_OPTIONS & set(options))
+        if given and not onnx and backend in BACKENDS:
+            raise LoadFailedError(
+                f"{model_id}: option {given[0]} applies to the onnx backend only, "
+                f'and this model runs on {backend!r} (set backend = "onnx")',
+                param=f"options.{given[0]}",
+            )
+        if onnx and "dtype" in options:
+            raise LoadFailedError(
+                f"{model_id}: option dtype applies to the transformers backend; "
+                "the onnx backend takes precision (int4, fp16, fp32)",
+                param="options.dtype",
+            )
+
+    return [elsewhere, lambda: OnnxOptions.from_settings(model_id, options)] if onnx else [elsewhere]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,6 +185,38 @@ class LlamaOptions:
             n_gpu_layers=options.get("n_gpu_layers", 0),
             n_parallel=options.get("n_parallel", DEFAULT_N_PARALLEL),
         )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OnnxOptions:
+    """The onnx backend's settings, defaults filled in (``n_threads`` is checked with the others)."""
+
+    execution_provider: str
+    precision: str
+    n_threads: int
+
+    @classmethod
+    def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> OnnxOptions:
+        provider = options.get("execution_provider", default_execution_provider())
+        if provider not in EXECUTION_PROVIDERS:
+            raise LoadFailedError(
+                f"{model_id}: option execution_provider must be one of {list(EXECUTION_PROVIDERS)}, "
+                f"got {provider!r}",
+                param="options.execution_provider",
+            )
+        precision = options.get("precision", default_precision(provider))
+        if precision not in PRECISIONS:
+            raise LoadFailedError(
+                f"{model_id}: option precision must be one of {list(PRECISIONS)}, got {precision!r}",
+                param="options.precision",
+            )
+        if precision not in PROVIDER_PRECISIONS[provider]:
+            raise LoadFailedError(
+                f"{model_id}: precision {precision} does not run on execution provider {provider}: "
+                f"ONNX Runtime GenAI builds {' or '.join(PROVIDER_PRECISIONS[provider])} for it",
+                param="options.precision",
+            )
+        return cls(str(provider), str(precision), int(options.get("n_threads") or default_threads()))
 
 
 def check_safetensors_options(model_id: str, options: Mapping[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""HF-style safetensors directories: mlx-lm on Apple silicon, transformers + torch elsewhere.
+"""HF-style safetensors directories: mlx-lm on Apple silicon, ONNX Runtime GenAI on Windows,
+transformers + torch elsewhere (``onnx_engine.py`` holds the onnx backend and its conversion).
 
 Before any backend sees the directory, ``check_directory`` reads what it can
 cheaply and names what is wrong, each as its code:
@@ -19,13 +20,11 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import struct
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,7 +39,13 @@ from allm.kernel.codes import (
 from allm.kernel.runtime import Reply, RequestContext
 from allm.managers.text.chat_format import Family
 from allm.managers.text.generation import chat_request, prompt_of, run_generation, template_messages
-from allm.managers.text.options import BACKENDS, DEFAULT_N_CTX, check_safetensors_options, default_threads
+from allm.managers.text.options import (
+    BACKENDS,
+    DEFAULT_N_CTX,
+    check_safetensors_options,
+    default_threads,
+    preferred_backend,
+)
 from allm.managers.text.sampling import Sampling, TokenPicker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,18 +53,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ALL = frozenset({"mlx", "transformers", "onnx"})
 #: config.json model_type → the backends that run it
 ARCHITECTURES: Mapping[str, frozenset[str]] = {
-    "llama": frozenset({"mlx", "transformers"}),
-    "mistral": frozenset({"mlx", "transformers"}),
-    "qwen2": frozenset({"mlx", "transformers"}),
-    "qwen": frozenset({"mlx"}),  # the original Qwen: transformers needs remote code for it
-    "phi3": frozenset({"mlx", "transformers"}),
-    "phi": frozenset({"mlx", "transformers"}),
-    "gemma": frozenset({"mlx", "transformers"}),
-    "gemma2": frozenset({"mlx", "transformers"}),
-    "nemotron": frozenset({"mlx", "transformers"}),
-    "gpt_oss": frozenset({"mlx", "transformers"}),
+    "llama": ALL,
+    "mistral": ALL,
+    "qwen2": ALL,
+    "qwen": frozenset({"mlx"}),  # the original Qwen: transformers (and so the ONNX builder) lacks it
+    "phi3": ALL,
+    "phi": ALL,
+    "gemma": ALL,
+    "gemma2": ALL,
+    "nemotron": ALL,
+    "gpt_oss": ALL,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -197,8 +203,7 @@ def choose_backend(requested: str, model_type: str) -> str:
         )
     able = ARCHITECTURES[model_type]
     if requested == "auto":
-        apple = sys.platform == "darwin" and platform.machine() == "arm64"
-        preferred = "mlx" if apple else "transformers"
+        preferred = preferred_backend()
         return preferred if preferred in able else sorted(able)[0]
     if requested not in able:
         raise UnsupportedError(
@@ -232,7 +237,48 @@ class _TextDiff:
         return new
 
 
-class _Transformers:
+class Backend(Protocol):
+    """What the engine needs of a backend: its tokenizer's text and its tokens, one at a time."""
+
+    name: str
+    n_ctx: int
+    eos: set[int]
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def text_ids(self, prompt: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
+        """Token after token after ``prompt``, each ``picker.pick``ed from the next logits."""
+        ...
+
+
+class HfTokenizerText:
+    """Text through the directory's Hugging Face tokenizer (transformers' AutoTokenizer)."""
+
+    tokenizer: Any
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def piece(self, token: int) -> bytes:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
+
+
+class _Transformers(HfTokenizerText):
     name = "transformers"
 
     def __init__(self, info: DirectoryInfo, options: Mapping[str, Any]) -> None:
@@ -252,21 +298,6 @@ class _Transformers:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-
-    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-
-    def text_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-    def piece(self, token: int) -> bytes:
-        return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
 
     def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
         torch = self.torch
@@ -356,7 +387,11 @@ def _load_mlx_gpt_oss_dequantized(path: Path) -> tuple[Any, Any]:
 
 
 class SafetensorsEngine:
-    """One safetensors model on one backend; one request at a time."""
+    """One model on one backend; one request at a time.
+
+    ``backend``: a backend ready to be made (the onnx one, whose files ``onnx_engine.load``
+    converted and read first); otherwise the option ``backend`` picks one here.
+    """
 
     def __init__(
         self,
@@ -364,22 +399,28 @@ class SafetensorsEngine:
         info: DirectoryInfo,
         options: Mapping[str, Any],
         progress: Callable[[float], None] | None = None,
+        backend: Callable[[], Backend] | None = None,
     ) -> None:
-        check_safetensors_options(model_id, options)
         self.model_id = model_id
         self.lock = threading.Lock()
-        backend = choose_backend(str(options.get("backend", "auto")), info.model_type)
+        name = "onnx"
+        if backend is None:
+            check_safetensors_options(model_id, options)
+            name = choose_backend(str(options.get("backend", "auto")), info.model_type)
+            chosen = _Mlx if name == "mlx" else _Transformers
+
+            def backend() -> Backend:
+                read_ahead(info.files, progress)
+                return chosen(info, options)
+
         try:
-            read_ahead(info.files, progress)
-            self.backend: _Transformers | _Mlx = (
-                _Mlx(info, options) if backend == "mlx" else _Transformers(info, options)
-            )
+            self.backend: Backend = backend()
         except MemoryError as exc:
             raise OomRamError(f"out of host memory loading {model_id}") from exc
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             if "out of memory" in str(exc).lower() and "cuda" in str(exc).lower():
                 raise OomVramError(f"out of GPU memory loading {model_id}: {exc}") from exc
-            raise LoadFailedError(f"{backend} could not load {model_id}: {exc}") from exc
+            raise LoadFailedError(f"{name} could not load {model_id}: {exc}") from exc
         self.n_ctx = min(context_of(info, options), self.backend.n_ctx)
         text_config = info.config.get("text_config")
         self.n_vocab = int(info.config.get("vocab_size") or (text_config or {}).get("vocab_size") or 0)
