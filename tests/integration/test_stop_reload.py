@@ -112,7 +112,6 @@ def test_a_stream_longer_than_the_drain_ends_with_a_coded_error_then_the_server_
         reader = Reader(server, "smol", 4000)  # far longer than two seconds of tokens
         reader.start()
         assert reader.first.wait(60)
-        signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         reader.join(60)
         assert reader.failure is None
@@ -120,7 +119,7 @@ def test_a_stream_longer_than_the_drain_ends_with_a_coded_error_then_the_server_
         [error] = reader.errors
         assert error["code"] == "draining"
         assert "shutting down" in error["message"]
-        assert reader.finished_at - signalled < 10
+        assert len(reader.events) < 4000  # cut short by the drain, not run to its length
         assert server.proc.wait(30) == 0
 
 
