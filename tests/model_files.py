@@ -85,10 +85,13 @@ SAFETENSORS_ARCHITECTURES = (
 )
 
 
-def write_tokenizer(directory: Path, added: Sequence[str] = ()) -> dict[str, int]:
-    """A byte-level BPE tokenizer trained here, offline, with a ChatML template; returns ids.
+def write_tokenizer(
+    directory: Path, added: Sequence[str] = (), template: str = CHATML, markers_special: bool = True
+) -> dict[str, int]:
+    """A byte-level BPE tokenizer trained here, offline, with a chat template (ChatML); returns ids.
 
-    ``added``: more tokens that stay whole (a template's markers, such as ``<tool_call>``).
+    ``added``: more tokens that stay whole (a template's markers, such as ``<tool_call>``);
+    ``markers_special`` False marks them as ordinary added tokens, as Qwen2.5's own tokenizer does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -102,13 +105,18 @@ def write_tokenizer(directory: Path, added: Sequence[str] = ()) -> dict[str, int
     )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(directory / "tokenizer.json"))
+    if added and not markers_special:
+        spec = json.loads((directory / "tokenizer.json").read_text())
+        for token in spec["added_tokens"]:
+            token["special"] = token["content"] in SPECIALS
+        (directory / "tokenizer.json").write_text(json.dumps(spec))
     ids = {name: tok.token_to_id(name) for name in [*SPECIALS, *added]}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|endoftext|>",
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
-        "chat_template": CHATML,
+        "chat_template": template,
         "model_max_length": 512,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
@@ -221,10 +229,18 @@ def _to_mxfp4(directory: Path, config) -> None:
     (directory / "config.json").write_text(json.dumps(raw))
 
 
-def write_hf_model(directory: Path, arch: str) -> Path:
-    """A tiny random-weight HF directory: config.json, tokenizer, model.safetensors."""
+def write_hf_model(directory: Path, arch: str, template: str | None = None) -> Path:
+    """A tiny random-weight HF directory: config.json, tokenizer, model.safetensors.
+
+    ``template``: one of the fixture templates (``TEMPLATES``), its markers kept whole as
+    ordinary added tokens; ChatML by default.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    ids = write_tokenizer(directory)
+    if template is None:
+        ids = write_tokenizer(directory)
+    else:
+        text = (TEMPLATES / f"{template}.jinja").read_text()
+        ids = write_tokenizer(directory, TEMPLATE_TOKENS[template], text, markers_special=False)
     if arch == "qwen":
         _write_qwen(directory, ids)
         return directory

@@ -47,6 +47,8 @@ def _edit_config(directory, **changes):
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     made = {arch: write_hf_model(root / arch, arch) for arch in (*ARCHITECTURES, "phi")}
+    made["qwen2.5"] = write_hf_model(root / "qwen2.5", "qwen2", template="qwen2.5")  # hermes tool calls
+    _edit_config(made["qwen2.5"], max_position_embeddings=2048)  # its tool prompt is long in 384 tokens
     # transformers writes original_max_position_embeddings = 4096 beside our 512, which the
     # builder takes for Phi-3's LongRoPE variant (and asks for its rope_scaling factors);
     # real Phi-3 4k checkpoints have both at 4096. transformers computes the same either way.
@@ -83,6 +85,8 @@ async def text(dirs, cache):
         {"id": "llama-fp32", **_onnx(dirs["llama"], precision="fp32", execution_provider="cpu")},
         {"id": "llama-int4", **_onnx(dirs["llama"], precision="int4")},
         {"id": "genai", "path": str(dirs["genai"]), "options": {}},  # detected, not registered
+        {"id": "qwen2.5-onnx", **_onnx(dirs["qwen2.5"])},
+        {"id": "qwen2.5-transformers", "path": str(dirs["qwen2.5"]), "options": {"backend": "transformers"}},
         {"id": "made-up", **_onnx(dirs["made-up"])},
         {"id": "phi-onnx", **_onnx(dirs["phi"])},
         {"id": "damaged", **_onnx(dirs["damaged"])},
@@ -391,16 +395,89 @@ async def test_cancel_between_tokens_frees_the_manager(text):
     assert (await greedy(client, "llama-onnx"))["usage"]["completion_tokens"] > 0
 
 
-async def test_structured_output_and_tools_are_refused_as_on_the_other_backends(text):
+CITY = {"enum": ["Paris", "Rome"]}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": CITY},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def both(client, name, **params):
+    """The same request on onnx (fp32) and on transformers: the replies, which must agree."""
+    replies = []
+    for backend in ("onnx", "transformers"):
+        params = {"messages": HELLO, "temperature": 0, "max_tokens": 120, **params}
+        replies.append((await client.call("text", "chat", model=f"{name}-{backend}", params=params)).data)
+    onnx, torch = replies
+    for key in ("text", "finish_reason", "usage"):
+        assert onnx[key] == torch[key], key
+    assert [(c["name"], c["arguments"]) for c in onnx["tool_calls"]] == [
+        (c["name"], c["arguments"]) for c in torch["tool_calls"]
+    ]
+    return onnx
+
+
+async def test_json_output_follows_its_schema_as_on_transformers(text):
     client, _ = text
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}, "schema": schema}
-    for model in ("llama-onnx", "llama-transformers"):
-        err = await _fails(client, model, response_format=fmt)
-        assert (err.code, err.param) == (Code.UNSUPPORTED, "response_format")
-        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-        err = await _fails(client, model, tools=tools)
-        assert (err.code, err.param) == (Code.UNSUPPORTED, "tools")
+    schema = {
+        "type": "object",
+        "properties": {"city": CITY, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    reply = await both(client, "llama", response_format={"type": "json_schema", "schema": schema})
+    value = json.loads(reply["text"])  # random weights, and still the schema's shape
+    assert set(value) == {"city", "days"}
+    assert value["city"] in CITY["enum"]
+    assert isinstance(value["days"], int)
+    reply = await both(client, "llama", response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply["text"]), dict)
+    # Unconstrained, the same request is not JSON: the grammar did the work.
+    free = await greedy(client, "llama-onnx", max_tokens=20)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free["text"])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2.5"])  # the generic scheme, and hermes' own format
+async def test_a_required_tool_call_is_valid_and_parsed(text, name):
+    client, _ = text
+    reply = await both(client, name, tools=[WEATHER], tool_choice="required")
+    assert reply["finish_reason"] == "tool_calls"
+    [call] = reply["tool_calls"]
+    assert call["name"] == "get_weather"
+    assert json.loads(call["arguments"])["city"] in CITY["enum"]
+    assert reply["text"] == ""
+
+
+async def test_a_call_the_model_begins_by_itself_continues_under_the_grammar(text, dirs):
+    import transformers
+
+    client, _ = text
+    # tool_choice auto: the reply is free until it opens a call. A bias makes this random
+    # model open one; from there the call grammar holds it, and the call is valid.
+    tok = transformers.AutoTokenizer.from_pretrained(str(dirs["qwen2.5"]))
+    opener = {str(tok.convert_tokens_to_ids("<tool_call>")): 30}
+    reply = await both(client, "qwen2.5", tools=[WEATHER], logit_bias=opener, parallel_tool_calls=False)
+    [call] = reply["tool_calls"]
+    assert call["name"] == "get_weather"
+    assert json.loads(call["arguments"])["city"] in CITY["enum"]
+    assert reply["finish_reason"] == "tool_calls"
+
+
+async def test_a_schema_past_what_the_grammar_takes_is_refused_by_name(text):
+    client, _ = text
+    schema = {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}
+    err = await _fails(client, "llama-onnx", response_format={"type": "json_schema", "schema": schema})
+    assert (err.code, err.param) == (Code.UNSUPPORTED, "response_format")
+    assert (await greedy(client, "llama-onnx"))["usage"]["completion_tokens"] > 0
 
 
 async def test_describing_an_onnx_model_converts_nothing(dirs):

@@ -104,12 +104,28 @@ async def test_a_path_that_does_not_exist_is_load_failed_not_a_hub_lookup(text):
     assert "not found" in info.value.message
 
 
-async def test_structured_output_on_safetensors_is_refused_clearly(text):
-    params = {"messages": HELLO, "response_format": {"type": "json_object"}}
-    with pytest.raises(AllmError) as info:
-        await text.call("text", "chat", model="llama-transformers", params=params)
-    assert info.value.code is Code.UNSUPPORTED
-    assert info.value.param == "response_format"
+async def test_json_output_follows_its_schema_on_both_backends(text):
+    # llguidance holds each backend to the grammar the GGUF engine uses (guided.py).
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    params = {
+        "messages": HELLO,
+        "temperature": 0,
+        "max_tokens": 80,
+        "response_format": {"type": "json_schema", "schema": schema},
+    }
+    replies = [
+        (await text.call("text", "chat", model=f"llama-{backend}", params=params, timeout_s=120)).data
+        for backend in BACKENDS
+    ]
+    assert replies[0]["text"] == replies[1]["text"]
+    value = json.loads(replies[0]["text"])
+    assert set(value) == {"city", "days"}
+    assert value["city"] in ("Paris", "Rome")
 
 
 async def test_the_tiny_directories_are_what_the_release_layouts_look_like(model_dirs):

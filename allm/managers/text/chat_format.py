@@ -575,19 +575,20 @@ def call_grammar(
     if answer is not None:
         converter.visit(converter.resolve_refs(dict(answer), "answer"), "answer")
     more = max(0, max_calls - 1)
+    others = f' (", " call){{0,{more}}}' if more else ""  # llguidance refuses a {0,0}
     consumed = SYNTAXES[family].consumed if family in SYNTAXES else False
     after_marker = prefix is not None and consumed
     if family is Family.HERMES:
         block = '"<tool_call>\\n" call "\\n</tool_call>"'
         first = '"\\n" call "\\n</tool_call>"' if after_marker else block
-        section = f'{first} ("\\n" {block}){{0,{more}}}'
+        section = first + (f' ("\\n" {block}){{0,{more}}}' if more else "")
     elif family is Family.LLAMA3:
         section = "call"
     elif family is Family.MISTRAL:
         marker = "" if after_marker else '"[TOOL_CALLS]" '
-        section = f'{marker}"[" call (", " call){{0,{more}}} "]"'
+        section = f'{marker}"[" call{others} "]"'
     else:
-        section = f'"{{\\"tool_calls\\": [" call (", " call){{0,{more}}} "]}}"'
+        section = f'"{{\\"tool_calls\\": [" call{others} "]}}"'
     lead = f"{gbnf_literal(prefix)} " if prefix else ""
     if answer is not None:
         section = f"(answer | {section})"

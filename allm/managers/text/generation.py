@@ -15,16 +15,22 @@ from typing import Any, Protocol
 from allm.kernel.codes import UnsupportedError
 from allm.kernel.runtime import Reply, RequestContext
 from allm.managers.text.chat_format import (
+    TEXT_ONLY_GRAMMAR,
     Arguments,
     CallEnd,
     CallStart,
     Event,
     Family,
+    HarmonyParser,
+    OutputParser,
     Parser,
     Reasoning,
     Text,
     arguments_object,
+    call_grammar,
+    gbnf_literal,
     generic_system_text,
+    strict_strings,
 )
 from allm.managers.text.sampling import Sampling
 
@@ -394,6 +400,76 @@ class ChatPlan:
     as_text: Callable[[str], tuple[str, Parser]] | None = None
 
 
+def json_gbnf(sampling: Sampling) -> str | None:
+    """The GBNF a JSON ``response_format`` holds the reply to (llama.cpp's converter), if any.
+
+    llama-cpp-python is imported only here and in ``call_grammar``: a safetensors model's
+    manager loads llama.cpp only once a request asks for a grammar.
+    """
+    if sampling.json_schema is None and not sampling.json_object:
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if sampling.json_schema is not None:
+        try:
+            return strict_strings(json_schema_to_gbnf(json.dumps(sampling.json_schema)))
+        except (AssertionError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            # The converter reports what it cannot take with asserts, among others.
+            raise _bad("response_format", f"the JSON schema cannot be turned into a grammar: {exc}") from exc
+    return str(JSON_GBNF)
+
+
+def chat_plan(req: ChatRequest, family: Family, *, think: bool, thinking: bool) -> ChatPlan:
+    """How a model's reply is constrained and read (see ChatPlan).
+
+    ``think``: the template's models reason in ``<think>``; ``thinking``: the prompt
+    already opened it. Without tools, a JSON answer's grammar is ``json_gbnf``'s.
+    """
+    tools = req.tools
+    sampling = req.sampling
+    if family is Family.HARMONY:
+        # gpt-oss's own channels carry calls; its special tokens are not held to a grammar here
+        return ChatPlan(parser=HarmonyParser(tools=tools is not None))
+    answer: dict[str, Any] | None = None
+    if sampling.json_schema is not None:
+        answer = dict(sampling.json_schema)
+    elif sampling.json_object:
+        answer = {"type": "object"}
+    reasoning = "open" if thinking else ("optional" if think else None)
+    if tools is None:
+        return ChatPlan(parser=OutputParser(family, tools=False, think=think, thinking=thinking))
+    functions = tools.allowed
+    max_calls = tools.max_calls
+    if tools.required or answer is not None:
+        # the reply is constrained from its first token: calls only, or calls or a JSON answer
+        grammar = call_grammar(
+            family,
+            functions,
+            max_calls=max_calls,
+            answer=None if tools.required else answer,
+            think=reasoning,
+        )
+        return ChatPlan(
+            parser=OutputParser(family, tools=True, think=think, thinking=thinking),
+            max_calls=max_calls,
+            grammar=grammar,
+        )
+    as_text = None
+    if family is Family.GENERIC:
+
+        def as_text(prefix: str) -> tuple[str, Parser]:
+            grammar = TEXT_ONLY_GRAMMAR.replace("root ::=", f"root ::= {gbnf_literal(prefix)}", 1)
+            return grammar, OutputParser(family, tools=False, think=think)
+
+    return ChatPlan(
+        parser=OutputParser(family, tools=True, think=think, thinking=thinking, halt_on_open=True),
+        max_calls=max_calls,
+        lazy=lambda prefix: call_grammar(family, functions, max_calls=max_calls, prefix=prefix),
+        answered=req.answered(),
+        as_text=as_text,
+    )
+
+
 @dataclasses.dataclass(slots=True)
 class _Call:
     id: str
@@ -490,15 +566,20 @@ class _ChatLoop:
             cut = min(self.skip, len(piece))
             self.skip -= cut
             piece = piece[cut:]
-        piece, stopped = self.stopper.feed(piece)
-        self.fed.append(piece)
-        self.fed_chars += len(piece)
-        for event in parser.feed(piece):
-            self.on(event)
+        stopped = self.feed_text(piece)
         if in_reasoning:
             self.reasoning_tokens += 1
         if clean:
             self.boundaries.append((len(self.out), self.fed_chars))
+        return stopped
+
+    def feed_text(self, text: str) -> bool:
+        """Text through the stop sequences to the parser; True when one ended the reply."""
+        piece, stopped = self.stopper.feed(text)
+        self.fed.append(piece)
+        self.fed_chars += len(piece)
+        for event in self.parser.feed(piece):
+            self.on(event)
         return stopped
 
     def rewind(self, end: int) -> str:
@@ -539,6 +620,7 @@ def run_chat(
     grammar = plan.grammar
     constrained = grammar is not None
     finish = "length"
+    cut = False  # a stop sequence ended the reply: what follows it is dropped
     tokens = source.tokens(prompt, grammar)
     detok = source.detokenizer(prompt)
     while True:
@@ -549,7 +631,7 @@ def run_chat(
                 finish = "stop"
                 break
             if loop.feed(token, detok.feed(token), clean=not detok.pending):
-                finish = "stop"
+                finish, cut = "stop", True
                 break
             if loop.ended:
                 finish = "tool_calls"
@@ -582,13 +664,17 @@ def run_chat(
         tokens.close()  # the old generation lets go of the engine before the new one starts
         tokens = source.tokens(prompt + loop.out, grammar)
         detok = source.detokenizer(prompt + loop.out)
+    # The last token may have ended mid-character, and the stop sequences may hold text that
+    # began one: both belong to the reply unless a stop sequence cut it.
+    rest = "" if cut else detok.flush()
+    if rest and loop.feed_text(rest):
+        finish, cut = "stop", True
+    tail = "" if cut else loop.stopper.flush()
+    if tail:
+        for event in loop.parser.feed(tail):
+            loop.on(event)
     for event in loop.parser.finish():
         loop.on(event)
-    if finish != "stop" or not loop.stopper.stops:
-        tail = loop.stopper.flush()
-        if tail:
-            for event in [*loop.parser.feed(tail), *loop.parser.finish()]:
-                loop.on(event)
     calls = [c for c in loop.calls if not c.held]
     if calls and finish != "length":
         finish = "tool_calls"

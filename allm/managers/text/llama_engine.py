@@ -16,7 +16,6 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -28,23 +27,12 @@ from typing import Any
 from allm.kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
 from allm.kernel.runtime import Reply, RequestContext
 from allm.managers.text.batching import Batcher
-from allm.managers.text.chat_format import (
-    TEXT_ONLY_GRAMMAR,
-    Family,
-    HarmonyParser,
-    OutputParser,
-    Parser,
-    call_grammar,
-    family_of,
-    gbnf_literal,
-    strict_strings,
-    thinks,
-)
+from allm.managers.text.chat_format import Family, family_of, thinks
 from allm.managers.text.generation import (
     ChatDetokenizer,
-    ChatPlan,
-    ChatRequest,
+    chat_plan,
     chat_request,
+    json_gbnf,
     prompt_of,
     run_chat,
     run_generation,
@@ -63,7 +51,7 @@ os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 import llama_cpp
 import llama_cpp._internals as llama_internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+from llama_cpp.llama_grammar import LlamaGrammar
 
 log = logging.getLogger("allm.text.llama")
 
@@ -288,7 +276,8 @@ class LlamaEngine:
         prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         self._check_not_empty(prompt, "messages")
         self._check_fits(len(prompt), 1, "messages")
-        plan = self._plan(req, thinking=self.think and text.rstrip().endswith("<think>"))
+        thinking = self.think and text.rstrip().endswith("<think>")
+        plan = chat_plan(req, family, think=self.think, thinking=thinking)
         sampling = req.sampling
         if plan.grammar is not None or plan.lazy is not None:
             # the plan's grammar covers a JSON answer too
@@ -307,51 +296,6 @@ class LlamaEngine:
         )
         reply.data["cached_tokens"] = drawn.cached or 0  # prompt tokens its sequence held already
         return reply
-
-    def _plan(self, req: ChatRequest, *, thinking: bool) -> ChatPlan:
-        """How this model's reply is constrained and read (see ChatPlan)."""
-        family, tools = self.family, req.tools
-        sampling = req.sampling
-        if family is Family.HARMONY:
-            # gpt-oss's own channels carry calls; its special tokens are not held to a grammar here
-            return ChatPlan(parser=HarmonyParser(tools=tools is not None))
-        answer: dict[str, Any] | None = None
-        if sampling.json_schema is not None:
-            answer = dict(sampling.json_schema)
-        elif sampling.json_object:
-            answer = {"type": "object"}
-        think = "open" if thinking else ("optional" if self.think else None)
-        if tools is None:
-            return ChatPlan(parser=OutputParser(family, tools=False, think=self.think, thinking=thinking))
-        functions = tools.allowed
-        if tools.required or answer is not None:
-            # the reply is constrained from its first token: calls only, or calls or a JSON answer
-            grammar = call_grammar(
-                family,
-                functions,
-                max_calls=tools.max_calls,
-                answer=None if tools.required else answer,
-                think=think,
-            )
-            return ChatPlan(
-                parser=OutputParser(family, tools=True, think=self.think, thinking=thinking),
-                max_calls=tools.max_calls,
-                grammar=grammar,
-            )
-        as_text = None
-        if family is Family.GENERIC:
-
-            def as_text(prefix: str) -> tuple[str, Parser]:
-                grammar = TEXT_ONLY_GRAMMAR.replace("root ::=", f"root ::= {gbnf_literal(prefix)}", 1)
-                return grammar, OutputParser(family, tools=False, think=self.think)
-
-        return ChatPlan(
-            parser=OutputParser(family, tools=True, think=self.think, thinking=thinking, halt_on_open=True),
-            max_calls=tools.max_calls,
-            lazy=lambda prefix: call_grammar(family, functions, max_calls=tools.max_calls, prefix=prefix),
-            answered=req.answered(),
-            as_text=as_text,
-        )
 
     def complete(self, ctx: RequestContext) -> Reply:
         prompt = prompt_of(ctx.params)
@@ -415,11 +359,9 @@ class LlamaEngine:
 
     def _grammar(self, sampling: Sampling) -> LlamaGrammar | None:
         try:
-            if sampling.json_schema is not None:
-                gbnf = strict_strings(json_schema_to_gbnf(json.dumps(sampling.json_schema)))
+            gbnf = json_gbnf(sampling)
+            if gbnf is not None:
                 return LlamaGrammar.from_string(gbnf, verbose=False)
-            if sampling.json_object:
-                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         except (ValueError, RuntimeError, TypeError, KeyError) as exc:
             # The gateway lets through only schemas the converter handles; one that still
             # fails went through llama.cpp's grammar parser, whose failures have been seen

@@ -22,7 +22,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,8 +37,17 @@ from allm.kernel.codes import (
     UnsupportedError,
 )
 from allm.kernel.runtime import Reply, RequestContext
-from allm.managers.text.chat_format import Family
-from allm.managers.text.generation import chat_request, prompt_of, run_generation, template_messages
+from allm.managers.text.chat_format import Family, family_of, thinks
+from allm.managers.text.generation import (
+    chat_plan,
+    chat_request,
+    json_gbnf,
+    prompt_of,
+    run_chat,
+    run_generation,
+    template_messages,
+)
+from allm.managers.text.guided import GuideTokenizer, guide_for
 from allm.managers.text.options import (
     BACKENDS,
     DEFAULT_N_CTX,
@@ -222,11 +231,13 @@ class _TextDiff:
         self.decode = decode
         self.ids: list[int] = []
         self.sent = 0
+        self.pending = False  # bytes of an unfinished character are held back
 
     def feed(self, token: int) -> str:
         self.ids.append(token)
         text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.pending = text.endswith("\ufffd")
+        if self.pending:
             return ""
         new, self.sent = text[self.sent :], len(text)
         return new
@@ -244,11 +255,20 @@ class Backend(Protocol):
     n_ctx: int
     eos: set[int]
 
-    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The Hugging Face fast tokenizer: its chat template, and the vocabulary grammars see."""
+        ...
+
+    def chat_text(self, messages: list[dict[str, Any]], **extra: Any) -> str: ...
+
+    def chat_ids(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]: ...
 
     def text_ids(self, prompt: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """``special``: special tokens are kept as their text (the markers tool calls use)."""
+        ...
 
     def piece(self, token: int) -> bytes: ...
 
@@ -262,8 +282,17 @@ class HfTokenizerText:
 
     tokenizer: Any
 
-    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def chat_text(self, messages: list[dict[str, Any]], **extra: Any) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        )
+
+    def chat_ids(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -271,8 +300,8 @@ class HfTokenizerText:
     def text_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=not special))
 
     def piece(self, token: int) -> bytes:
         return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
@@ -326,14 +355,23 @@ class _Mlx:
         self.n_ctx = int(info.config.get("max_position_embeddings") or 4096)
         self.eos = set(self.tokenizer.eos_token_ids)
 
-    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer._tokenizer  # mlx-lm's TokenizerWrapper holds the HF one
+
+    def chat_text(self, messages: list[dict[str, Any]], **extra: Any) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        )
+
+    def chat_ids(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
 
     def text_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=not special))
 
     def piece(self, token: int) -> bytes:
         return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
@@ -425,6 +463,11 @@ class SafetensorsEngine:
         text_config = info.config.get("text_config")
         self.n_vocab = int(info.config.get("vocab_size") or (text_config or {}).get("vocab_size") or 0)
         self._picker: TokenPicker | None = None
+        template = getattr(self.backend.hf_tokenizer, "chat_template", None)
+        template = template if isinstance(template, str) else None
+        self.family = family_of(template)
+        self.think = thinks(template)
+        self._guide_tokenizer: GuideTokenizer | None = None
         if progress is not None:
             progress(1.0)
 
@@ -434,18 +477,41 @@ class SafetensorsEngine:
 
     def chat(self, ctx: RequestContext) -> Reply:
         req = chat_request(ctx.params)
-        if (ctx.params.get("response_format") or {}).get("type", "text") != "text":
-            raise UnsupportedError(
-                "structured output (response_format) needs a GGUF model here", param="response_format"
-            )
-        if req.tools is not None:
-            raise UnsupportedError("tool calls need a GGUF model here", param="tools")
+        family, tools = self.family, req.tools
+        extra: dict[str, Any] = {}
+        if tools is not None and family is not Family.GENERIC:
+            extra["tools"] = tools.tools
+        if req.reasoning_effort is not None:
+            extra["reasoning_effort"] = req.reasoning_effort
+        messages = template_messages(req.messages, family, tools)
         try:
-            # no tool format here: tool traffic in the history is shown as text
-            prompt = self.backend.chat_ids(template_messages(req.messages, Family.GENERIC, None))
+            prompt = self.backend.chat_ids(messages, **extra)
+            thinking = self.think and self.backend.chat_text(messages, **extra).rstrip().endswith("<think>")
         except Exception as exc:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
-        return self._generate(ctx, prompt, req.sampling, param="messages")
+        self._check_fits(prompt, "messages")
+        plan = chat_plan(req, family, think=self.think, thinking=thinking)
+        sampling = req.sampling
+        if plan.grammar is not None or plan.lazy is not None:
+            # the plan's grammar covers a JSON answer too
+            sampling = dataclasses.replace(sampling, json_schema=None, json_object=False)
+        if self.n_vocab:
+            sampling.check_vocab(self.n_vocab)
+        source = _Source(self, sampling, special=family is not Family.GENERIC)
+        with self.lock, self._errors():
+            try:
+                return run_chat(
+                    ctx,
+                    source,
+                    prompt,
+                    plan,
+                    sampling,
+                    room=self.n_ctx - len(prompt),
+                    model_id=self.model_id,
+                    logprob_of=self._logprob_of(sampling),
+                )
+            finally:
+                self._picker = None
 
     def complete(self, ctx: RequestContext) -> Reply:
         prompt = self.backend.text_ids(prompt_of(ctx.params))
@@ -461,7 +527,7 @@ class SafetensorsEngine:
         top_n = sampling.top_logprobs
         return lambda token: self.logprob_entry(token, top_n)
 
-    def _generate(self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, param: str) -> Reply:
+    def _check_fits(self, prompt: list[int], param: str) -> None:
         if len(prompt) >= self.n_ctx:
             raise UnsupportedError(
                 f"the prompt is {len(prompt)} tokens, "
@@ -469,15 +535,35 @@ class SafetensorsEngine:
                 reason="context_length_exceeded",
                 param=param,
             )
-        if sampling.json_schema is not None or sampling.json_object:
-            raise UnsupportedError(
-                "structured output (response_format) needs a GGUF model here", param="response_format"
-            )
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A backend's failure while generating, as its code."""
+        try:
+            yield
+        except MemoryError as exc:
+            raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
+        except RuntimeError as exc:
+            raise InternalError(f"{self.backend.name} failed while generating: {exc}") from exc
+
+    def picker(self, sampling: Sampling, gbnf: str | None, *, client_schema: bool) -> TokenPicker:
+        """A new picker for one generation, under ``gbnf`` when given (guided.py)."""
+        guide = None
+        if gbnf is not None:
+            if self._guide_tokenizer is None:
+                width = self.n_vocab or len(self.backend.hf_tokenizer)
+                self._guide_tokenizer = GuideTokenizer(self.backend.hf_tokenizer, width, self.backend.eos)
+            guide = guide_for(self._guide_tokenizer, gbnf, client_schema=client_schema)
+        self._picker = picker = TokenPicker(sampling, sampling.seed_or_random(), guide)
+        return picker
+
+    def _generate(self, ctx: RequestContext, prompt: list[int], sampling: Sampling, *, param: str) -> Reply:
+        self._check_fits(prompt, param)
         if self.n_vocab:
             sampling.check_vocab(self.n_vocab)
         eos = self.backend.eos
-        with self.lock:
-            self._picker = picker = TokenPicker(sampling, sampling.seed_or_random())
+        with self.lock, self._errors():
+            picker = self.picker(sampling, json_gbnf(sampling), client_schema=True)
             try:
                 return run_generation(
                     ctx,
@@ -491,10 +577,6 @@ class SafetensorsEngine:
                     model_id=self.model_id,
                     logprob_of=self._logprob_of(sampling),
                 )
-            except MemoryError as exc:
-                raise OomRamError(f"out of host memory generating with {self.model_id}") from exc
-            except RuntimeError as exc:
-                raise InternalError(f"{self.backend.name} failed while generating: {exc}") from exc
             finally:
                 self._picker = None
 
@@ -509,3 +591,25 @@ class SafetensorsEngine:
         if self._picker is None:
             raise InternalError("logprob_entry called outside a generation")
         return self._picker.logprob_entry(token, top_n, self.backend.piece)
+
+
+class _Source:
+    """The chat loop's tokens from a safetensors backend (generation.TokenSource)."""
+
+    def __init__(self, engine: SafetensorsEngine, sampling: Sampling, *, special: bool) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.special = special  # a tool format's markers may be special tokens: keep their text
+
+    def tokens(self, prompt: list[int], grammar: str | None) -> Generator[int, None, None]:
+        gbnf, client = (grammar, False) if grammar is not None else (json_gbnf(self.sampling), True)
+        picker = self.engine.picker(self.sampling, gbnf, client_schema=client)
+        yield from self.engine.backend.tokens(prompt, picker)
+
+    def detokenizer(self, prompt: list[int]) -> _TextDiff:
+        decode = self.engine.backend.decode
+        special = self.special
+        return _TextDiff(lambda ids: decode(ids, special))
+
+    def is_end(self, token: int) -> bool:
+        return token in self.engine.backend.eos

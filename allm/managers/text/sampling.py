@@ -38,11 +38,14 @@ import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from allm.kernel.codes import UnsupportedError
+
+if TYPE_CHECKING:
+    from allm.managers.text.guided import Guide
 
 INVALID = "invalid_request"
 PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size
@@ -241,8 +244,9 @@ class TokenPicker:
     so a backend that computes one step ahead still pairs each token with its own).
     """
 
-    def __init__(self, sampling: Sampling, seed: int) -> None:
+    def __init__(self, sampling: Sampling, seed: int, guide: Guide | None = None) -> None:
         self.sampling = sampling
+        self.guide = guide  # the grammar's step 3, when the request has one (guided.py)
         self.rng = np.random.default_rng(seed)
         self.recent: collections.deque[int] = collections.deque(maxlen=PENALTY_LAST_N)
         self.raw: collections.deque[np.ndarray] = collections.deque(maxlen=4)
@@ -252,11 +256,15 @@ class TokenPicker:
         if s.logprobs:
             self.raw.append(logits)
         adjusted = bias_and_penalize(logits, s, self.recent)
+        if self.guide is not None:
+            adjusted[~self.guide.allowed(adjusted.shape[0])] = -np.inf
         if s.temperature == 0:
             token = int(np.argmax(adjusted))
         else:
             ids, p = candidates(adjusted, s)
             token = int(ids[self.rng.choice(ids.shape[0], p=p)])
+        if self.guide is not None:
+            self.guide.consume(token)
         self.recent.append(token)
         return token
 
