@@ -20,8 +20,10 @@ the load's progress for the watchdog; a request cancelled or past its deadline k
 
 Generation is the shared path's: ``og.Generator`` computes the logits of the next position,
 ``TokenPicker`` picks the token in Python (temperature, seed, penalties, logprobs), and the
-token is appended. Text goes through the model's Hugging Face tokenizer (transformers'
-``AutoTokenizer``), as on the transformers backend: the same chat template, the same ids.
+token is appended. A JSON format's or a tool call's grammar masks the logits in the picker
+too (guided.py); ONNX Runtime GenAI's own guidance is not used. Text goes through the
+model's Hugging Face tokenizer (transformers' ``AutoTokenizer``), as on the transformers
+backend: the same chat template, the same ids.
 """
 
 from __future__ import annotations
