@@ -9,6 +9,7 @@ Side by side, on SmolLM2-135M-Instruct (Q4_1) with the same threads and greedy d
                 (built once from its source distribution with scripts/setup's CPU flags, into
                 ~/.cache/allm/llama-server, never into the repository), the same slots
   llama_cpp     `python -m llama_cpp.server` (llama-cpp-python's own OpenAI server), same request
+  llama_cpp_default  the same server at its own default threads (half the cores), as it comes
 at 1, 4 and 8 concurrent streaming clients. Per request: TTFT (first content delta) and
 tokens/s after it; with several clients also the aggregate tokens/s. Rounds alternate the
 servers; figures are medians.
@@ -163,7 +164,7 @@ def main() -> None:
         f"options = {{ n_ctx = 2048, n_threads = {args.threads}, n_parallel = {args.parallel} }}\n"
         f"\n[text]\nslots = {args.parallel}\n"
     )
-    allm_port, llama_port, server_port = free_port(), free_port(), free_port()
+    allm_port, llama_port, server_port, default_port = free_port(), free_port(), free_port(), free_port()
     server_cmd = [
         str(llama_server_binary()),
         "--model",
@@ -213,16 +214,30 @@ def main() -> None:
         "--interrupt_requests",
         "False",
     ]
+    # The same server with no thread flags: what a user who installs it gets.
+    threads_at = llama_cmd.index("--n_threads")
+    default_cmd = [*llama_cmd[:threads_at], *llama_cmd[threads_at + 4 :]]
+    default_cmd[default_cmd.index("--port") + 1] = str(default_port)
+    from llama_cpp.server.settings import ModelSettings
+
+    default_threads = ModelSettings(model=str(path)).n_threads
     llm = Llama(str(path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    one: dict[str, list[tuple]] = {"direct": [], "allm": [], "llama-server": [], "llama_cpp": []}
+    servers = ("allm", "llama-server", "llama_cpp", "llama_cpp_default")
+    one: dict[str, list[tuple]] = {"direct": [], **{name: [] for name in servers}}
     many: dict[int, dict[str, list[tuple[list[tuple], float]]]] = {
-        n: {"allm": [], "llama-server": [], "llama_cpp": []} for n in levels if n > 1
+        n: {name: [] for name in servers} for n in levels if n > 1
     }
-    ports = {"allm": allm_port, "llama-server": server_port, "llama_cpp": llama_port}
+    ports = {
+        "allm": allm_port,
+        "llama-server": server_port,
+        "llama_cpp": llama_port,
+        "llama_cpp_default": default_port,
+    }
     with (
         server(allm_cmd, allm_port, "/ready"),
         server(server_cmd, server_port, "/health"),
         server(llama_cmd, llama_port, "/v1/models"),
+        server(default_cmd, default_port, "/v1/models"),
     ):
         for port in ports.values():  # warm up
             http_stream(port, "smol", 8)
@@ -241,6 +256,7 @@ def main() -> None:
         "allm": "allm serve",
         "llama-server": "llama.cpp llama-server",
         "llama_cpp": "llama_cpp.server",
+        "llama_cpp_default": f"llama_cpp.server, {default_threads} thread(s)",
     }
     print(
         f"SmolLM2-135M Q4_1, {args.threads} thread(s), {args.parallel} slots, greedy, "
@@ -258,11 +274,16 @@ def main() -> None:
         head = f"{'TTFT p50 ms':>12} {'TTFT max ms':>12} {'aggregate tok/s':>16} {'vs llama-server':>16}"
         print(f"  {'':30} {head}")
         base = statistics.median(a for _runs, a in runs["llama-server"])
-        for key in ("allm", "llama-server", "llama_cpp"):
+        aggregate = {}
+        for key in servers:
             ttfts = [r[0] for group, _agg in runs[key] for r in group]
-            agg = statistics.median(a for _runs, a in runs[key])
+            aggregate[key] = agg = statistics.median(a for _runs, a in runs[key])
             p50, worst = statistics.median(ttfts) * 1000, max(ttfts) * 1000
             print(f"  {labels[key]:30} {p50:12.1f} {worst:12.1f} {agg:16.1f} {agg / base:15.2f}×")
+        print(
+            f"  allm vs llama_cpp.server: {aggregate['allm'] / aggregate['llama_cpp']:.2f}× at the same "
+            f"threads, {aggregate['allm'] / aggregate['llama_cpp_default']:.2f}× at its defaults"
+        )
     load = os.getloadavg()[0]
     print(
         f"(python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load:.2f} before the run)"
