@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 
@@ -107,6 +108,20 @@ class PostgresServer:
                     self.stop()
                     pytest.fail(f"postgres was not ready in {READY_TIMEOUT_S:g} s")
                 time.sleep(0.1)
+
+    def _processes(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        main = psutil.Process(self.proc.pid)
+        return [main, *main.children(recursive=True)]
+
+    def freeze(self) -> None:
+        """SIGSTOP the server and every backend: connections stay open and nothing answers."""
+        for process in self._processes():
+            process.suspend()
+
+    def thaw(self) -> None:
+        for process in self._processes():
+            process.resume()
 
     def stop(self) -> None:
         """A fast shutdown (SIGINT): clients are disconnected, as when an operator restarts it."""

@@ -9,7 +9,11 @@ after it was stored, and past ``max_stored`` rows the oldest go first. Expiry
 runs on wall-clock time, not ``time.monotonic()``: the rows outlive the
 process (and, in PostgreSQL, are shared by gateways on other hosts, each
 stamping rows with its own clock: a skew of seconds against a TTL of days).
-Calls run in a thread: the event loop never waits on the disk or the network.
+Calls run in a thread of the store's own: the event loop never waits on the disk or the
+network. A PostgreSQL call that takes longer than ``CALL_TIMEOUT_S`` (a server that keeps
+the connection open but does not answer: frozen, or its host paused) is a 503 to its
+request, and while it is still held the calls after it are 503 at once; the store is used
+again as soon as the held call returns.
 
 With ``database_url`` set, gateways behind one load balancer share the rows,
 so any of them continues, retrieves or deletes a response another stored.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import json
 import logging
 import sqlite3
@@ -43,6 +48,8 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5
 #: how long a client is told to wait, and the store waits before connecting again, after failing
 RETRY_AFTER_S = 1
+#: how long a PostgreSQL call may take, reconnecting included, before its request gets a 503
+CALL_TIMEOUT_S = 15.0
 # the details (host, port, user) are for the log, not for API clients
 UNAVAILABLE = "the response store is unavailable; try again"
 
@@ -63,11 +70,18 @@ class StoreUnavailable(ApiError):
 class ResponseStore(abc.ABC):
     """What the gateway calls; each method runs its implementation's blocking twin in a thread."""
 
+    #: seconds a call may take before its request gets a 503; None: as long as it takes
+    call_timeout_s: float | None = None
+
     def __init__(self, *, ttl_s: float, max_stored: int, clock: Callable[[], float]) -> None:
         self.ttl_s = ttl_s
         self.max_stored = max_stored
         self._clock = clock
         self._lock = threading.Lock()  # one connection per store: one call on it at a time
+        # One thread, as there is one connection: calls wait in its queue, not in threads, so
+        # a call that hangs holds one thread and the others can still give up on their turn.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="allm-store")
+        self._held: concurrent.futures.Future[Any] | None = None  # a call that ran past call_timeout_s
 
     def _cutoff(self) -> float:
         """Rows stored before this wall-clock time have expired."""
@@ -86,24 +100,53 @@ class ResponseStore(abc.ABC):
     def _instance_of(self, response_id: str) -> str | None: ...
 
     @abc.abstractmethod
-    def close(self) -> None: ...
+    def _close(self) -> None: ...
 
     async def put(
         self, response: dict[str, Any], items: list[dict[str, Any]], *, instance: str | None = None
     ) -> None:
         """Store (or replace, by id) a response; ``instance``: the manager endpoint that served it."""
-        await asyncio.to_thread(self._put, response, items, instance)
+        await self._call(self._put, response, items, instance)
 
     async def get(self, response_id: str) -> Stored | None:
         """The response and its input items; None when unknown, deleted or expired."""
-        return await asyncio.to_thread(self._get, response_id)
+        return await self._call(self._get, response_id)
 
     async def delete(self, response_id: str) -> bool:
-        return await asyncio.to_thread(self._delete, response_id)
+        return await self._call(self._delete, response_id)
 
     async def instance_of(self, response_id: str) -> str | None:
         """The manager instance endpoint that served it; None when unknown, expired or not recorded."""
-        return await asyncio.to_thread(self._instance_of, response_id)
+        return await self._call(self._instance_of, response_id)
+
+    async def _call(self, blocking: Callable[..., T], *args: Any) -> T:
+        """``blocking(*args)`` on the store's thread, given up after ``call_timeout_s``."""
+        held = self._held
+        if held is not None:
+            if not held.done():
+                raise StoreUnavailable(UNAVAILABLE)
+            self._held = None
+            log.warning("stored responses: the database answered again")
+        future = self._thread.submit(blocking, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.call_timeout_s)
+        except TimeoutError:
+            if not future.cancel():  # it was running, not waiting its turn: the database holds it
+                self._held = future
+                log.error(
+                    "stored responses: the database did not answer in %g s; 503 until it does",
+                    self.call_timeout_s,
+                )
+            raise StoreUnavailable(UNAVAILABLE) from None
+
+    def close(self) -> None:
+        """Close, without waiting on a call the database holds."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._lock.acquire(timeout=1.0):
+            self._lock.release()
+            self._close()
+        else:
+            log.warning("stored responses: closing while the database still holds a call")
 
 
 def check(config: Config) -> None:
@@ -225,7 +268,7 @@ class SqliteStore(ResponseStore):
             ).fetchone()
         return None if row is None else row[0]
 
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
             self._db.close()
 
@@ -256,6 +299,8 @@ POSTGRES_SCHEMA = (
 
 class PostgresStore(ResponseStore):
     """One connection, reopened once when a call finds it broken (PostgreSQL restarted, say)."""
+
+    call_timeout_s: float | None = CALL_TIMEOUT_S
 
     def __init__(
         self,
@@ -407,7 +452,7 @@ class PostgresStore(ResponseStore):
 
         return self._run(instance_of)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()

@@ -22,7 +22,7 @@ from allm.gateway.store import PostgresStore, StoreUnavailable
 from tests.model_files import smollm2_path
 from tests.postgres_server import postgres_server
 
-from .gateway_server import ALLM, ROOT, free_port, running_server
+from .gateway_server import ALLM, ROOT, free_port, running_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -209,6 +209,34 @@ def test_a_stopped_postgres_is_store_unavailable_and_a_restarted_one_is_reconnec
         pg.start()
     time.sleep(1.1)  # past the pause after a failure (RETRY_AFTER_S)
     assert asyncio.run(store.get("resp_1")) is not None
+
+
+def test_a_frozen_postgres_is_store_unavailable_and_is_used_again_once_it_answers(pg, database, stores):
+    store = _open(stores, database)
+    store.call_timeout_s = 1.0  # the default is 15 s
+    asyncio.run(store.put(_response(1), []))
+    pg.freeze()  # its connections stay open; nothing answers, nothing is refused
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            asyncio.run(store.get("resp_1"))
+        assert caught.value.status == 503
+        # The first call still waits on the database: the next ones do not queue behind it.
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                asyncio.run(store.put(_response(2), []))
+    finally:
+        pg.thaw()
+    wait_for(lambda: _answers(store), 30, "the store to answer again")
+    assert asyncio.run(store.get("resp_1")) is not None
+    assert asyncio.run(store.get("resp_2")) is None  # refused while frozen: never stored
+
+
+def _answers(store) -> bool:
+    try:
+        asyncio.run(store.get("resp_1"))
+    except StoreUnavailable:
+        return False
+    return True
 
 
 def test_a_database_down_at_start_does_not_stop_the_store(stores):
