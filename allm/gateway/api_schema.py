@@ -56,6 +56,7 @@ from allm.gateway.spec import (
     Tagged,
     tagged_variant,
 )
+from allm.image_names import OUTPUT_FORMATS, SAMPLERS
 
 TEXT = 4 * 1024 * 1024
 MAX_TOKENS = 2**31 - 1
@@ -772,22 +773,7 @@ class Whole(Int):
         return super().check(value, path)
 
 
-#: stable-diffusion.cpp's sample methods, by the names its command line gives them
-SAMPLERS = (
-    "euler",
-    "euler_a",
-    "heun",
-    "dpm2",
-    "dpm++2s_a",
-    "dpm++2m",
-    "dpm++2mv2",
-    "ipndm",
-    "ipndm_v",
-    "lcm",
-    "ddim_trailing",
-    "tcd",
-)
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = OUTPUT_FORMATS
 IMAGE_PROMPT = 32000  # characters, OpenAI's bound
 #: "auto" or WIDTHxHEIGHT, x or X, auto in any case; the server's limits are checked after this
 IMAGE_SIZE = Str(

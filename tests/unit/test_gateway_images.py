@@ -801,11 +801,3 @@ def test_the_published_body_schema_and_the_edge_agree(sample):
     except ApiError:
         accepted = False
     assert jsonschema.Draft202012Validator(schema["schema"]).is_valid(sample) == accepted
-
-
-def test_the_gateway_accepts_exactly_the_samplers_the_image_engine_knows():
-    # Written twice because the gateway may not import a manager: this keeps them one list.
-    from allm.gateway.api_schema import SAMPLERS as GATEWAY
-    from allm.managers.image.sd_engine import SAMPLERS as ENGINE
-
-    assert GATEWAY == ENGINE

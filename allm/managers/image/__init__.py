@@ -1,1 +1,1 @@
-"""The image manager: stable-diffusion.cpp text to image (arrives with its issue)."""
+"""The image manager: stable-diffusion.cpp, text to image, in a worker process of its own."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from allm.image_names import OUTPUT_FORMATS, SAMPLERS
 from allm.kernel.codes import (
     CancelledError,
     DeadlineError,
@@ -36,21 +37,6 @@ log = logging.getLogger("allm.image.sd")
 MIB = 1024 * 1024
 LOAD_TIMEOUT_S = 600.0
 POLL_S = 0.05
-SAMPLERS = (
-    "euler",
-    "euler_a",
-    "heun",
-    "dpm2",
-    "dpm++2s_a",
-    "dpm++2m",
-    "dpm++2mv2",
-    "ipndm",
-    "ipndm_v",
-    "lcm",
-    "ddim_trailing",
-    "tcd",
-)
-FORMATS = ("png", "jpeg", "webp")
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 7.0
 
@@ -148,9 +134,11 @@ class ImageEngine:
                 param="sampler",
             )
         fmt = p.get("output_format") or "png"
-        if fmt not in FORMATS:
+        if fmt not in OUTPUT_FORMATS:
             raise UnsupportedError(
-                f"output_format must be one of {FORMATS}", reason="invalid_request", param="output_format"
+                f"output_format must be one of {OUTPUT_FORMATS}",
+                reason="invalid_request",
+                param="output_format",
             )
         if width % 8 or height % 8 or min(width, height) < 64:
             raise UnsupportedError(
