@@ -308,6 +308,7 @@ class Runtime:
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self._draining_since: float | None = None
+        self._drain_asked = False  # begin_drain was called; the I/O thread starts it (_start_drain)
         self._models_sent: tuple[str, ...] | None = None  # as the last heartbeat said (by identity)
         self._workers = [
             threading.Thread(target=self._work, name=f"{modality}-worker-{i}", daemon=True)
@@ -346,6 +347,8 @@ class Runtime:
             with self._lock:
                 if self._waiting.get(ctx.key) is not ctx:
                     continue  # cancelled or expired while waiting: already answered
+                if self._drain_asked:
+                    continue  # left in line: the drain hands it back to the client
                 del self._waiting[ctx.key]
                 ctx.stall_limit_s = self.step_limit_s
                 ctx.last_progress = time.monotonic()
@@ -409,6 +412,8 @@ class Runtime:
         next_heartbeat = 0.0
         try:
             while True:
+                if self._drain_asked and self._draining_since is None:
+                    self._start_drain()
                 now = time.monotonic()
                 if self._draining_since is not None and self._drained(now, self._draining_since):
                     break
@@ -437,7 +442,18 @@ class Runtime:
             self._stop()
 
     def begin_drain(self, exit_status: int = 0) -> None:
+        """Drain, then stop: callable from any thread and from a signal handler.
+
+        Only the I/O thread may touch the socket, and a drain answers the requests still in
+        line, so this only asks and wakes it; it starts the drain at its next turn.
+        """
         self.exit_status = self.exit_status or exit_status
+        self._drain_asked = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _start_drain(self) -> None:
+        """The I/O thread's half of ``begin_drain``."""
         if self._draining_since is None:
             self._draining_since = time.monotonic()
             log.info("draining: %d active, %d queued", len(self._active), len(self._waiting))
