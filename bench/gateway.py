@@ -1,6 +1,6 @@
 """allm serve vs llama.cpp's llama-server and llama-cpp-python: first token and tokens/s over HTTP.
 
-    .venv/bin/python -m bench.gateway [--tokens N] [--rounds N] [--threads N] [--parallel N]
+    .venv/bin/python -m bench.gateway [--tokens N] [--rounds N] [--threads N] [--parallel N] [--alone]
 
 Side by side, on SmolLM2-135M-Instruct (Q4_1) with the same threads and greedy decoding:
   direct        Llama.create_chat_completion(stream=True) in this process (1 client)
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from allm.gateway.config import default_model_path
@@ -150,6 +150,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--parallel", type=int, default=4, help="sequences decoded together (both servers)")
     parser.add_argument("--clients", default="1,4,8", help="concurrent streams to measure")
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="run each server by itself, started for its turn and stopped after it, instead of all\n"
+        "at once (an idle server still holds memory and wakes for its own timers)",
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
 
@@ -233,22 +239,43 @@ def main() -> None:
         "llama_cpp": llama_port,
         "llama_cpp_default": default_port,
     }
-    with (
-        server(allm_cmd, allm_port, "/ready"),
-        server(server_cmd, server_port, "/health"),
-        server(llama_cmd, llama_port, "/v1/models"),
-        server(default_cmd, default_port, "/v1/models"),
-    ):
-        for port in ports.values():  # warm up
-            http_stream(port, "smol", 8)
-        direct_run(llm, 8)
+    starts = {
+        "allm": (allm_cmd, "/ready"),
+        "llama-server": (server_cmd, "/health"),
+        "llama_cpp": (llama_cmd, "/v1/models"),
+        "llama_cpp_default": (default_cmd, "/v1/models"),
+    }
+
+    def running(names: Iterable[str]) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        try:
+            for name in names:
+                cmd, ready = starts[name]
+                stack.enter_context(server(cmd, ports[name], ready))
+                http_stream(ports[name], "smol", 8)  # warm up
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def measure(name: str) -> None:
+        one[name].append(http_stream(ports[name], "smol", args.tokens))
+        for n, runs in many.items():
+            runs[name].append(concurrent_streams(ports[name], "smol", args.tokens, n))
+
+    direct_run(llm, 8)
+    if args.alone:
         for _ in range(args.rounds):
             one["direct"].append(direct_run(llm, args.tokens))
-            for name, port in ports.items():
-                one[name].append(http_stream(port, "smol", args.tokens))
-            for n, runs in many.items():
-                for name, port in ports.items():
-                    runs[name].append(concurrent_streams(port, "smol", args.tokens, n))
+            for name in servers:
+                with running([name]):
+                    measure(name)
+    else:
+        with running(servers):
+            for _ in range(args.rounds):
+                one["direct"].append(direct_run(llm, args.tokens))
+                for name in servers:
+                    measure(name)
     llm.close()
 
     labels = {
@@ -260,7 +287,8 @@ def main() -> None:
     }
     print(
         f"SmolLM2-135M Q4_1, {args.threads} thread(s), {args.parallel} slots, greedy, "
-        f"{args.tokens} tokens, {args.rounds} rounds"
+        f"{args.tokens} tokens, {args.rounds} rounds, "
+        + ("each server alone" if args.alone else "every server running at once")
     )
     print("1 client:")
     print(f"  {'':30} {'TTFT ms':>9} {'tokens/s':>9} {'vs llama-server':>16}")
