@@ -70,6 +70,10 @@ OUTBOX_MESSAGES = 4096
 STALLED_MESSAGES = 65_536
 PEER_TTL_S = 30.0
 DRAIN_GRACE_S = 2.0  # after the drain time: cancel everything, then exit even if a handler is deaf
+#: how long a manager stays connected after its last reply before it exits. A client's DEALER
+#: (ZMQ_IMMEDIATE) drops what it has received but not yet read when the connection closes, so
+#: a manager that exits at once after answering loses the answer now and then.
+EXIT_LINGER_S = 0.5
 # Exit statuses the supervisor reads (allm/kernel/supervisor.py classify_exit).
 EXIT_STUCK = 70  # the watchdog found a worker stuck; its request was answered TIMEOUT
 EXIT_RESTART = 71  # an engine error left the process suspect; it stopped once idle
@@ -309,6 +313,7 @@ class Runtime:
         self._wake_pending = False
         self._draining_since: float | None = None
         self._drain_asked = False  # begin_drain was called; the I/O thread starts it (_start_drain)
+        self._replied_at = 0.0  # time.monotonic() of the last reply or chunk sent
         self._models_sent: tuple[str, ...] | None = None  # as the last heartbeat said (by identity)
         self._workers = [
             threading.Thread(target=self._work, name=f"{modality}-worker-{i}", daemon=True)
@@ -527,6 +532,12 @@ class Runtime:
             self._jobs.put(None)
         self._heartbeat_all()
 
+    def linger(self) -> None:
+        """Stay connected until EXIT_LINGER_S after the last reply, so its client reads it."""
+        left = self._replied_at + EXIT_LINGER_S - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
     def close(self) -> None:
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -649,6 +660,7 @@ class Runtime:
             self._stalled_count += 1
             return
         result = self.router.send(peer, frames)
+        self._replied_at = time.monotonic()
         if result is Sent.FULL:
             self._stalled[peer] = collections.deque([frames])
             self._stalled_count += 1
@@ -660,6 +672,7 @@ class Runtime:
             held = self._stalled[peer]
             while held:
                 result = self.router.send(peer, held[0])
+                self._replied_at = time.monotonic()
                 if result is Sent.FULL:
                     break
                 held.popleft()
@@ -827,9 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if runtime.busy_workers():
             # A worker still runs (stuck in C, or deaf to cancel): closing the engine
             # under it could crash or block.  Send what is queued, then leave at once.
+            runtime.linger()
             router.close()
             log.error("exiting with a worker still busy")
             os._exit(runtime.exit_status or 1)
+        runtime.linger()
         runtime.close()
         manager.close()
         router.close()
