@@ -419,6 +419,25 @@ def json_gbnf(sampling: Sampling) -> str | None:
     return str(JSON_GBNF)
 
 
+def template_extras(req: ChatRequest, family: Family) -> dict[str, Any]:
+    """What a chat template gets beside its messages: the tools, when the family's template
+    takes them (the generic scheme lists them in a system message instead), and the
+    reasoning effort."""
+    extra: dict[str, Any] = {}
+    if req.tools is not None and family is not Family.GENERIC:
+        extra["tools"] = req.tools.tools
+    if req.reasoning_effort is not None:
+        extra["reasoning_effort"] = req.reasoning_effort
+    return extra
+
+
+def plan_sampling(plan: ChatPlan, sampling: Sampling) -> Sampling:
+    """The sampling the reply is drawn with: a plan's own grammar covers a JSON answer too."""
+    if plan.grammar is not None or plan.lazy is not None:
+        return dataclasses.replace(sampling, json_schema=None, json_object=False)
+    return sampling
+
+
 def chat_plan(req: ChatRequest, family: Family, *, think: bool, thinking: bool) -> ChatPlan:
     """How a model's reply is constrained and read (see ChatPlan).
 

@@ -15,7 +15,6 @@ import codecs
 import collections
 import contextlib
 import ctypes
-import dataclasses
 import logging
 import os
 import shutil
@@ -33,9 +32,11 @@ from allm.managers.text.generation import (
     chat_plan,
     chat_request,
     json_gbnf,
+    plan_sampling,
     prompt_of,
     run_chat,
     run_generation,
+    template_extras,
     template_messages,
 )
 from allm.managers.text.gguf_header import GGUFHeader
@@ -263,14 +264,12 @@ class LlamaEngine:
         req = chat_request(ctx.params)
         if self._formatter is None:
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
-        family, tools = self.family, req.tools
-        extra: dict[str, Any] = {}
-        if tools is not None and family is not Family.GENERIC:
-            extra["tools"] = tools.tools
-        if req.reasoning_effort is not None:
-            extra["reasoning_effort"] = req.reasoning_effort
+        family = self.family
+        extra = template_extras(req, family)
         try:
-            text = self._formatter(messages=template_messages(req.messages, family, tools), **extra).prompt
+            text = self._formatter(
+                messages=template_messages(req.messages, family, req.tools), **extra
+            ).prompt
         except Exception as exc:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
         prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -278,10 +277,7 @@ class LlamaEngine:
         self._check_fits(len(prompt), 1, "messages")
         thinking = self.think and text.rstrip().endswith("<think>")
         plan = chat_plan(req, family, think=self.think, thinking=thinking)
-        sampling = req.sampling
-        if plan.grammar is not None or plan.lazy is not None:
-            # the plan's grammar covers a JSON answer too
-            sampling = dataclasses.replace(sampling, json_schema=None, json_object=False)
+        sampling = plan_sampling(plan, req.sampling)
         drawn = _Drawn()
         source = _LlamaSource(self, ctx, sampling, drawn, special=family is not Family.GENERIC)
         reply = run_chat(

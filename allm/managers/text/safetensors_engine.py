@@ -42,9 +42,11 @@ from allm.managers.text.generation import (
     chat_plan,
     chat_request,
     json_gbnf,
+    plan_sampling,
     prompt_of,
     run_chat,
     run_generation,
+    template_extras,
     template_messages,
 )
 from allm.managers.text.guided import GuideTokenizer, guide_for
@@ -477,13 +479,9 @@ class SafetensorsEngine:
 
     def chat(self, ctx: RequestContext) -> Reply:
         req = chat_request(ctx.params)
-        family, tools = self.family, req.tools
-        extra: dict[str, Any] = {}
-        if tools is not None and family is not Family.GENERIC:
-            extra["tools"] = tools.tools
-        if req.reasoning_effort is not None:
-            extra["reasoning_effort"] = req.reasoning_effort
-        messages = template_messages(req.messages, family, tools)
+        family = self.family
+        extra = template_extras(req, family)
+        messages = template_messages(req.messages, family, req.tools)
         try:
             prompt = self.backend.chat_ids(messages, **extra)
             thinking = self.think and self.backend.chat_text(messages, **extra).rstrip().endswith("<think>")
@@ -491,10 +489,7 @@ class SafetensorsEngine:
             raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
         self._check_fits(prompt, "messages")
         plan = chat_plan(req, family, think=self.think, thinking=thinking)
-        sampling = req.sampling
-        if plan.grammar is not None or plan.lazy is not None:
-            # the plan's grammar covers a JSON answer too
-            sampling = dataclasses.replace(sampling, json_schema=None, json_object=False)
+        sampling = plan_sampling(plan, req.sampling)
         if self.n_vocab:
             sampling.check_vocab(self.n_vocab)
         source = _Source(self, sampling, special=family is not Family.GENERIC)
