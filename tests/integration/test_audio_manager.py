@@ -21,7 +21,7 @@ from allm.managers.audio.model_check import check_model
 from tests.model_files import write_gguf
 from tests.whisper_files import damaged_models, speech_wav, tiny_en_source, write_tiny_whisper
 
-from .conftest import manager
+from .conftest import manager, wait_idle
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -232,13 +232,7 @@ async def test_a_cancelled_transcription_stops_and_the_manager_is_idle_right_aft
     async with client.stream("audio", "transcribe", model="tiny.en", params=params, blobs=(long,)) as s:
         async for _chunk in s:
             break  # leaving the block cancels the request
-    for _ in range(100):
-        hb = client.instances()[0].heartbeat
-        if hb is not None and hb.active == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert hb is not None
-    assert hb.active == 0
+    await wait_idle(client)
     samples, rate = speech
     assert len(missed((await transcribe(client, encoded(samples, rate, "wav")))["text"])) <= 1
 

@@ -20,7 +20,7 @@ from allm.kernel.client import KernelClient
 from allm.kernel.codes import AllmError, Code
 from tests.image_files import write_tiny_flux
 
-from .conftest import manager
+from .conftest import manager, wait_idle
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -189,15 +189,6 @@ def worker_of(supervisor) -> psutil.Process:
     children = psutil.Process(supervisor.pid_of("image#0")).children()
     [worker] = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
     return worker
-
-
-async def wait_idle(client: KernelClient) -> None:
-    for _ in range(100):
-        hb = client.instances()[0].heartbeat
-        if hb is not None and hb.active == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the image manager is still busy: {client.instances()[0].heartbeat}")
 
 
 LONG = {"width": 256, "height": 256, "steps": 40}  # many seconds of sampling, a step at a time

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from allm.gateway.store import PostgresStore, StoreUnavailable
+from tests.clock import Clock
 from tests.model_files import smollm2_path
 from tests.postgres_server import postgres_server
 
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
 _databases = itertools.count()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _response(i: int) -> dict:

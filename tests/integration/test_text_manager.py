@@ -13,7 +13,7 @@ from allm.kernel.client import KernelClient
 from allm.kernel.codes import AllmError, Code
 from tests.model_files import smollm2_path, truncated_copy, with_bytes, write_gguf, write_tiny_llama_gguf
 
-from .conftest import text_manager
+from .conftest import text_manager, wait_idle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -205,13 +205,7 @@ async def test_cancel_stops_generation_and_frees_the_manager(text):
     async with client.stream("text", "chat", model=SMOL, params=params) as s:
         async for _chunk in s:
             break
-    for _ in range(100):
-        hb = client.instances()[0].heartbeat
-        if hb is not None and hb.active == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert hb is not None
-    assert hb.active == 0
+    await wait_idle(client)
     assert (
         "Paris"
         in (await chat(client, "What is the capital of France?", temperature=0, max_tokens=30))["text"]

@@ -44,6 +44,7 @@ from allm.gateway.images import (
 )
 from allm.kernel.codes import AllmError, InternalError, OomRamError, UnsupportedError
 from allm.kernel.protocol import Chunk, Result
+from tests.clock import Clock
 
 MODEL = "sd"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # the gateway never looks inside: any bytes will do
@@ -366,14 +367,6 @@ def test_each_image_ends_as_a_completed_event_with_every_field_the_sdks_type_req
 
 
 # -- the images kept for URLs --------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def files(tmp_path: Path, clock: Callable[[], float], **caps: Any) -> ImageFiles:

@@ -12,14 +12,7 @@ import pytest
 
 from allm.gateway.config import Config, ConfigError
 from allm.gateway.store import SqliteStore, open_store
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def _response(i: int) -> dict:
