@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.contract import ManagerInfo, Reply, RequestContext
 
 
 class EchoManager:

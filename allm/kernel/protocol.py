@@ -23,6 +23,11 @@ Kinds:
     result  manager → client   terminal: success
     error   manager → client   terminal: code, message, reason, param
     hb      manager → client   heartbeat with the manager's state
+    bye     both ways          a manager about to close sends ``bye`` after its last frame to
+                               a client; the client answers with the same ``seq`` once it
+                               has read it, so the manager knows every earlier frame was read
+                               before it disconnects (a ZMQ_IMMEDIATE DEALER drops what it
+                               has received but not read when its connection closes)
 
 Every request gets exactly one terminal frame (result or error).  This is the
 only module that touches msgpack; ``decode`` validates everything and raises
@@ -39,7 +44,7 @@ import msgpack
 
 from allm.kernel.codes import REASON_BAD_FRAME, REASON_BAD_VERSION, Code
 
-VERSION: Final = 2  # 2: the start message
+VERSION: Final = 3  # 2: the start message; 3: bye
 
 Params = dict[str, Any]
 
@@ -124,7 +129,12 @@ class Heartbeat:
     extra: Params = dataclasses.field(default_factory=dict)
 
 
-Message = Hello | Request | Cancel | Started | Chunk | Result | Error | Heartbeat
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bye:
+    seq: int  # the manager's count of byes to this peer: only the answer to the last one counts
+
+
+Message = Hello | Request | Cancel | Started | Chunk | Result | Error | Heartbeat | Bye
 
 _KIND: Final[dict[type, str]] = {
     Hello: "hello",
@@ -135,6 +145,7 @@ _KIND: Final[dict[type, str]] = {
     Result: "result",
     Error: "error",
     Heartbeat: "hb",
+    Bye: "bye",
 }
 
 
@@ -180,6 +191,8 @@ def encode(msg: Message) -> list[bytes]:
             head["rid"] = msg.rid
         case Hello():
             head["client"] = msg.client
+        case Bye():
+            head["seq"] = msg.seq
         case Heartbeat():
             head.update(
                 pid=msg.pid,
@@ -272,6 +285,8 @@ def decode(frames: Sequence[bytes]) -> Message:
             return Started(rid=f.get_int("rid"))
         case "hello":
             return Hello(client=f.get_str("client"))
+        case "bye":
+            return Bye(seq=f.get_int("seq"))
         case "hb":
             return Heartbeat(
                 pid=f.get_int("pid"),

@@ -13,14 +13,13 @@ requests in flight there end with the code of the fault table (docs/reliability.
     its watchdog found a stuck call  TIMEOUT (it exits EXIT_STUCK by itself)
     an engine error left it suspect  restarted at once once idle (EXIT_RESTART)
 
-Restarts back off exponentially up to a cap, counting only the crashes within
-a window; a manager that had run healthy for a while restarts at once (an
-outside kill of a good process is no crash loop).  Too many crashes within
-the window mark the instance failed: its requests fail at once, and it is
-tried again after a cool-down.  The decisions (``classify_exit``,
-``crash_history``, ``next_restart_delay_s``) are pure functions of state and
-time.  A stop the supervisor asked for is marked before the signal is sent, so
-it is never reported as a crash.  The watch loop survives its own errors: a
+Restarts back off exponentially up to a cap.  Too many crashes within a window
+mark the instance failed: its requests fail at once, and it is tried again after
+a cool-down.  The decisions (what a death means, whether and when to restart) are
+pure functions of state and time in allm/kernel/restarts.py.  A stop the supervisor
+asked for is marked before the signal is sent, so it is never reported as a crash;
+once a stop has begun (``begin_stop``, when the server starts draining) no manager
+is started again, whatever ends it.  The watch loop survives its own errors: a
 spawn that fails (EMFILE, ENOMEM, a missing interpreter) counts as a crash.
 """
 
@@ -42,17 +41,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from allm.kernel import logs
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import Code, error_for
-from allm.kernel.runtime import (
-    EXIT_RESTART,
-    EXIT_STUCK,
+from allm.kernel.process import (
     LIFELINE_ENV,
     PARENT_ENV,
     SETTINGS_ENV,
+    oom_counters,
+    oom_kill_count,
     tree_memory_bytes,
 )
+from allm.kernel.restarts import Death, KillReason, RestartPolicy, after_death, classify_exit
+from allm.kernel.stderr_relay import StderrRelay
 from allm.kernel.transport import check_endpoint
 
 log = logging.getLogger("allm.supervisor")
@@ -83,112 +83,6 @@ class ManagerSpec:
         return f"{self.modality}#{self.instance}"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RestartPolicy:
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    crash_window_s: float = 60.0
-    max_crashes: int = 5  # more crashes than this within the window: failed
-    healthy_after_s: float = 10.0  # a death after running this long ends any crash streak
-    failed_retry_s: float = 300.0  # a failed manager is tried again after this cool-down
-
-
-class KillReason(enum.Enum):
-    STOP = "stop"  # we asked it to stop
-    MEMORY = "memory"  # resident memory over the cap
-    HUNG = "hung"  # heartbeats stopped
-    START = "start"  # never became ready
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Death:
-    code: Code
-    message: str
-    cause: str  # a short label for metrics: memory_cap, hung, start, oom_killer, watchdog, ...
-    crash: bool = True  # False: it asked to be restarted; no backoff, not counted
-
-
-def classify_exit(
-    name: str, returncode: int, kill: KillReason | None, detail: str = "", *, oom_killed: bool = False
-) -> Death | None:
-    """What a manager's exit means; None for a stop we asked for."""
-    if kill is KillReason.STOP:
-        return None
-    if kill is KillReason.MEMORY:
-        return Death(
-            Code.OOM_RAM,
-            f"the {name} manager ran out of its memory cap ({detail}) and was killed",
-            "memory_cap",
-        )
-    if kill is KillReason.HUNG:
-        return Death(Code.TIMEOUT, f"the {name} manager stopped answering ({detail}) and was killed", "hung")
-    if kill is KillReason.START:
-        return Death(
-            Code.TIMEOUT, f"the {name} manager did not become ready ({detail}) and was killed", "start"
-        )
-    if returncode == -signal.SIGKILL and oom_killed:
-        return Death(
-            Code.OOM_RAM,
-            f"the {name} manager was killed by the kernel's out-of-memory killer (SIGKILL, signal 9)",
-            "oom_killer",
-        )
-    if returncode == EXIT_STUCK:
-        return Death(
-            Code.TIMEOUT, f"the {name} manager's watchdog found a stuck operation; it exited", "watchdog"
-        )
-    if returncode == EXIT_RESTART:
-        return Death(
-            Code.INTERNAL,
-            f"the {name} manager restarted itself after an engine error",
-            "engine_error",
-            crash=False,
-        )
-    return Death(
-        Code.INTERNAL, f"the {name} manager process {describe_exit(returncode)}", exit_cause(returncode)
-    )
-
-
-def exit_cause(returncode: int) -> str:
-    """A death's label from its return code: "SIGSEGV", "exit_3"."""
-    if returncode < 0:
-        try:
-            return signal.Signals(-returncode).name
-        except ValueError:
-            return f"signal_{-returncode}"
-    return f"exit_{returncode}"
-
-
-def describe_exit(returncode: int) -> str:
-    """How a process ended, from its return code: "died of SIGSEGV (signal 11)", "exited with status 3"."""
-    if returncode < 0:
-        signum = -returncode
-        try:
-            signame = signal.Signals(signum).name
-        except ValueError:
-            signame = f"signal {signum}"
-        return f"died of {signame} (signal {signum})"
-    return f"exited with status {returncode}"
-
-
-def crash_history(
-    crashes: Sequence[float], now: float, uptime_s: float | None, policy: RestartPolicy
-) -> list[float]:
-    """The crashes that count after one at ``now``: those in the window, and none before
-    a run that lasted ``healthy_after_s`` (uptime None: it never became ready)."""
-    if uptime_s is not None and uptime_s >= policy.healthy_after_s:
-        return [now]
-    return [t for t in crashes if now - t <= policy.crash_window_s] + [now]
-
-
-def next_restart_delay_s(crashes: Sequence[float], now: float, policy: RestartPolicy) -> float | None:
-    """Seconds to wait before restarting after the crashes at these times; None: give up."""
-    recent = [t for t in crashes if now - t <= policy.crash_window_s]
-    if len(recent) > policy.max_crashes:
-        return None
-    exponent = max(0, len(recent) - 1)
-    return float(min(policy.backoff_max_s, policy.backoff_initial_s * 2**exponent))
-
-
 class State(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -214,40 +108,6 @@ class InstanceStatus:
     deaths: tuple[tuple[str, int], ...] = ()  # (cause, count) since the supervisor started
 
 
-#: the lines of a manager's stderr kept to show with its death (ggml's message before an abort)
-TAIL_LINES = 20
-
-
-def oom_counters(pid: int) -> tuple[Path, ...]:
-    """The files that count OOM kills for a process: its memory cgroup's, else the system's.
-
-    The system's count (/proc/vmstat) includes kills in every other cgroup of the
-    host: it is read only where the process's own cgroup keeps no count.
-    """
-    files: list[Path] = []
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        rel = path.lstrip("/")
-        if controllers == "":  # cgroup v2, mounted alone or beside v1
-            files += [Path("/sys/fs/cgroup", rel, "memory.events")]
-            files += [Path("/sys/fs/cgroup/unified", rel, "memory.events")]
-        elif "memory" in controllers.split(","):
-            files.append(Path("/sys/fs/cgroup/memory", rel, "memory.oom_control"))
-    return tuple(f for f in files if f.is_file()) or (Path("/proc/vmstat"),)
-
-
-def oom_kill_count(file: Path) -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in file.read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    return 0
-
-
 class _Child:
     def __init__(self, spec: ManagerSpec) -> None:
         self.spec = spec
@@ -267,9 +127,7 @@ class _Child:
         self.oom_counts: dict[Path, int] = {}
         self.last_exit = ""
         self.last_code = ""
-        self.stderr_fd: int | None = None
-        self.partial = b""  # an unfinished line
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.stderr = StderrRelay(spec.name)
         self.last_lines: tuple[str, ...] = ()
         self.deaths: collections.Counter[str] = collections.Counter()
 
@@ -329,7 +187,6 @@ class Supervisor:
             check_endpoint(spec.endpoint)
         self._children = [_Child(spec) for spec in specs]
         self.client = client
-        self._json_logs = logs.log_format() == "json"
         self.policy = policy or RestartPolicy()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -349,9 +206,24 @@ class Supervisor:
             self._start(child)
         self._watcher = asyncio.create_task(self._watch(), name="supervisor-watch")
 
+    def begin_stop(self) -> None:
+        """A stop is asked for: from now on no manager is started again, whatever ends it.
+
+        Called as the server starts draining (allm/gateway/app.py), well before ``stop``
+        signals the managers: a SIGTERM sent to the whole process group (systemd, a shell's
+        ``kill -- -PGID``, ``timeout``) reaches them at once, and each exits 0 as soon as it
+        has drained, while the gateway still serves what runs elsewhere.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        for child in self._children:
+            if child.state in (State.BACKOFF, State.FAILED):
+                child.state = State.STOPPED  # its restart was due after the stop began
+
     async def stop(self) -> None:
         """SIGTERM every manager, wait for it to drain, SIGKILL what is left."""
-        self._stopping = True
+        self.begin_stop()
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
@@ -442,11 +314,7 @@ class Supervisor:
             pass_fds=(self._lifeline_r,),
         )
         assert child.proc.stderr is not None
-        child.stderr_fd = child.proc.stderr.fileno()
-        os.set_blocking(child.stderr_fd, False)
-        child.partial = b""
-        child.tail.clear()
-        asyncio.get_running_loop().add_reader(child.stderr_fd, self._read_stderr, child)
+        child.stderr.attach(child.proc.stderr)
         child.state = State.STARTING
         child.started_at = time.monotonic()
         child.running_since = None
@@ -470,48 +338,9 @@ class Supervisor:
             could_not = f"the {child.spec.name} manager could not start: {exc}"
             self._died(child, Death(Code.INTERNAL, could_not, "spawn_failed"))
 
-    def _read_stderr(self, child: _Child) -> None:
-        """Pass the manager's stderr on to ours, keeping its last lines."""
-        fd = child.stderr_fd
-        while fd is not None:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:  # its end: the process exited
-                self._close_stderr(child)
-                return
-            *lines, child.partial = (child.partial + chunk).split(b"\n")
-            if self._json_logs:  # whole lines only, each a JSON object (an engine's print wrapped)
-                chunk = b"".join(logs.json_line(child.spec.name, line) for line in lines if line.strip())
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.buffer.flush()
-            child.tail.extend(line.decode("utf-8", "replace").rstrip() for line in lines if line.strip())
-            if len(child.partial) > 4096:  # no newline in sight: keep it as a line of its own
-                child.tail.append(child.partial.decode("utf-8", "replace"))
-                child.partial = b""
-
-    def _close_stderr(self, child: _Child) -> None:
-        fd, child.stderr_fd = child.stderr_fd, None
-        if fd is None:
-            return
-        with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(fd)
-        if child.partial.strip():
-            child.tail.append(child.partial.decode("utf-8", "replace").rstrip())
-            if self._json_logs:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.buffer.write(logs.json_line(child.spec.name, child.partial))
-            child.partial = b""
-        if child.proc is not None and child.proc.stderr is not None:
-            child.proc.stderr.close()
-
     def _reap(self, child: _Child) -> None:
-        self._read_stderr(child)  # its last words, then the pipe is done with
-        self._close_stderr(child)
+        child.stderr.read()  # its last words, then the pipe is done with
+        child.stderr.close()
         if child.pidfd is not None:
             asyncio.get_running_loop().remove_reader(child.pidfd)
             os.close(child.pidfd)
@@ -534,8 +363,6 @@ class Supervisor:
         if returncode is None:
             return
         self._reap(child)
-        if self._stopping:
-            return  # stop() collects it
         child.proc = None
         oom_killed = (
             returncode == -signal.SIGKILL
@@ -543,7 +370,12 @@ class Supervisor:
             and any(oom_kill_count(f) > seen for f, seen in child.oom_counts.items())
         )
         death = classify_exit(
-            child.spec.name, returncode, child.kill, child.kill_detail, oom_killed=oom_killed
+            child.spec.name,
+            returncode,
+            child.kill,
+            child.kill_detail,
+            oom_killed=oom_killed,
+            stopping=self._stopping,
         )
         if death is None:
             child.state = State.STOPPED
@@ -552,19 +384,15 @@ class Supervisor:
 
     def _died(self, child: _Child, death: Death) -> None:
         now = time.monotonic()
-        self._read_stderr(child)  # what it wrote last may still be in the pipe
-        child.last_lines = tuple(child.tail)
+        child.stderr.read()  # what it wrote last may still be in the pipe
+        child.last_lines = tuple(child.stderr.tail)
         child.last_exit = death.message
         child.last_code = death.code.name
         child.deaths[death.cause] += 1
         uptime_s = None if child.running_since is None else now - child.running_since
-        delay: float | None = 0.0
-        if death.crash:
-            child.crashes = crash_history(child.crashes, now, uptime_s, self.policy)
-            delay = next_restart_delay_s(child.crashes, now, self.policy)
-            if uptime_s is not None and uptime_s >= self.policy.healthy_after_s:
-                delay = 0.0  # it was serving well: someone killed it, not a crash loop
-        if delay is None:
+        verdict = after_death(death, child.crashes, now, uptime_s, self.policy, stopping=self._stopping)
+        child.crashes = verdict.crashes
+        if verdict.failed:
             child.state = State.FAILED
             child.restart_at = now + self.policy.failed_retry_s
             window = self.policy.crash_window_s
@@ -575,10 +403,14 @@ class Supervisor:
             log.error("%s", message)
             self.client.report_down(child.spec.endpoint, error_for(death.code, message), failed=True)
             return
-        log.warning("%s; restarting in %.1f s", death.message, delay)
         self.client.report_down(child.spec.endpoint, error_for(death.code, death.message))
+        if verdict.restart_in_s is None:
+            log.warning("%s; not restarted: the supervisor is stopping", death.message)
+            child.state = State.STOPPED
+            return
+        log.warning("%s; restarting in %.1f s", death.message, verdict.restart_in_s)
         child.state = State.BACKOFF
-        child.restart_at = now + delay
+        child.restart_at = now + verdict.restart_in_s
 
     async def _watch(self) -> None:
         while True:
@@ -616,6 +448,7 @@ class Supervisor:
         for file in oom_counters(proc.pid):  # it may have been moved to another cgroup
             if file not in child.oom_counts:
                 child.oom_counts[file] = oom_kill_count(file)
+                log.info("%s's OOM kills are counted in %s", child.spec.name, file)
         heard = self.client.last_heard(child.spec.endpoint)
         if heard is not None and heard >= child.started_at:
             if child.running_since is None:

@@ -5,11 +5,12 @@ import signal
 import pytest
 
 from allm.kernel.codes import Code
+from allm.kernel.process import EXIT_RESTART, EXIT_STUCK
 from allm.kernel.registry import MANAGERS, module_for
-from allm.kernel.runtime import EXIT_RESTART, EXIT_STUCK
-from allm.kernel.supervisor import (
+from allm.kernel.restarts import (
     KillReason,
     RestartPolicy,
+    after_death,
     classify_exit,
     crash_history,
     next_restart_delay_s,
@@ -102,3 +103,47 @@ def test_exits_the_runtime_chooses_are_classified():
     capped = classify_exit("text#0", -9, KillReason.MEMORY, "x", oom_killed=True)
     assert capped is not None
     assert "memory cap" in capped.message
+
+
+def test_what_follows_a_death_backoff_giving_up_or_at_once():
+    policy = RestartPolicy(backoff_initial_s=0.5, crash_window_s=60, max_crashes=1, healthy_after_s=10)
+    crash = classify_exit("text#0", -signal.SIGSEGV, None)
+    assert crash is not None
+    first = after_death(crash, [], 100.0, 1.0, policy)
+    assert (first.crashes, first.restart_in_s, first.failed) == ([100.0], 0.5, False)
+    second = after_death(crash, first.crashes, 101.0, 1.0, policy)
+    assert (second.crashes, second.restart_in_s, second.failed) == ([100.0, 101.0], None, True)
+    # After a healthy run: at once, a new streak.
+    healthy = after_death(crash, second.crashes, 200.0, 30.0, policy)
+    assert (healthy.crashes, healthy.restart_in_s, healthy.failed) == ([200.0], 0.0, False)
+    # It asked for a fresh process: at once, not counted.
+    asked = classify_exit("text#0", EXIT_RESTART, None)
+    assert asked is not None
+    again = after_death(asked, [100.0], 102.0, 1.0, policy)
+    assert (again.crashes, again.restart_in_s, again.failed) == ([100.0], 0.0, False)
+
+
+@pytest.mark.parametrize("returncode", [0, -signal.SIGTERM])
+def test_a_manager_that_drains_away_once_the_stop_began_is_no_death(returncode):
+    """A SIGTERM sent to the server's whole process group reaches the managers as the
+    server starts its drain: each drains and exits by itself before the supervisor signals."""
+    assert classify_exit("text#0", returncode, None, stopping=True) is None
+    # Outside a stop, the same exit is a death, and the manager comes back, but only after the
+    # first backoff even after a healthy run: the group's stop may reach the manager a moment
+    # before the server's own begins, and begin_stop then finds the restart pending.
+    death = classify_exit("text#0", returncode, None)
+    assert death is not None
+    assert after_death(death, [], 100.0, 30.0, POLICY).restart_in_s == POLICY.backoff_initial_s > 0
+    # A crash after a healthy run still comes back at once.
+    crash = classify_exit("text#0", -signal.SIGKILL, None)
+    assert crash is not None
+    assert after_death(crash, [], 100.0, 30.0, POLICY).restart_in_s == 0.0
+
+
+def test_nothing_is_restarted_once_the_stop_began():
+    crash = classify_exit("text#0", -signal.SIGSEGV, None, stopping=True)
+    assert crash is not None  # a crash during the drain is still reported, with its code
+    assert crash.code is Code.INTERNAL
+    for uptime_s in (None, 1.0, 30.0):
+        verdict = after_death(crash, [90.0], 100.0, uptime_s, POLICY, stopping=True)
+        assert (verdict.restart_in_s, verdict.failed, verdict.crashes) == (None, False, [90.0])
