@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from allm import __version__
-from allm.gateway.config import Config, ConfigError, ModelConfig, load, read
+from allm.gateway.config import Config, ConfigError, ModelConfig
+from allm.gateway.config_read import load, read
 from allm.kernel import logs
 from allm.kernel.logs import FORMAT_ENV, FORMATS
 from allm.kernel.registry import MANAGERS, module_for
@@ -151,7 +152,7 @@ def manager(args: argparse.Namespace) -> int:
     if config is None or not engines_ready(config, args.modality):
         return 2
     from allm.gateway.app import manager_specs, shared_runtime_dir
-    from allm.kernel.runtime import SETTINGS_ENV
+    from allm.kernel.process import SETTINGS_ENV
     from allm.kernel.supervisor import runtime_command
 
     runtime_dir = shared_runtime_dir(config)

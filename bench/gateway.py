@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from allm.gateway.config import default_model_path
+from allm.gateway.catalog import default_model_path
 from bench.text import MESSAGES as PROMPT
 from bench.text import direct_run
 

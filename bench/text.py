@@ -33,7 +33,7 @@ from typing import Any
 
 import uvloop
 
-from allm.gateway.config import default_model_path
+from allm.gateway.catalog import default_model_path
 from allm.kernel.client import KernelClient
 from allm.kernel.supervisor import ManagerSpec, Supervisor
 

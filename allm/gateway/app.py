@@ -24,15 +24,21 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
 from allm import __version__
-from allm.gateway import audio, chat, errors, images, metrics, openapi, ops, page, reload, responses
+from allm.gateway import errors, metrics, openapi, ops, page, reload
+from allm.gateway.audio import handlers as audio
+from allm.gateway.chat import handlers as chat
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
+from allm.gateway.images import handlers as images
+from allm.gateway.images.files import SWEEP_INTERVAL_S, image_files
+from allm.gateway.responses import handlers as responses
 from allm.gateway.store import open_store
 from allm.kernel import curve
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import REASON_DRAINING, InternalError
 from allm.kernel.registry import MANAGERS
-from allm.kernel.supervisor import ManagerSpec, RestartPolicy, Supervisor
+from allm.kernel.restarts import RestartPolicy
+from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 log = logging.getLogger("allm.gateway")
 
@@ -122,7 +128,9 @@ def create_app(
     app = Sanic(name, configure_logging=False, request_class=errors.EdgeRequest)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes
     app.config.RESPONSE_TIMEOUT = int(config.request_timeout_s) + 30
-    app.config.KEEP_ALIVE_TIMEOUT = 30
+    # A client whose headers or body stop coming gets 408 after REQUEST_TIMEOUT (the body's wait is
+    # EdgeRequest's); seconds as given, fractions too: Sanic annotates these int but compares numbers.
+    app.config.update(REQUEST_TIMEOUT=config.body_timeout_s, KEEP_ALIVE_TIMEOUT=config.keep_alive_timeout_s)
     # SIGTERM: in-flight requests (streams too) get this long to finish before connections close.
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.drain_timeout_s
     app.ctx.config = config
@@ -260,8 +268,8 @@ def create_app(
         app.ctx.client = client
         app.ctx.supervisor = supervisor
         app.ctx.specs = specs
-        app.ctx.images = images.image_files(config)
-        interval_s = min(images.SWEEP_INTERVAL_S, config.images.url_ttl_s)
+        app.ctx.images = image_files(config)
+        interval_s = min(SWEEP_INTERVAL_S, config.images.url_ttl_s)
         app.ctx.image_sweeps = asyncio.create_task(app.ctx.images.sweep_every(interval_s))
         log.info("managers: %s", ", ".join(s.name for s in specs) or "none")
         if reread is not None:
@@ -285,6 +293,10 @@ def create_app(
         # in flight. Just before it gives up, end what still runs with a coded error, so a
         # stream's client reads why it ends instead of a cut connection.
         app.ctx.draining = True
+        if app.ctx.supervisor is not None:
+            # From now on a manager that ends stays down: a SIGTERM sent to the whole process
+            # group (systemd, `kill -- -PGID`) drains and ends the managers with us.
+            app.ctx.supervisor.begin_stop()
         log.info(
             "draining: %d request(s) in flight, up to %g s (drain_timeout_s)",
             observed.serving,

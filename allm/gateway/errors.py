@@ -12,12 +12,14 @@ that exist only at the HTTP edge are ``ApiError``s with their own codes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
 from sanic import HTTPResponse, Request, json
 from sanic.exceptions import BadRequest, SanicException
+from sanic.http import Http
 
 from allm.kernel.codes import AllmError, Code
 
@@ -126,7 +128,8 @@ def _escaped(url: bytes) -> bytes:
 
 
 class EdgeRequest(Request[Any, Any]):
-    """Sanic's request, able to stand in for one whose URL does not parse.
+    """Sanic's request, able to stand in for one whose URL does not parse, and to stop waiting for a
+    body that stops arriving (``receive_body``).
 
     For a request line httptools' URL parser refuses (a raw NUL or other
     control byte in the path or query, a target that is not a path such as
@@ -148,3 +151,37 @@ class EdgeRequest(Request[Any, Any]):
                 super().__init__(_escaped(url_bytes), *args, **kwargs)
             except BadRequest:  # not even a path ("GET abc HTTP/1.1"): the stand-in needs none
                 super().__init__(b"/", *args, **kwargs)
+
+    async def receive_body(self) -> None:
+        """Sanic's body read, but a body that stops arriving for REQUEST_TIMEOUT (``body_timeout_s``)
+        gets 408 and its connection closed.
+
+        Sanic applies REQUEST_TIMEOUT to the headers only: it reads the body in its handler stage,
+        under RESPONSE_TIMEOUT (sanic 25.12, ``Http.http1``, ``HttpProtocol.check_timeouts``): a
+        Content-Length larger than what is sent got a 503 after the whole response time, and then
+        its connection stayed open, Sanic waiting for the rest with no timer running. The limit is
+        on each wait for more, as nginx's client_body_timeout: a large upload on a slow link still
+        arrives.
+        """
+        stream = self.stream
+        if self.body or not isinstance(stream, Http):  # read already, or not HTTP/1.1: Sanic's own
+            await super().receive_body()  # type: ignore[no-untyped-call]  # sanic leaves it unannotated
+            return
+        timeout_s = float(self.app.config.REQUEST_TIMEOUT)
+        chunks = []
+        while stream.request_body:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    data = await stream.read()
+            except TimeoutError:
+                # The rest will not come: close once answered, rather than wait to drain it.
+                stream.keep_alive = False
+                stream.request_body = None
+                raise ApiError(
+                    408,
+                    f"the request body stopped arriving: nothing more came for {timeout_s:g} s",
+                    code="request_timeout",
+                ) from None
+            if data:
+                chunks.append(data)
+        self.body = b"".join(chunks)

@@ -1,9 +1,9 @@
 """GET /openapi.json: the HTTP API as an OpenAPI 3.1 document, from the definitions the edge checks with.
 
-The request bodies and path parameters come from allm/gateway/api_schema.py, the
-very nodes the handlers validate with, so the document cannot drift from
-what is enforced. Like /health, the document needs no key: it holds nothing
-but the API's shape and the catalog's model ids.
+The request bodies and path parameters come from each API's room
+(allm/gateway/<api>/schema.py), the very nodes the handlers validate with, so
+the document cannot drift from what is enforced. Like /health, the document
+needs no key: it holds nothing but the API's shape and the catalog's model ids.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import re
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
-from allm.gateway import api_schema as api
+from allm.gateway.audio import schema as audio
+from allm.gateway.chat import schema as chat
 from allm.gateway.config import Config
+from allm.gateway.images import schema as images
+from allm.gateway.responses import schema as responses
 from allm.gateway.spec import Node, Obj, Schema
 
 bp = Blueprint("openapi")
@@ -101,11 +104,11 @@ IMAGES = _object(
             "properties": {"b64_json": STRING, "url": STRING, "seed": INTEGER},
         },
     },
-    output_format={"enum": list(api.IMAGE_FORMATS)},
+    output_format={"enum": list(images.IMAGE_FORMATS)},
     size=STRING,
 )
 #: an image's bytes, in the format it was made in
-IMAGE_TYPES = tuple(f"image/{fmt}" for fmt in api.IMAGE_FORMATS)
+IMAGE_TYPES = tuple(f"image/{fmt}" for fmt in images.IMAGE_FORMATS)
 STATUS = _object(None, ["status"], status=STRING)
 MANAGERS = _object(
     None, ["server", "managers", "models"], server={"type": "object"}, managers=LIST, models=LIST
@@ -130,7 +133,7 @@ class Route:
 
 
 ROUTES = (
-    Route("post", "/v1/responses", "Create a response", RESPONSE, api.RESPONSES, streams=True),
+    Route("post", "/v1/responses", "Create a response", RESPONSE, responses.RESPONSES, streams=True),
     Route("get", "/v1/responses/{response_id}", "Retrieve a stored response", RESPONSE),
     Route("delete", "/v1/responses/{response_id}", "Delete a stored response", DELETED),
     Route(
@@ -138,21 +141,21 @@ ROUTES = (
         "/v1/responses/{response_id}/input_items",
         "The input items of a stored response, earlier turns' included",
         ITEMS,
-        query=api.INPUT_ITEMS_QUERY,
+        query=responses.INPUT_ITEMS_QUERY,
     ),
     Route(
-        "post", "/v1/chat/completions", "Create a chat completion", CHAT_COMPLETION, api.CHAT, streams=True
+        "post", "/v1/chat/completions", "Create a chat completion", CHAT_COMPLETION, chat.CHAT, streams=True
     ),
     Route(
-        "post", "/v1/completions", "Create a text completion", TEXT_COMPLETION, api.COMPLETIONS, streams=True
+        "post", "/v1/completions", "Create a text completion", TEXT_COMPLETION, chat.COMPLETIONS, streams=True
     ),
-    Route("post", "/v1/embeddings", "Create embeddings", EMBEDDINGS, api.EMBEDDINGS),
+    Route("post", "/v1/embeddings", "Create embeddings", EMBEDDINGS, chat.EMBEDDINGS),
     Route(
         "post",
         "/v1/audio/transcriptions",
         "Transcribe audio into its own language",
         TRANSCRIPTION,
-        api.TRANSCRIPTIONS,
+        audio.TRANSCRIPTIONS,
         streams=True,
         form=True,
         plain=True,
@@ -163,7 +166,7 @@ ROUTES = (
         "/v1/audio/translations",
         "Translate audio into English text",
         TRANSCRIPTION,
-        api.TRANSLATIONS,
+        audio.TRANSLATIONS,
         form=True,
         plain=True,
         modality="audio",
@@ -173,7 +176,7 @@ ROUTES = (
         "/v1/images/generations",
         "Create images from a prompt",
         IMAGES,
-        api.IMAGES,
+        images.IMAGES,
         streams=True,
         modality="image",
     ),
@@ -214,7 +217,7 @@ ROUTES = (
 )
 OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
 #: each path parameter a route may have, and what it must be
-PATH_PARAMETERS: dict[str, Node] = {"response_id": api.RESPONSE_ID, "name": api.IMAGE_FILE}
+PATH_PARAMETERS: dict[str, Node] = {"response_id": responses.RESPONSE_ID, "name": images.IMAGE_FILE}
 
 
 def _version() -> str:

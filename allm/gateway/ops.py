@@ -22,6 +22,8 @@ from sanic.response import raw
 from allm import __version__
 from allm.gateway.config import Config
 from allm.kernel.codes import AllmError
+from allm.kernel.instances import InstanceView
+from allm.kernel.supervisor import InstanceStatus
 
 bp = Blueprint("ops")
 
@@ -33,86 +35,60 @@ def manager_status(request: Request) -> list[dict[str, Any]]:
 
 
 def managers_of(app: Sanic[Any, Any]) -> list[dict[str, Any]]:
-    """Each manager instance as /status shows it (and /metrics counts it)."""
+    """Each manager instance as /status shows it (and /metrics counts it): those the supervisor
+    runs (``allm serve``), then those something else runs (``allm gateway``, another host)."""
+    views = {v.endpoint: v for v in app.ctx.client.instances()}
     remotes = getattr(app.ctx, "remotes", [])
     if app.ctx.supervisor is None:
-        return heard_status(app, [*app.ctx.specs, *remotes])
-    views = {v.endpoint: v for v in app.ctx.client.instances()}
-    out = []
-    for s in app.ctx.supervisor.status():
-        view = views.get(s.endpoint)
-        hb = view.heartbeat if view is not None else None
-        extra = hb.extra if hb is not None and s.state == "running" else {}
-        out.append(
-            {
-                "name": s.name,
-                "modality": s.modality,
-                "instance": s.instance,
-                "endpoint": s.endpoint,
-                "pid": s.pid,
-                "state": s.state,
-                "live": bool(view and view.live),
-                "restarts": s.restarts,
-                "last_exit": s.last_exit or None,
-                "last_code": s.last_code or None,
-                "last_lines": list(s.last_lines),  # its stderr's last lines before that exit
-                "deaths": dict(s.deaths),  # by cause, since the gateway started
-                "retry_in_s": s.retry_in_s,
-                "models": list(hb.models) if hb else [],
-                "loading": extra.get("loading") or {},
-                "model_stats": extra.get("model_stats") or {},
-                "running": extra.get("running") or [],
-                "active": hb.active if hb else 0,
-                "queued": hb.queued if hb else 0,
-                "capacity": hb.capacity if hb else 0,
-                "memory_bytes": s.memory_bytes,
-                "remote": False,
-            }
-        )
-    return out + heard_status(app, remotes)
+        return [instance_row(spec, views.get(spec.endpoint)) for spec in [*app.ctx.specs, *remotes]]
+    kept = [instance_row(s, views.get(s.endpoint), s) for s in app.ctx.supervisor.status()]
+    return kept + [instance_row(r, views.get(r.endpoint)) for r in remotes]
 
 
-def heard_status(app: Sanic[Any, Any], targets: list[Any]) -> list[dict[str, Any]]:
-    """Managers something else runs (``allm gateway``): what their heartbeats say.
+def instance_row(
+    target: Any, view: InstanceView | None, kept: InstanceStatus | None = None
+) -> dict[str, Any]:
+    """One manager instance: ``target`` names it (a ManagerSpec, a Remote, or the supervisor's
+    status), ``view`` is what the kernel client hears of it, ``kept`` the supervisor's record of a
+    process it runs.
 
-    ``state`` is ``running`` while heartbeats come, ``absent`` when none has come for the
-    heartbeat timeout; ``restarts`` counts the new processes this gateway has heard.
+    Without a record (supervisord runs it, or another host) the heartbeats say it all: ``state``
+    is ``running`` while they come, ``absent`` when none has come for the heartbeat timeout;
+    ``restarts`` counts the new processes this gateway has heard, and deaths are a process
+    manager's to count (supervisord's log says).
     """
-    views = {v.endpoint: v for v in app.ctx.client.instances()}
-    out = []
-    for spec in targets:  # ManagerSpec (run by supervisord) or Remote (another host)
-        view = views.get(spec.endpoint)
-        hb = view.heartbeat if view is not None else None
-        live = bool(view and view.live)
-        extra = hb.extra if hb is not None and live else {}
-        out.append(
-            {
-                "name": spec.name,
-                "modality": spec.modality,
-                "instance": spec.instance,
-                "endpoint": spec.endpoint,
-                "pid": hb.pid if hb else None,
-                "state": "running" if live else "absent",
-                "live": live,
-                "restarts": view.restarts_seen if view else 0,
-                "last_exit": None,
-                "last_code": None,
-                "last_lines": [],
-                "deaths": {},  # a process manager's to count: supervisord's log says
-                "retry_in_s": None,
-                "models": list(hb.models) if hb else [],
-                "loading": extra.get("loading") or {},
-                "model_stats": extra.get("model_stats") or {},
-                "running": extra.get("running") or [],
-                "active": hb.active if hb else 0,
-                "queued": hb.queued if hb else 0,
-                "capacity": hb.capacity if hb else 0,
-                "memory_bytes": hb.memory_bytes if hb else None,
-                "heard_s_ago": round(view.heard_s_ago, 3) if view and view.heard_s_ago is not None else None,
-                "remote": spec.endpoint.startswith("tcp://"),
-            }
-        )
-    return out
+    hb = view.heartbeat if view is not None else None
+    live = bool(view and view.live)
+    state = kept.state if kept is not None else ("running" if live else "absent")
+    extra = hb.extra if hb is not None and state == "running" else {}
+    row: dict[str, Any] = {
+        "name": target.name,
+        "modality": target.modality,
+        "instance": target.instance,
+        "endpoint": target.endpoint,
+        "pid": kept.pid if kept is not None else (hb.pid if hb else None),
+        "state": state,
+        "live": live,
+        "restarts": kept.restarts if kept is not None else (view.restarts_seen if view else 0),
+        "last_exit": (kept.last_exit or None) if kept is not None else None,
+        "last_code": (kept.last_code or None) if kept is not None else None,
+        # its stderr's last lines before that exit
+        "last_lines": list(kept.last_lines) if kept is not None else [],
+        "deaths": dict(kept.deaths) if kept is not None else {},  # by cause, since the gateway started
+        "retry_in_s": kept.retry_in_s if kept is not None else None,
+        "models": list(hb.models) if hb else [],
+        "loading": extra.get("loading") or {},
+        "model_stats": extra.get("model_stats") or {},
+        "running": extra.get("running") or [],
+        "active": hb.active if hb else 0,
+        "queued": hb.queued if hb else 0,
+        "capacity": hb.capacity if hb else 0,
+        "memory_bytes": kept.memory_bytes if kept is not None else (hb.memory_bytes if hb else None),
+    }
+    if kept is None:
+        row["heard_s_ago"] = round(view.heard_s_ago, 3) if view and view.heard_s_ago is not None else None
+    row["remote"] = kept is None and target.endpoint.startswith("tcp://")
+    return row
 
 
 @bp.get("/health")
@@ -160,6 +136,16 @@ async def status(request: Request) -> HTTPResponse:
     )
 
 
+def model_state(loaded: bool, loading: bool, live: bool) -> str:
+    """A catalog model's state, as /status and /v1/models show it (``live``: a manager of its
+    modality is up, so a request for it would load it)."""
+    if loaded:
+        return "loaded"
+    if loading:
+        return "loading"
+    return "available" if live else "unavailable"
+
+
 def model_rows(
     config: Config, managers: list[dict[str, Any]], activity: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -179,11 +165,7 @@ def model_rows(
             {
                 "id": model.id,
                 "modality": model.modality,
-                "state": "loaded"
-                if holders
-                else "loading"
-                if loading
-                else ("available" if live else "unavailable"),
+                "state": model_state(bool(holders), loading, live),
                 "managers": [m["name"] for m in holders],
                 "memory_bytes": sum(memory) if memory else None,
                 "requests": seen.get("requests", 0),
@@ -217,11 +199,7 @@ async def models(request: Request) -> HTTPResponse:
             "created": 0,
             "owned_by": "allm",
             "modality": m.modality,
-            "state": "loaded"
-            if m.id in loaded
-            else "loading"
-            if m.id in loading
-            else ("available" if m.modality in live else "unavailable"),
+            "state": model_state(m.id in loaded, m.id in loading, m.modality in live),
         }
         for m in config.models
     ]

@@ -10,9 +10,10 @@ applied, and every problem is reported, in the log and in ``/status``'s
   entry changed or left is unloaded once no request uses it. The supervisor starts
   instances with the new catalog from then on;
 - ``api_keys``, ``cors_origins`` and ``request_timeout_s`` apply to the next request;
-- everything else (the address, directories, heartbeats, a modality's instances, queue
-  and memory, a model of a modality with no manager running) needs a restart: it is
-  named in ``restart_needed`` and the running value stays.
+- everything else (the address, directories, heartbeats, the body and keep-alive
+  timeouts, a modality's instances, queue and memory, a model of a modality with no
+  manager running) needs a restart: it is named in ``restart_needed`` and the running
+  value stays.
 
 See docs/design.md, "Stop and reload".
 """

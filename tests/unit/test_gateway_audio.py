@@ -24,21 +24,21 @@ from openai.types.audio import (
     TranslationVerbose,
 )
 
-from allm.gateway import api_schema as api
 from allm.gateway import openapi
-from allm.gateway.audio import (
-    MAX_PARTS,
+from allm.gateway.audio import schema as api
+from allm.gateway.audio.form import MAX_PARTS, read_form
+from allm.gateway.audio.handlers import (
     TextDeltas,
     cue_text,
     manager_params,
-    read_form,
     render,
     srt,
     timestamp,
     verbose_json,
     vtt,
 )
-from allm.gateway.config import ModelConfig, load
+from allm.gateway.config import ModelConfig
+from allm.gateway.config_read import load
 from allm.gateway.errors import ApiError, describe
 
 BOUNDARY = "b0undary"

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from allm.gateway.config import (
-    DEFAULT_AUDIO_MODEL_ID,
-    DEFAULT_MODEL_ID,
-    MIB,
-    SAMPLING_DEFAULTS,
-    ConfigError,
-    ImageLimits,
-    load,
-)
+from allm.gateway.catalog import DEFAULT_AUDIO_MODEL_ID, DEFAULT_MODEL_ID
+from allm.gateway.config import MIB, SAMPLING_DEFAULTS, ConfigError, ImageLimits
+from allm.gateway.config_read import load
 
 
 def write(tmp_path, text):
@@ -70,6 +64,8 @@ def test_catalog_models_and_modality_options(tmp_path):
         ("[server]\nport = 'eighty'\n", "setting port must be int"),
         ("[server]\nport = -1\n", "setting port must be at least 0"),
         ("[server]\nbogus = 1\n", "unknown setting(s) ['bogus']"),
+        ("[server]\nbody_timeout_s = 0\n", "setting body_timeout_s must be at least 0.1, got 0"),
+        ("[server]\nkeep_alive_timeout_s = 'long'\n", "setting keep_alive_timeout_s must be float"),
         ("[[models]]\npath = '/x'\n", "models[0] needs a non-empty string field 'id'"),
         ("[[models]]\nid = 'a'\n", "models[0] needs a non-empty string field 'path'"),
         ("[[models]]\nid = 'a'\npath = '/x'\nmodality = 'video'\n", "model 'a': field 'modality'"),
@@ -137,6 +133,33 @@ def test_a_bad_catalog_stops_start_up_naming_the_entry_and_field(tmp_path, text,
     with pytest.raises(ConfigError) as info:
         load(write(tmp_path, text), environ={})
     assert needle in str(info.value)
+
+
+def test_every_problem_is_told_at_once_table_by_table(tmp_path):
+    text = (
+        "[server]\nport = 'x'\nbogus = 1\n[responses]\nmax_stored = 0\n[text]\nqueue_size = 'many'\n"
+        "[[models]]\nid = 'a'\npath = '/x'\nformat = 'tflite'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), environ={})
+    assert info.value.problems == (
+        "[server] has unknown setting(s) ['bogus']",
+        "setting port must be int, got 'x'",
+        "setting responses.max_stored must be at least 1, got 0",
+        "setting text.queue_size must be int, got 'many'",
+        "model 'a': field 'format' must be one of ('gguf', 'safetensors', 'onnx'), got 'tflite'",
+    )
+
+
+def test_slow_clients_are_bounded_by_the_body_and_keep_alive_timeouts(tmp_path):
+    from allm.gateway.app import create_app
+
+    config = load(environ={})
+    assert (config.body_timeout_s, config.keep_alive_timeout_s) == (30.0, 30.0)
+    config = load(write(tmp_path, "[server]\nbody_timeout_s = 2.5\nkeep_alive_timeout_s = 5\n"), environ={})
+    app = create_app(config, name="allm-config-slow-clients")
+    # Sanic's own names: REQUEST_TIMEOUT for the headers (and allm's EdgeRequest for the body)
+    assert (app.config.REQUEST_TIMEOUT, app.config.KEEP_ALIVE_TIMEOUT) == (2.5, 5.0)
 
 
 def test_a_bad_environment_value_names_the_setting():

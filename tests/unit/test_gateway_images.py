@@ -27,14 +27,15 @@ from openai import AsyncOpenAI
 from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent, ImagesResponse
 from sanic import Sanic
 
-from allm.gateway import api_schema as api
-from allm.gateway import errors, images, openapi
-from allm.gateway.config import Config, ImageLimits, ModelConfig, load
+from allm.gateway import errors, openapi
+from allm.gateway.config import Config, ImageLimits, ModelConfig
+from allm.gateway.config_read import load
 from allm.gateway.errors import ApiError
-from allm.gateway.images import (
-    FILE_NAME,
+from allm.gateway.images import handlers as images
+from allm.gateway.images import schema as api
+from allm.gateway.images.files import FILE_NAME, ImageFiles
+from allm.gateway.images.handlers import (
     ImageEvents,
-    ImageFiles,
     b64_items,
     base_url,
     generated,
@@ -42,9 +43,11 @@ from allm.gateway.images import (
     images_response,
     manager_params,
 )
+from allm.image_names import SAMPLERS
 from allm.kernel.codes import AllmError, InternalError, OomRamError, UnsupportedError
 from allm.kernel.protocol import Chunk, Result
 from tests.clock import Clock
+from tests.waits import until
 
 MODEL = "sd"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # the gateway never looks inside: any bytes will do
@@ -180,7 +183,7 @@ def test_a_negative_seed_asks_the_manager_to_draw_one_as_stable_diffusion_uis_me
         {"seed": 2**63 - 1},
         # null is absent, as in OpenAI's APIs
         {"n": None, "size": None, "quality": None, "partial_images": None, "output_compression": None},
-        *({"sampler": s} for s in api.SAMPLERS),
+        *({"sampler": s} for s in SAMPLERS),
     ],
 )  # fmt: skip
 def test_a_body_openai_or_stable_diffusion_cpp_would_take_is_taken(body):
@@ -491,10 +494,7 @@ async def test_the_timer_sweeps_even_when_no_request_comes(tmp_path):
     clock.now += 61
     sweeps = asyncio.create_task(store.sweep_every(0.01))
     try:
-        for _ in range(200):
-            if not (tmp_path / "images" / name).exists():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not (tmp_path / "images" / name).exists(), 5, "the sweep to remove the file")
     finally:
         sweeps.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -9,13 +9,14 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
-from allm.gateway import api_schema as api
 from allm.gateway import openapi
 from allm.gateway.app import OPEN_PATHS, create_app
-from allm.gateway.config import load
+from allm.gateway.chat import schema as chat
+from allm.gateway.config_read import load
 from allm.gateway.errors import ApiError
+from allm.gateway.responses import schema as responses
 
-from .test_gateway_api_schema import GOOD_CHAT, M
+from .test_gateway_bodies import GOOD_CHAT, M
 
 _names = itertools.count()
 
@@ -74,7 +75,7 @@ def _body_schema(config, path):
 CALL = {"type": "function_call", "call_id": "c", "arguments": "{}"}
 SAMPLES = {
     "/v1/chat/completions": (
-        api.CHAT,
+        chat.CHAT,
         [
             *GOOD_CHAT,
             {"model": M},
@@ -91,7 +92,7 @@ SAMPLES = {
         ],
     ),
     "/v1/responses": (
-        api.RESPONSES,
+        responses.RESPONSES,
         [
             {"model": M, "input": "x"},
             {"model": M, "input": [{"type": "message", "role": "user", "content": ""}]},
@@ -104,9 +105,9 @@ SAMPLES = {
             {"model": M, "input": "x", "tools": [{"type": "web_search"}]},
         ],
     ),
-    "/v1/completions": (api.COMPLETIONS, [{"model": M, "prompt": "x"}, {"model": M, "prompt": ""}]),
+    "/v1/completions": (chat.COMPLETIONS, [{"model": M, "prompt": "x"}, {"model": M, "prompt": ""}]),
     "/v1/embeddings": (
-        api.EMBEDDINGS,
+        chat.EMBEDDINGS,
         [{"model": M, "input": ["a", "b"]}, {"model": M, "input": []}, {"model": M, "input": ""}],
     ),
 }  # fmt: skip

@@ -11,11 +11,12 @@ import json
 
 import pytest
 
-from allm.gateway import api_schema
-from allm.gateway.chat import ChatDeltas
+from allm.gateway.chat.handlers import ChatDeltas
 from allm.gateway.config import ModelConfig
-from allm.gateway.items import input_items, item_messages, output_items
-from allm.gateway.responses import Events, Turn
+from allm.gateway.responses import schema as api_schema
+from allm.gateway.responses.events import Events
+from allm.gateway.responses.items import input_items, item_messages, output_items
+from allm.gateway.responses.turn import Turn
 from tests.event_grammar import check_chat_chunks, check_response_events
 
 MODEL = ModelConfig("m", "/m.gguf", defaults={"temperature": 0.2, "top_p": 0.9})

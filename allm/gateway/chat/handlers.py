@@ -1,4 +1,4 @@
-"""Chat Completions, Completions and Embeddings: the compatibility APIs.
+"""Chat Completions, Completions and Embeddings: the compatibility APIs, parsed, run and rendered.
 
 POST /v1/chat/completions   chat.completion, or chat.completion.chunk lines ending in [DONE]
 POST /v1/completions        text_completion
@@ -8,22 +8,17 @@ POST /v1/embeddings         a list of embeddings (float or base64)
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
-from allm.gateway import api_schema
-from allm.gateway.errors import describe
+from allm.gateway.chat import schema
 from allm.gateway.fields import json_body, model_for, sampling, text_of
-from allm.kernel.client import KernelClient, Stream
-from allm.kernel.codes import AllmError
-from allm.kernel.protocol import Chunk
+from allm.gateway.streaming import DONE, pump, sse
 
 bp = Blueprint("chat", url_prefix="/v1")
 
@@ -95,33 +90,10 @@ def tool_calls(data: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-async def open_stream(request: Request, stream: Stream) -> tuple[Any, Chunk | None, AsyncIterator[Chunk]]:
-    """Wait for the first chunk, then answer with an event stream.
-
-    A request the engine refuses at once (context too long, model broken) is
-    still a plain HTTP error; after this, errors travel inside the stream.
-    Returns the response, the first chunk (None if the reply has none) and the rest.
-    """
-    pieces = aiter(stream)
-    opening = await anext(pieces, None)
-    response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return response, opening, pieces
-
-
-async def stream_error(response: Any, exc: Exception) -> None:
-    """After the stream began, an error is one data line, then [DONE]."""
-    _status, payload, _headers = describe(exc)
-    await response.send(sse(payload) + "data: [DONE]\n\n")
-
-
 @bp.post("/chat/completions")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     config, client = request.app.ctx.config, request.app.ctx.client
-    payload = api_schema.CHAT.check(json_body(request), "")
+    payload = schema.CHAT.check(json_body(request), "")
     model = model_for(config, payload, "text")
     params: dict[str, Any] = {
         "messages": chat_messages(payload["messages"]),
@@ -176,21 +148,13 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         logprobs=asks_logprobs,
         include_usage=bool(payload.get("stream_options", {}).get("include_usage")),
     )
-    async with client.stream(
-        "text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s
-    ) as stream:
-        response, opening, pieces = await open_stream(request, stream)
-        head = deltas.chunk({"role": "assistant", "content": ""})
-        await response.send(head + (deltas.feed(opening.data) if opening is not None else ""))
-        try:
-            async for piece in pieces:
-                await response.send(deltas.feed(piece.data))
-        except AllmError as exc:
-            await stream_error(response, exc)
-        else:
-            assert stream.result is not None
-            await response.send(deltas.finish(stream.result.data))
-        await response.eof()
+    await pump(
+        request,
+        client.stream("text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s),
+        first=deltas.chunk({"role": "assistant", "content": ""}),
+        feed=deltas.feed,
+        finish=lambda result: deltas.finish(result.data),
+    )
     return None
 
 
@@ -251,40 +215,13 @@ class ChatDeltas:
         out += self.chunk({}, data["finish_reason"])
         if self.include_usage:
             out += sse({**self.base, "choices": [], "usage": chat_usage(data)})
-        return out + "data: [DONE]\n\n"
-
-
-async def _stream_text(
-    request: Request,
-    client: KernelClient,
-    *,
-    op: str,
-    model_id: str,
-    params: dict[str, Any],
-    timeout_s: float,
-    first: str,
-    delta: Callable[[str], str],
-    finish: Callable[[dict[str, Any]], str],
-) -> None:
-    """Run a streaming generation as data: lines; errors before the first byte stay HTTP errors."""
-    async with client.stream("text", op, model=model_id, params=params, timeout_s=timeout_s) as stream:
-        response, opening, pieces = await open_stream(request, stream)
-        await response.send(first + (delta(opening.data["text"]) if opening is not None else ""))
-        try:
-            async for piece in pieces:
-                await response.send(delta(piece.data["text"]))
-        except AllmError as exc:
-            await stream_error(response, exc)
-        else:
-            assert stream.result is not None
-            await response.send(finish(stream.result.data))
-        await response.eof()
+        return out + DONE
 
 
 @bp.post("/completions")
 async def completions(request: Request) -> HTTPResponse | None:
     config, client = request.app.ctx.config, request.app.ctx.client
-    payload = api_schema.COMPLETIONS.check(json_body(request), "")
+    payload = schema.COMPLETIONS.check(json_body(request), "")
     model = model_for(config, payload, "text")
     prompt = payload["prompt"]
     if isinstance(prompt, list):
@@ -309,16 +246,11 @@ async def completions(request: Request) -> HTTPResponse | None:
         return json_response(
             {**choice(result.data["text"], result.data["finish_reason"]), "usage": usage(result.data)}
         )
-    await _stream_text(
+    await pump(
         request,
-        client,
-        op="complete",
-        model_id=model.id,
-        params=params,
-        timeout_s=config.request_timeout_s,
-        first="",
-        delta=lambda text: sse(choice(text, None)),
-        finish=lambda data: sse(choice("", data["finish_reason"])) + "data: [DONE]\n\n",
+        client.stream("text", "complete", model=model.id, params=params, timeout_s=config.request_timeout_s),
+        feed=lambda data: sse(choice(data["text"], None)),
+        finish=lambda result: sse(choice("", result.data["finish_reason"])) + DONE,
     )
     return None
 
@@ -326,7 +258,7 @@ async def completions(request: Request) -> HTTPResponse | None:
 @bp.post("/embeddings")
 async def embeddings(request: Request) -> HTTPResponse:
     config, client = request.app.ctx.config, request.app.ctx.client
-    payload = api_schema.EMBEDDINGS.check(json_body(request), "")
+    payload = schema.EMBEDDINGS.check(json_body(request), "")
     model = model_for(config, payload, "text")
     inputs = payload["input"]
     if isinstance(inputs, str):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from allm.gateway import api_schema as api
+from allm.gateway.chat import schema as chat
 from allm.gateway.errors import ApiError
+from allm.gateway.responses import schema as responses
 
 M = "smollm2-135m-instruct"
 USER = [{"role": "user", "content": "hi"}]
@@ -95,7 +96,7 @@ GOOD_CHAT = [
 
 @pytest.mark.parametrize("body", GOOD_CHAT)
 def test_an_openai_chat_body_passes(body):
-    api.CHAT.check(body, "")
+    chat.CHAT.check(body, "")
 
 
 @pytest.mark.parametrize(
@@ -154,7 +155,7 @@ def test_an_openai_chat_body_passes(body):
     ],
 )  # fmt: skip
 def test_a_bad_chat_body_is_refused_naming_the_field(body, param):
-    assert refused(api.CHAT, {"model": M, **body}).param == param
+    assert refused(chat.CHAT, {"model": M, **body}).param == param
 
 
 @pytest.mark.parametrize(
@@ -203,7 +204,7 @@ def test_a_bad_chat_body_is_refused_naming_the_field(body, param):
     ],
 )  # fmt: skip
 def test_an_openai_responses_body_passes(body):
-    api.RESPONSES.check(body, "")
+    responses.RESPONSES.check(body, "")
 
 
 @pytest.mark.parametrize(
@@ -243,28 +244,28 @@ def test_an_openai_responses_body_passes(body):
     ],
 )  # fmt: skip
 def test_a_bad_responses_body_is_refused_naming_the_field(body, param):
-    assert refused(api.RESPONSES, {"model": M, **body}).param == param
+    assert refused(responses.RESPONSES, {"model": M, **body}).param == param
 
 
 @pytest.mark.parametrize(
     ("node", "body", "param"),
     [
-        (api.COMPLETIONS, {"prompt": ""}, "prompt"),  # an assert in the engine: a 500 before
-        (api.COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
-        (api.COMPLETIONS, {"prompt": [1, 2]}, "prompt"),
-        (api.COMPLETIONS, {"prompt": "x", "stop": [1]}, "stop[0]"),
-        (api.COMPLETIONS, {"prompt": "\x13\x13"}, "prompt"),  # no tokens at all: a 500, or worse
-        (api.EMBEDDINGS, {"input": ["ok", "\x04\x06"]}, "input[1]"),
-        (api.COMPLETIONS, {"prompt": "x", "echo": True}, "echo"),
-        (api.COMPLETIONS, {"prompt": "x", "best_of": 2}, "best_of"),
-        (api.EMBEDDINGS, {"input": "x", "encoding_format": "hex"}, "encoding_format"),
-        (api.EMBEDDINGS, {"input": ["x", ""]}, "input[1]"),
-        (api.EMBEDDINGS, {"input": ["x"] * 2049}, "input"),
-        (api.EMBEDDINGS, {"input": "x", "dimensions": 3}, "dimensions"),
+        (chat.COMPLETIONS, {"prompt": ""}, "prompt"),  # an assert in the engine: a 500 before
+        (chat.COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
+        (chat.COMPLETIONS, {"prompt": [1, 2]}, "prompt"),
+        (chat.COMPLETIONS, {"prompt": "x", "stop": [1]}, "stop[0]"),
+        (chat.COMPLETIONS, {"prompt": "\x13\x13"}, "prompt"),  # no tokens at all: a 500, or worse
+        (chat.EMBEDDINGS, {"input": ["ok", "\x04\x06"]}, "input[1]"),
+        (chat.COMPLETIONS, {"prompt": "x", "echo": True}, "echo"),
+        (chat.COMPLETIONS, {"prompt": "x", "best_of": 2}, "best_of"),
+        (chat.EMBEDDINGS, {"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        (chat.EMBEDDINGS, {"input": ["x", ""]}, "input[1]"),
+        (chat.EMBEDDINGS, {"input": ["x"] * 2049}, "input"),
+        (chat.EMBEDDINGS, {"input": "x", "dimensions": 3}, "dimensions"),
     ],
 )
 def test_completions_and_embeddings_bodies(node, body, param):
-    node.check({"model": M, "prompt": "x"} if node is api.COMPLETIONS else {"model": M, "input": "x"}, "")
+    node.check({"model": M, "prompt": "x"} if node is chat.COMPLETIONS else {"model": M, "input": "x"}, "")
     assert refused(node, {"model": M, **body}).param == param
 
 
@@ -273,15 +274,15 @@ def test_completions_and_embeddings_bodies(node, body, param):
 )
 def test_a_path_like_response_id_is_refused(response_id):
     with pytest.raises(ApiError) as info:
-        api.RESPONSE_ID.check(response_id, "response_id")
+        responses.RESPONSE_ID.check(response_id, "response_id")
     assert info.value.param == "response_id"
-    assert api.RESPONSE_ID.check("resp_0123abc", "response_id") == "resp_0123abc"
+    assert responses.RESPONSE_ID.check("resp_0123abc", "response_id") == "resp_0123abc"
 
 
 @pytest.mark.parametrize("text", ["\n", " ", "\x13a", "\t\x13"])
 def test_text_with_anything_but_invisible_controls_is_fine(text):
-    api.COMPLETIONS.check({"model": M, "prompt": text}, "")
-    api.EMBEDDINGS.check({"model": M, "input": text}, "")
+    chat.COMPLETIONS.check({"model": M, "prompt": text}, "")
+    chat.EMBEDDINGS.check({"model": M, "input": text}, "")
 
 
 def test_all_tools_parameters_share_one_grammar_budget():
@@ -289,6 +290,6 @@ def test_all_tools_parameters_share_one_grammar_budget():
         long = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 1000}}}
         return {"type": "function", "name": f"f{i}", "parameters": long}
 
-    api.RESPONSES.check({"model": M, "input": "x", "tools": [tool(i) for i in range(20)]}, "")
-    error = refused(api.RESPONSES, {"model": M, "input": "x", "tools": [tool(i) for i in range(21)]})
+    responses.RESPONSES.check({"model": M, "input": "x", "tools": [tool(i) for i in range(20)]}, "")
+    error = refused(responses.RESPONSES, {"model": M, "input": "x", "tools": [tool(i) for i in range(21)]})
     assert error.param == "tools[20].parameters"

@@ -1,0 +1,1 @@
+"""The audio room, speech to text: schema.py, form.py (multipart/form-data), handlers.py."""

@@ -1,0 +1,1 @@
+"""The Chat Completions room, with the legacy Completions and Embeddings beside it: schema.py, handlers.py."""
