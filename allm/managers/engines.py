@@ -69,19 +69,3 @@ STABLE_DIFFUSION_CPP: Final = Engine("stable-diffusion.cpp", ("stable_diffusion_
 ENGINES: Final[Mapping[str, Engine]] = MappingProxyType(
     {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, ONNX_GENAI, WHISPER_CPP, STABLE_DIFFUSION_CPP)}
 )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Problem:
-    field: str  # the catalog entry's field at fault: path, format, options.KEY
-    message: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ModelReport:
-    """What a manager can tell of a catalog entry without loading it (``allm check``, ``allm models``)."""
-
-    format: str | None  # None where neither the catalog nor the files say
-    engine: Engine | None
-    size_bytes: int | None  # the weights on disk
-    problems: tuple[Problem, ...] = ()

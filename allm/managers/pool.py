@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import psutil
 
 from allm.kernel.codes import OomRamError, UnsupportedError
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.contract import ManagerInfo, Reply, RequestContext
 
 log = logging.getLogger("allm.pool")
 
@@ -80,12 +80,12 @@ class _Loading:
 class _Loaded:
     __slots__ = ("closed", "engine", "entry", "estimate_bytes", "in_use", "last_used", "stale")
 
-    def __init__(self, engine: Engine, estimate_bytes: int, entry: ModelEntry) -> None:
+    def __init__(self, engine: Engine, estimate_bytes: int, entry: ModelEntry, now: float) -> None:
         self.engine = engine
         self.estimate_bytes = estimate_bytes
         self.entry = entry  # the catalog entry it was loaded from
         self.in_use = 0
-        self.last_used = time.monotonic()
+        self.last_used = now  # on the pool's clock
         self.stale = False  # its entry changed or left the catalog: closed when its last user is done
         self.closed = False
 
@@ -111,8 +111,11 @@ class ModelPool:
         free_bytes: Callable[[], int] = lambda: psutil.virtual_memory().available,
         load_stall_s: float | None = None,
         modality: str = "text",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: when a model was last used and is idle since (tests hand-set it)."""
         self.catalog = dict(catalog)
+        self._clock = clock
         self.modality = modality  # names the budget in messages
         self._plan = plan
         self.budget_bytes = budget_bytes
@@ -165,7 +168,7 @@ class ModelPool:
     def _release(self, model_id: str, slot: _Loaded) -> None:
         with self._lock:
             slot.in_use -= 1
-            slot.last_used = time.monotonic()
+            slot.last_used = self._clock()
             if not slot.stale or slot.in_use or slot.closed:
                 return
             self._forget(model_id, slot)
@@ -304,7 +307,7 @@ class ModelPool:
             with self._lock:
                 holder[0].estimate_bytes += extra_bytes
 
-        slot = _Loaded(plan.load(progress, reserve), need, entry)
+        slot = _Loaded(plan.load(progress, reserve), need, entry, self._clock())
         holder.append(slot)
         log.info("loaded %s in %.2f s (estimate %.0f MiB)", model_id, time.monotonic() - started, need / MIB)
         return slot
@@ -338,19 +341,22 @@ class ModelPool:
                 return False
         return need <= self._free_bytes()
 
+    def unload_idle(self) -> list[str]:
+        """Unload the models no request used for ``idle_unload_s``; returns their ids."""
+        if not self.idle_unload_s:
+            return []
+        now = self._clock()
+        with self._lock:
+            idle = [
+                m for m, s in self._loaded.items() if not s.in_use and now - s.last_used > self.idle_unload_s
+            ]
+        return [model_id for model_id in idle if self.unload(model_id)]
+
     def _sweep_idle(self) -> None:
         assert self.idle_unload_s is not None
         interval = max(0.05, min(1.0, self.idle_unload_s / 4))
         while not self._closed.wait(interval):
-            now = time.monotonic()
-            with self._lock:
-                idle = [
-                    m
-                    for m, s in self._loaded.items()
-                    if not s.in_use and now - s.last_used > self.idle_unload_s
-                ]
-            for model_id in idle:
-                self.unload(model_id)
+            self.unload_idle()
 
 
 class PooledManager:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
@@ -12,8 +11,9 @@ import pytest_asyncio
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import AllmError, Code
 from tests.model_files import smollm2_path, truncated_copy, with_bytes, write_gguf, write_tiny_llama_gguf
+from tests.waits import until, wait_idle
 
-from .conftest import text_manager, wait_idle
+from .conftest import text_manager
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -301,11 +301,11 @@ async def test_idle_models_are_unloaded_after_the_configured_time(tmp_path):
     async with text_manager(settings) as (client, _supervisor):
         await client.call("text", "load", model="tiny")
         assert await loaded(client) == {"tiny"}
-        for _ in range(100):
-            if not await loaded(client):
-                break
-            await asyncio.sleep(0.05)
-        assert await loaded(client) == set()
+
+        async def nothing_loaded() -> bool:
+            return not await loaded(client)
+
+        await until(nothing_loaded, 30, "the idle model to be unloaded")
         # and it comes back on demand
         await client.call(
             "text", "chat", model="tiny", params={"messages": [{"role": "user", "content": "x"}]}

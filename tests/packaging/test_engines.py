@@ -6,6 +6,9 @@ every engine is installed: a GGUF catalog must not pull torch, mlx or the others
 
 from __future__ import annotations
 
+import io
+import wave
+
 import pytest
 
 from allm.kernel.codes import Code, UnsupportedError
@@ -41,13 +44,28 @@ def chat(server, model: str) -> None:
     assert status == 200, reply
 
 
+def silence_wav(seconds: float = 0.5, rate: int = 16_000) -> bytes:
+    """A WAV of silence: the smallest upload that loads the audio engine (an empty one is a 400)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(seconds * rate))
+    return out.getvalue()
+
+
 def transcribe(server, model: str) -> None:
     boundary = "allm-test-boundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-        f"Content-Type: audio/wav\r\n\r\n"
-    ).encode() + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            f"Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + silence_wav()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     status, _, data = server.request(
         "POST",
         "/v1/audio/transcriptions",

@@ -57,9 +57,15 @@ def test_decoding_in_blocks_equals_decoding_at_once():
     assert np.max(np.abs(blocks - whole)) < 1e-3
 
 
-def test_an_empty_upload_is_empty_audio_and_silence_is_silent():
-    assert decode(b"").size == 0
-    assert is_silent(decode(b""))
+def test_an_empty_upload_is_refused_naming_the_file():
+    with pytest.raises(UnsupportedError) as info:
+        decode(b"")
+    assert (info.value.reason, info.value.param) == ("invalid_request", "file")
+    assert "empty (0 bytes)" in info.value.message
+
+
+def test_a_recording_without_samples_and_silence_are_silent():
+    assert is_silent(decode(written(np.zeros(0, dtype=np.float32), 16000)))
     assert is_silent(decode(written(np.zeros(16000, dtype=np.float32), 16000)))
     assert not is_silent(decode(written(tone(1.0, 16000), 16000)))
 

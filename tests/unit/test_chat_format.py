@@ -9,20 +9,18 @@ import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from allm.managers.text.chat_format import (
+from allm.managers.text.chat_format import Family, family_of, template_messages, thinks
+from allm.managers.text.chat_grammar import call_grammar
+from allm.managers.text.chat_parse import (
     Arguments,
     CallEnd,
     CallStart,
-    Family,
     HarmonyParser,
     OutputParser,
     Reasoning,
     Text,
-    call_grammar,
-    family_of,
-    thinks,
 )
-from allm.managers.text.generation import check_messages, template_messages, tool_spec
+from allm.managers.text.request import check_messages, tool_spec
 
 TEMPLATES = Path(__file__).parents[1] / "fixtures" / "templates"
 WEATHER = {
@@ -211,3 +209,10 @@ def test_llama3_template_gets_the_tools_and_the_call():
     assert '{"name": "get_weather", "parameters": {"city": "Oslo"}}' in prompt
     # Meta's template writes a result with tojson (a string is "iterable" to Jinja)
     assert '<|start_header_id|>ipython<|end_header_id|>\n\n"sunny"' in prompt
+
+
+def test_events_of_different_kinds_never_compare_equal():
+    pieces = [Text("x"), Reasoning("x"), Arguments("x")]
+    assert [a == b for a in pieces for b in pieces] == [a is b for a in pieces for b in pieces]
+    assert Text("x") == Text("x")
+    assert repr(Reasoning("x")) == "Reasoning(text='x')"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from allm.kernel.codes import InternalError, UnsupportedError
-from allm.managers.text.chat_format import Family, call_grammar
-from allm.managers.text.generation import json_gbnf
+from allm.managers.text.chat_format import Family
+from allm.managers.text.chat_grammar import call_grammar, json_gbnf
 from allm.managers.text.guided import GuideTokenizer, guide_for
 from allm.managers.text.sampling import Sampling, TokenPicker
 from tests.model_files import write_tokenizer

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from allm.kernel.codes import Code, FormatMismatchError, LoadFailedError, ModelCorruptError, UnsupportedError
-from allm.managers.image import model_check
-from allm.managers.image.model_check import FluxSize, Tensor, check_parts, detect_family
+from allm.managers.image import model_check, sd_tensors
+from allm.managers.image.model_check import check_parts, detect_family
+from allm.managers.image.sd_tensors import FluxSize, Tensor
 from tests.image_files import (
     DAMAGED_PART,
     FLUX_NORMS,
@@ -49,32 +50,32 @@ def _ne_table(part: str, **kwargs) -> dict[str, tuple[int, ...]]:
 
 
 def test_clip_l_table_is_the_recorded_one():
-    assert model_check.clip_l_table() == _ne_table("clip_l")
-    assert len(model_check.clip_l_table()) == 196  # 4 + 16 per layer of 12
+    assert sd_tensors.clip_l_table() == _ne_table("clip_l")
+    assert len(sd_tensors.clip_l_table()) == 196  # 4 + 16 per layer of 12
 
 
 def test_taesd_decoder_table_is_the_recorded_one():
-    assert model_check.taesd_table(16, encoder=False) == _ne_table("taesd", with_encoder=False)
+    assert sd_tensors.taesd_table(16, encoder=False) == _ne_table("taesd", with_encoder=False)
 
 
 def test_taesd_encoder_tables_agree():
     """The fixture's encoder (written from tae.hpp by hand) and the checker's are the same."""
-    checker = model_check.taesd_table(16)
+    checker = sd_tensors.taesd_table(16)
     encoder = {name: ne for name, ne in checker.items() if name.startswith("encoder.")}
     assert encoder == {spec.name: spec.ne for spec in tae_encoder_table(16)}
     assert len(encoder) == 67  # 2 convolutions with bias, 3 without, 10 blocks of 3 with bias
     assert encoder["encoder.layers.14.weight"] == (3, 3, 64, 16)
-    assert model_check.taesd_table(4)["decoder.layers.0.weight"] == (3, 3, 4, 64)
+    assert sd_tensors.taesd_table(4)["decoder.layers.0.weight"] == (3, 3, 4, 64)
 
 
 def test_flux_table_is_the_recorded_one():
     recorded = _ne_table("diffusion_model")
-    assert model_check.flux_table(FluxSize(hidden=128, depth=1, depth_single=1, guidance=False)) == recorded
+    assert sd_tensors.flux_table(FluxSize(hidden=128, depth=1, depth_single=1, guidance=False)) == recorded
 
 
 def test_flux_table_scales_like_flux_dev():
     """Flux dev's 19 double and 38 single blocks of 3072, with guidance: 780 tensors."""
-    table = model_check.flux_table(FluxSize(hidden=3072, depth=19, depth_single=38, guidance=True))
+    table = sd_tensors.flux_table(FluxSize(hidden=3072, depth=19, depth_single=38, guidance=True))
     assert len(table) == 780
     assert table["single_blocks.37.linear1.weight"] == (3072, 3 * 3072 + 4 * 3072, 1, 1)
     assert table["double_blocks.18.img_attn.norm.key_norm.scale"] == (128, 1, 1, 1)

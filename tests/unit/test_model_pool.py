@@ -5,13 +5,14 @@ The real engines' loads and unloads under a reload are in tests/integration/test
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from allm.kernel.codes import UnsupportedError
 from allm.managers.pool import ModelEntry, ModelPool, Plan
+from tests.clock import Clock
+from tests.waits import wait_for
 
 
 class Engine:
@@ -42,9 +43,7 @@ def entry(model_id: str, path: str = "/m.gguf", **options) -> ModelEntry:
 
 
 def wait_closed(engine: Engine) -> None:
-    deadline = time.monotonic() + 5
-    while not engine.closed and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: engine.closed, 5, "the engine to be closed")
 
 
 def test_an_unchanged_model_stays_loaded_and_a_removed_idle_one_leaves():
@@ -113,3 +112,37 @@ def test_stats_count_failed_loads_and_report_memory_only_while_loaded():
         pass
     assert p.stats()["a"]["load_failures"] == 1
     assert p.stats()["a"]["loads"] == 1
+
+
+def test_a_model_unused_for_idle_unload_s_is_unloaded_and_one_in_use_never():
+    clock = Clock()
+    made: list[Engine] = []
+
+    def plan(entry: ModelEntry) -> Plan:
+        def load(progress, reserve):
+            made.append(Engine(entry))
+            return made[-1]
+
+        return Plan(estimate_bytes=1000, load=load)
+
+    p = ModelPool(
+        {"a": entry("a"), "b": entry("b")}, plan, idle_unload_s=60, free_bytes=lambda: 10**12, clock=clock
+    )
+    try:
+        with p.use("a"):
+            pass
+        clock.now += 30
+        with p.use("b"):
+            clock.now += 31  # a: 61 s unused; b: in use all along
+            p.unload_idle()  # (the pool's own sweep, on the same clock, may have been first)
+            assert p.loaded() == ("b",)
+        assert made[0].closed
+        assert not made[1].closed
+        clock.now += 60  # b: exactly 60 s since its request ended, not past
+        assert p.unload_idle() == []
+        clock.now += 1
+        p.unload_idle()
+        assert p.loaded() == ()
+        assert p.stats()["a"]["unloads"] == p.stats()["b"]["unloads"] == 1
+    finally:
+        p.close()

@@ -7,8 +7,7 @@ import struct
 import pytest
 
 from allm.kernel.codes import AllmError, Code
-from allm.managers.text.detect import Format, detect
-from allm.managers.text.gguf_header import read_header
+from allm.managers.text.detect import Format, detect, read_header
 from tests.model_files import smollm2_path, truncated_copy, with_bytes, write_gguf
 
 
@@ -118,7 +117,7 @@ def test_the_real_default_model_passes_the_header_check():
 @pytest.mark.parametrize(
     ("damage", "code", "needle"),
     [
-        (lambda src, dst: truncated_copy(src, dst, 4000), Code.MODEL_CORRUPT, "past the end of the file"),
+        (lambda src, dst: truncated_copy(src, dst, 4000), Code.MODEL_CORRUPT, "truncated in tensor data"),
         (lambda src, dst: truncated_copy(src, dst, 20), Code.MODEL_CORRUPT, "truncated"),
         (lambda src, dst: with_bytes(src, dst, 0, b"GGML"), Code.FORMAT_MISMATCH, "not a GGUF file"),
         (lambda src, dst: with_bytes(src, dst, 4, struct.pack("<I", 99)), Code.UNSUPPORTED, "version 99"),

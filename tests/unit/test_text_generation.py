@@ -7,14 +7,10 @@ import json
 import pytest
 
 from allm.kernel.codes import AllmError, Code
-from allm.managers.text.chat_format import Family
-from allm.managers.text.generation import (
-    Sampling,
-    StopMatcher,
-    check_messages,
-    template_messages,
-    tool_spec,
-)
+from allm.managers.text.chat_format import Family, template_messages
+from allm.managers.text.request import check_messages, tool_spec
+from allm.managers.text.sampling import Sampling
+from allm.managers.text.stops import StopMatcher
 
 
 def feed_all(stops, pieces):

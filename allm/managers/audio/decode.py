@@ -34,9 +34,13 @@ def _unreadable(cause: str) -> UnsupportedError:
 
 
 def decode(data: bytes, max_seconds: float = MAX_SECONDS) -> np.ndarray:
-    """The recording as float32 samples at 16 kHz, mono; empty for an empty upload."""
+    """The recording as float32 samples at 16 kHz, mono; an empty upload is refused, as OpenAI does."""
     if not data:
-        return np.zeros(0, dtype=np.float32)
+        raise UnsupportedError(
+            f"the audio file is empty (0 bytes); allm reads {ACCEPTED}",
+            reason="invalid_request",
+            param="file",
+        )
     try:
         source = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:

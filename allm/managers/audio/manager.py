@@ -21,18 +21,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allm.kernel.codes import AllmError, FormatMismatchError, LoadFailedError
-from allm.kernel.runtime import ManagerInfo
+from allm.catalog_names import AUDIO_FORMATS
+from allm.kernel.codes import FormatMismatchError, LoadFailedError
+from allm.kernel.contract import ManagerInfo
 from allm.managers.audio.model_check import WhisperModelInfo, check_model
-from allm.managers.engines import WHISPER_CPP, ModelReport, Problem
+from allm.managers.engines import WHISPER_CPP
 from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
+from allm.managers.report import ModelReport, Problems
 
 if TYPE_CHECKING:
     from allm.managers.audio.whisper_engine import WhisperEngine
 
 MIB = 1024 * 1024
 OVERHEAD_BYTES = 64 * MIB  # the decoded request audio and bookkeeping beside the model
-FORMATS = ("ggml", "ctranslate2")
 OPTIONS = frozenset({"n_threads"})
 CONVERTER_VERSION = 1  # part of a converted file's cache key: a new converter converts again
 
@@ -58,9 +59,9 @@ def _cache_name(entry: ModelEntry, model_bin: Path) -> str:
 def resolve(entry: ModelEntry, cache_dir: Path | None) -> Source:
     """Find and check the entry's files; raises the coded error naming what is wrong."""
     path = entry.path
-    if entry.format is not None and entry.format not in FORMATS:
+    if entry.format is not None and entry.format not in AUDIO_FORMATS:
         raise FormatMismatchError(
-            f"audio models are {' or '.join(FORMATS)}, not {entry.format!r}", param="format"
+            f"audio models are {' or '.join(AUDIO_FORMATS)}, not {entry.format!r}", param="format"
         )
     if not path.is_absolute():  # pywhispercpp would take it for a model name to download
         raise LoadFailedError(f"model path must be absolute: {path}", param="path")
@@ -152,21 +153,15 @@ def make_plan(cache_dir: Path | None) -> Callable[[ModelEntry], Plan]:
 def describe(settings: Mapping[str, Any]) -> ModelReport:
     """What ``allm check`` and ``allm models`` say of one audio catalog entry."""
     entry = ModelEntry.from_settings(settings)
-    problems: dict[str, str] = {}
+    problems = Problems()
     fmt, size = entry.format, None
-    try:
+    with problems.under("options"):
         check_options(entry)
-    except AllmError as exc:
-        problems[exc.param or "options"] = exc.message
-    try:
+    with problems.under("path"):
         # Without a cache directory (the command line's case) a CTranslate2 source is described only.
         source = resolve(entry, Path(settings["cache_dir"]) if settings.get("cache_dir") else None)
         fmt, size = source.format, source.size_bytes
-    except AllmError as exc:
-        problems.setdefault(exc.param or "path", exc.message)
-    if not WHISPER_CPP.installed():
-        problems.setdefault("format", WHISPER_CPP.not_installed())
-    return ModelReport(fmt, WHISPER_CPP, size, tuple(Problem(f, m) for f, m in problems.items()))
+    return problems.report(fmt, WHISPER_CPP, size)
 
 
 class AudioManager(PooledManager):

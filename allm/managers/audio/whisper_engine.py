@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
-import contextlib
 import logging
 import math
 import threading
@@ -26,10 +25,11 @@ import _pywhispercpp as pw
 import numpy as np
 
 from allm.kernel.codes import InternalError, LoadFailedError, UnsupportedError
-from allm.kernel.runtime import Reply, RequestContext
+from allm.kernel.contract import Reply, RequestContext
 from allm.managers.audio.decode import SAMPLE_RATE, decode, is_silent
 from allm.managers.audio.languages import LANGUAGES
 from allm.managers.audio.model_check import WhisperModelInfo
+from allm.managers.audio.whisper_native import NoSpeech
 
 log = logging.getLogger("allm.audio.whisper")
 
@@ -64,12 +64,18 @@ class WhisperEngine:
         if self.ctx is None:  # whisper.cpp logged why; the file passed our checks, so say so
             raise LoadFailedError(f"whisper.cpp could not load {model_id} from {info.path}")
         self.eot = pw.whisper_token_eot(self.ctx)
+        self.no_speech = NoSpeech(pw, self.ctx)
 
     def close(self) -> None:
         ctx, self.ctx = self.ctx, None
         if ctx is not None:
-            with contextlib.suppress(Exception):
+            try:
                 pw.whisper_free(ctx)
+            except Exception:  # the pool goes on unloading the others
+                log.exception(
+                    "unloading %s: whisper_free failed; its whisper.cpp context may have leaked",
+                    self.model_id,
+                )
 
     def transcribe(self, ctx: RequestContext) -> Reply:
         params = ctx.params
@@ -189,6 +195,7 @@ class WhisperEngine:
         if text.strip() in NON_SPEECH:
             return None
         t0 = pw.whisper_full_get_segment_t0(self.ctx, i) / 100
+        no_speech = self.no_speech.prob(i)
         t1 = pw.whisper_full_get_segment_t1(self.ctx, i) / 100
         tokens, logprobs = [], []
         for j in range(pw.whisper_full_n_tokens(self.ctx, i)):
@@ -207,8 +214,8 @@ class WhisperEngine:
             "temperature": temperature,
             "avg_logprob": round(sum(logprobs) / len(logprobs), 6) if logprobs else 0.0,
             "compression_ratio": round(compression_ratio(text.strip()), 6),
-            # whisper.cpp computes it, but pywhispercpp does not expose it: null, never a made-up value
-            "no_speech_prob": None,
+            # null where the binding cannot reach whisper.cpp's value (whisper_native.py), never made up
+            "no_speech_prob": None if no_speech is None else round(no_speech, 6),
         }
 
     def _words(self) -> list[dict[str, Any]]:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from allm.kernel.codes import AllmError, LoadFailedError, UnsupportedError
-from allm.kernel.runtime import ManagerInfo
-from allm.managers.engines import STABLE_DIFFUSION_CPP, ModelReport, Problem
+from allm.kernel.codes import LoadFailedError, UnsupportedError
+from allm.kernel.contract import ManagerInfo
+from allm.managers.engines import STABLE_DIFFUSION_CPP
 from allm.managers.image.model_check import ImageModelInfo, check_parts
 from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
+from allm.managers.report import ModelReport, Problems
 
 if TYPE_CHECKING:
     from allm.managers.image.sd_engine import ImageEngine
@@ -94,16 +95,12 @@ def plan_load(entry: ModelEntry) -> Plan:
 def describe(settings: Mapping[str, Any]) -> ModelReport:
     """What ``allm check`` and ``allm models`` say of one image catalog entry."""
     entry = ModelEntry.from_settings(settings)
-    problems: dict[str, str] = {}
+    problems = Problems()
     fmt, size = None, None
-    try:
+    with problems.under("path"):
         _parts, info = checked(entry)
         fmt, size = info.family, info.weights_bytes
-    except AllmError as exc:
-        problems.setdefault(exc.param or "path", exc.message)
-    if not STABLE_DIFFUSION_CPP.installed():
-        problems.setdefault("format", STABLE_DIFFUSION_CPP.not_installed())
-    return ModelReport(fmt, STABLE_DIFFUSION_CPP, size, tuple(Problem(f, m) for f, m in problems.items()))
+    return problems.report(fmt, STABLE_DIFFUSION_CPP, size)
 
 
 class ImageManager(PooledManager):

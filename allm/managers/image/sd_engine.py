@@ -28,8 +28,8 @@ from allm.kernel.codes import (
     OomRamError,
     UnsupportedError,
 )
-from allm.kernel.runtime import Reply, RequestContext
-from allm.kernel.supervisor import describe_exit
+from allm.kernel.contract import Reply, RequestContext
+from allm.kernel.process import describe_exit
 from allm.managers.image import worker
 
 log = logging.getLogger("allm.image.sd")
@@ -95,7 +95,7 @@ class ImageEngine:
                 raise LoadFailedError(f"{self.model_id} did not load in {LOAD_TIMEOUT_S:.0f} s")
         try:
             kind, detail = parent.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):
             proc.join(5)
             raise LoadFailedError(f"the worker loading {self.model_id} {_ended(proc)}") from None
         if kind == "failed":
@@ -208,7 +208,9 @@ class ImageEngine:
                 continue
             try:
                 kind, detail = conn.recv()
-            except EOFError:  # the pipe closes as the worker dies: wait for its status to name the cause
+            # The pipe closes as the worker dies (EOF, or a reset when it died with bytes unread):
+            # wait for its status to name the cause.
+            except (EOFError, ConnectionResetError):
                 self._proc.join(5)
                 how = _ended(self._proc)
                 self._stop()

@@ -23,9 +23,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
-from allm.kernel.runtime import linux_prctl
-
-PR_SET_PDEATHSIG = 1
+from allm.kernel.process import PR_SET_PDEATHSIG, linux_prctl
 
 
 def serve(conn: Connection, paths: dict[str, str], options: dict[str, Any]) -> None:

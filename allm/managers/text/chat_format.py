@@ -1,8 +1,9 @@
-"""Chat formats: how a model's template takes tools, what its calls and reasoning look like.
+"""Chat formats: each family's chat template, the messages it takes, and what its calls look like.
 
 A model trained for tool calling answers in its own syntax; allm gives such a
-model the tools through its own chat template and parses that syntax. The
-family is read from the chat template's text (docs/agents.md):
+model the tools through its own chat template, and reads that syntax back
+(``chat_parse.py``) or holds the reply to it (``chat_grammar.py``). The family
+is read from the chat template's text (docs/agents.md):
 
     hermes   Qwen2.5, Qwen3, Hermes   <tool_call>\\n{"name": …, "arguments": {…}}\\n</tool_call>
     llama3   Llama 3.x               {"name": …, "parameters": {…}} as the whole reply
@@ -13,11 +14,6 @@ family is read from the chat template's text (docs/agents.md):
 
 Reasoning is ``<think>…</think>`` in templates that know it (Qwen3, DeepSeek-R1
 distills) and the ``analysis`` channel of harmony.
-
-``OutputParser`` turns the generated text, piece by piece, into events: answer
-text, reasoning text, the start of a call (its name), argument text as it is
-generated, the end of a call. It holds back only what may be the start of a
-marker, so everything else streams as soon as it is generated.
 """
 
 from __future__ import annotations
@@ -26,8 +22,13 @@ import dataclasses
 import enum
 import json
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from allm.kernel.codes import UnsupportedError
+
+if TYPE_CHECKING:
+    from allm.managers.text.request import ChatRequest, ToolSpec
 
 
 class Family(enum.StrEnum):
@@ -61,37 +62,6 @@ def family_of(template: str | None) -> Family:
 def thinks(template: str | None) -> bool:
     """Whether the template's models reason inside <think>…</think>."""
     return bool(template) and THINK_CLOSE in str(template)
-
-
-# -- events -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Text:
-    text: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reasoning:
-    text: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CallStart:
-    name: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Arguments:
-    text: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CallEnd:
-    pass
-
-
-Event = Text | Reasoning | CallStart | Arguments | CallEnd
 
 
 # -- the call syntax of each family ----------------------------------------------------------
@@ -159,450 +129,103 @@ SYNTAXES: Mapping[Family, Syntax] = {
     ),
 }
 
+# -- what a template is given --------------------------------------------------------------
 
-class _JsonEnd:
-    """Finds where a JSON value that streams in piece by piece ends (objects and arrays)."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.started = False
-        self.in_string = False
-        self.escape = False
-
-    def feed(self, text: str) -> int | None:
-        """The index in ``text`` just past the value's end, or None if it goes on."""
-        for i, c in enumerate(text):
-            if self.in_string:
-                if self.escape:
-                    self.escape = False
-                elif c == "\\":
-                    self.escape = True
-                elif c == '"':
-                    self.in_string = False
-                continue
-            if c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-                self.started = True
-            elif c in "}]":
-                self.depth -= 1
-            if self.started and self.depth <= 0:
-                return i + 1
-        return None
+Rendered = TypeVar("Rendered")
 
 
-def _held(buffer: str, markers: Sequence[str]) -> int:
-    """How many characters at the end of ``buffer`` may begin one of ``markers``."""
-    hold = 0
-    for marker in markers:
-        for k in range(min(len(marker) - 1, len(buffer)), hold, -1):
-            if buffer.endswith(marker[:k]):
-                hold = k
-                break
-    return hold
-
-
-class OutputParser:
-    """Generated text → events, for one family (harmony has its own parser).
-
-    ``tools``: whether calls are parsed at all (no tools: everything is text).
-    ``thinking``: the reply begins inside reasoning (the prompt opened ``<think>``).
-    ``halt_on_open``: stop consuming at a call marker, so the caller can continue
-    the generation under a grammar from there (``section_start``, ``unconsumed``).
-    """
-
-    def __init__(
-        self, family: Family, *, tools: bool, think: bool, thinking: bool = False, halt_on_open: bool = False
-    ) -> None:
-        self.syntax = SYNTAXES.get(family, SYNTAXES[Family.GENERIC])
-        self.tools = tools
-        self.think = think or thinking
-        self.state = "reasoning" if thinking else "text"
-        self.halt_on_open = halt_on_open
-        self.buffer = ""
-        self.fed = 0  # characters consumed so far
-        self.seen_text = False  # visible text came before (at_start markers no longer open calls)
-        self.section_start: int | None = None  # where the call section's marker begins, in fed characters
-        self.marker = ""
-        self.unconsumed = ""  # what followed the marker in the piece that completed it (halt_on_open)
-        self.args: _JsonEnd | None = None
-        self.calls = 0
-        self.after_think = False
-
-    @property
-    def in_call_section(self) -> bool:
-        return self.state in ("head", "args", "tail", "done")
-
-    @property
-    def in_reasoning(self) -> bool:
-        return self.state == "reasoning"
-
-    def feed(self, text: str) -> list[Event]:
-        events: list[Event] = []
-        self.buffer += text
-        self.fed += len(text)
-        self.unconsumed = ""  # a halt is for the piece that opened the section only
-        while self.buffer:
-            before = (self.state, len(self.buffer))
-            self._step(events)
-            if self.unconsumed or (self.state, len(self.buffer)) == before:
-                break
-        return events
-
-    def finish(self) -> list[Event]:
-        """The end of the reply: flush what was held back."""
-        events: list[Event] = []
-        if self.state == "text" and self.buffer:
-            events.append(Text(self.buffer))
-        elif self.state == "reasoning" and self.buffer:
-            events.append(Reasoning(self.buffer))
-        elif self.state == "args" and self.buffer:
-            events.append(Arguments(self.buffer))
-        self.buffer = ""
-        return events
-
-    # -- states --------------------------------------------------------------------------
-
-    def _markers(self) -> list[str]:
-        markers = [THINK_OPEN] if self.think else []
-        if self.tools:
-            markers += [m for m in self.syntax.opens if not (self.syntax.at_start and self.seen_text)]
-        return markers
-
-    def _step(self, events: list[Event]) -> None:
-        if self.state == "text":
-            self._text(events)
-        elif self.state == "reasoning":
-            self._reasoning(events)
-        elif self.state == "head":
-            self._head(events)
-        elif self.state == "args":
-            self._args(events)
-        elif self.state == "tail":
-            self._tail()
-        else:  # done: the call section ends the reply; anything after it is dropped
-            self.buffer = ""
-
-    def _text(self, events: list[Event]) -> None:
-        if self.after_think:  # the blank lines between reasoning and answer belong to neither
-            self.buffer = self.buffer.lstrip()
-            if not self.buffer:
-                return
-            self.after_think = False
-        markers = self._markers()
-        if self.syntax.at_start and self.tools and not self.seen_text:
-            # the reply's leading whitespace waits: a call may still begin the reply
-            stripped = self.buffer.lstrip()
-            if not stripped:
-                return
-            lead = len(self.buffer) - len(stripped)
-            for marker in self.syntax.opens:
-                if stripped.startswith(marker) or marker.startswith(stripped):
-                    if stripped.startswith(marker):
-                        self._open(lead, marker, events)
-                    return
-            if self.think and (stripped.startswith(THINK_OPEN) or THINK_OPEN.startswith(stripped)):
-                if stripped.startswith(THINK_OPEN):
-                    self.buffer = stripped[len(THINK_OPEN) :]
-                    self.state = "reasoning"
-                return
-            self.seen_text = True
-            markers = self._markers()
-        hits = [(i, m) for m in markers if (i := self.buffer.find(m)) >= 0]
-        if hits:
-            index, marker = min(hits)
-            if index:
-                events.append(Text(self.buffer[:index]))
-                self.seen_text = self.seen_text or bool(self.buffer[:index].strip())
-            if marker == THINK_OPEN:
-                self.buffer = self.buffer[index + len(marker) :]
-                self.state = "reasoning"
-            else:
-                self.buffer = self.buffer[index:]
-                self._open(0, marker, events)
-            return
-        keep = _held(self.buffer, markers)
-        out = self.buffer[: len(self.buffer) - keep]
-        if out:
-            events.append(Text(out))
-            self.seen_text = self.seen_text or bool(out.strip())
-        self.buffer = self.buffer[len(out) :]
-
-    def _open(self, index: int, marker: str, events: list[Event]) -> None:
-        """A call marker at ``buffer[index]``: the call section begins."""
-        if self.buffer[:index].strip():
-            events.append(Text(self.buffer[:index]))
-        rest = self.buffer[index:]
-        self.section_start = self.fed - len(rest)
-        self.marker = marker if self.syntax.consumed else ""
-        after = rest[len(self.marker) :]
-        self.state = "head"
-        if self.halt_on_open:
-            self.unconsumed, self.buffer = after, ""
-        else:
-            self.buffer = after
-
-    def _reasoning(self, events: list[Event]) -> None:
-        index = self.buffer.find(THINK_CLOSE)
-        if index >= 0:
-            if index:
-                events.append(Reasoning(self.buffer[:index]))
-            self.buffer = self.buffer[index + len(THINK_CLOSE) :]
-            self.state = "text"
-            self.after_think = True
-            return
-        keep = _held(self.buffer, [THINK_CLOSE])
-        out = self.buffer[: len(self.buffer) - keep]
-        if out:
-            events.append(Reasoning(out))
-        self.buffer = self.buffer[len(out) :]
-
-    def _head(self, events: list[Event]) -> None:
-        match = self.syntax.head.match(self.buffer)
-        if match is None and self.calls == 0 and self._not_a_call():
-            # JSON that is not a call (a JSON answer under tool_choice auto): text after all
-            self.state, self.seen_text, self.section_start = "text", True, None
-            return
-        if match is None or match.end() == len(self.buffer):
-            return  # the head is not complete yet (the grammar makes it so in the end)
-        events.append(CallStart(json.loads(f'"{match.group("name")}"')))
-        self.calls += 1
-        self.buffer = self.buffer[match.end() :].lstrip()
-        self.args = _JsonEnd()
-        self.state = "args"
-
-    def _not_a_call(self) -> bool:
-        starts = self.syntax.starts
-        if not starts:
-            return False
-        compact = re.sub(r"\s+", "", self.buffer)
-        return all(not compact.startswith(s) and not s.startswith(compact) for s in starts)
-
-    def _args(self, events: list[Event]) -> None:
-        assert self.args is not None
-        end = self.args.feed(self.buffer)
-        if end is None:
-            events.append(Arguments(self.buffer))
-            self.buffer = ""
-            return
-        events.append(Arguments(self.buffer[:end]))
-        events.append(CallEnd())
-        self.buffer = self.buffer[end:]
-        self.state = "tail"
-
-    def _tail(self) -> None:
-        syntax = self.syntax
-        if syntax.more is not None and (match := syntax.more.match(self.buffer)):
-            self.buffer = self.buffer[match.end() :]
-            self.state = "head"
-        elif syntax.done is not None and (match := syntax.done.match(self.buffer)):
-            self.buffer = ""
-            self.state = "done"
-
-
-class HarmonyParser:
-    """gpt-oss's harmony messages: analysis is reasoning, final is text, a recipient is a call.
-
-    The reply is a sequence of ``<|channel|>NAME[ to=functions.F][ <|constrain|>json]<|message|>BODY``
-    ended by ``<|end|>`` (and ``<|start|>assistant`` before the next), ``<|call|>`` or ``<|return|>``.
-    """
-
-    ENDS = ("<|end|>", "<|call|>", "<|return|>")
-
-    def __init__(self, *, tools: bool) -> None:
-        self.tools = tools
-        self.state = "header"
-        self.buffer = ""
-        self.kind = "text"
-        self.calls = 0
-        self.section_start: int | None = None  # never set: harmony calls are not continued lazily
-        self.marker = ""
-        self.unconsumed = ""
-        self.fed = 0
-
-    @property
-    def in_call_section(self) -> bool:
-        return self.kind == "call"
-
-    @property
-    def in_reasoning(self) -> bool:
-        return self.kind == "reasoning"
-
-    def feed(self, text: str) -> list[Event]:
-        events: list[Event] = []
-        self.buffer += text
-        self.fed += len(text)
-        while self.buffer:
-            before = (self.state, len(self.buffer))
-            if self.state == "header":
-                self._header(events)
-            else:
-                self._body(events)
-            if (self.state, len(self.buffer)) == before:
-                break
-        return events
-
-    def finish(self) -> list[Event]:
-        events: list[Event] = []
-        if self.buffer:
-            events.extend(self._piece(self.buffer))
-            self.buffer = ""
-        if self.kind == "call" and self.state == "body":
-            events.append(CallEnd())
-        return events
-
-    def _piece(self, text: str) -> list[Event]:
-        if self.kind == "reasoning":
-            return [Reasoning(text)]
-        if self.kind == "call":
-            return [Arguments(text)]
-        return [Text(text)]
-
-    def _header(self, events: list[Event]) -> None:
-        start = self.buffer.lstrip()
-        if start.startswith("<|start|>assistant"):
-            start = start[len("<|start|>assistant") :]
-        if not start:
-            return
-        if not start.startswith("<|channel|>"):
-            if "<|channel|>".startswith(start) or "<|start|>assistant".startswith(start):
-                return
-            self.kind, self.state = "text", "body"  # not harmony after all: plain text
-            self.buffer = start
-            return
-        index = start.find("<|message|>")
-        if index < 0:
-            return
-        header = start[len("<|channel|>") : index]
-        self.buffer = start[index + len("<|message|>") :]
-        self.state = "body"
-        recipient = re.search(r"to=functions\.([A-Za-z0-9_.-]+)", header)
-        if recipient and self.tools:
-            self.kind = "call"
-            self.calls += 1
-            events.append(CallStart(recipient.group(1)))
-        elif header.startswith("analysis"):
-            self.kind = "reasoning"
-        else:
-            self.kind = "text"
-
-    def _body(self, events: list[Event]) -> None:
-        hits = [(i, m) for m in self.ENDS if (i := self.buffer.find(m)) >= 0]
-        if hits:
-            index, marker = min(hits)
-            if index:
-                events.extend(self._piece(self.buffer[:index]))
-            if self.kind == "call":
-                events.append(CallEnd())
-            self.buffer = self.buffer[index + len(marker) :]
-            self.state = "header"
-            return
-        keep = _held(self.buffer, self.ENDS)
-        out = self.buffer[: len(self.buffer) - keep]
-        if out:
-            events.extend(self._piece(out))
-        self.buffer = self.buffer[len(out) :]
-
-
-Parser = OutputParser | HarmonyParser
-
-
-# -- prompts and grammars ----------------------------------------------------------------------
-
-
-def functions_of(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI chat tools → their function definitions."""
-    return [dict(tool["function"]) for tool in tools]
-
-
-#: llama-cpp-python's converter lets JSON strings hold raw control characters, which JSON
-#: forbids: a small model then runs on inside a string with newlines and never closes it.
-#: llama.cpp's own converter excludes them; so does every grammar allm compiles.
-_LOOSE_CHAR = 'char ::= [^"\\\\] |'
-_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
-
-
-def strict_strings(gbnf: str) -> str:
-    """A converter's grammar with JSON's own rule for string characters."""
-    return gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)
-
-
-def gbnf_literal(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-def call_grammar(
+def render_chat(
+    model_id: str,
+    req: ChatRequest,
     family: Family,
-    functions: Sequence[Mapping[str, Any]],
-    *,
-    max_calls: int,
-    prefix: str | None = None,
-    answer: Mapping[str, Any] | None = None,
-    think: str | None = None,
-) -> str:
-    """GBNF for a call section of 1..max_calls valid calls, which ends the reply.
+    render: Callable[..., Rendered],
+    refusals: tuple[type[Exception], ...],
+) -> Rendered:
+    """``req`` through the model's chat template: ``render(messages, **extras)``.
 
-    Each call's arguments follow its function's parameter schema (llama.cpp's
-    JSON-schema converter). With ``prefix`` (a call section found in free text),
-    the grammar first repeats the text from the last token boundary up to the
-    section (for hermes and mistral, up to the end of the marker, which it then
-    does not repeat). ``answer``: a JSON Schema the reply may follow instead of
-    calling (a JSON response format under tool_choice auto). ``think``: reasoning
-    may come first (``"optional"``), or is already open in the prompt (``"open"``).
+    ``refusals`` are what the template itself raises, by its library: a template that
+    cannot take these messages (its ``raise_exception``, an undefined name it reads) is
+    the client's to fix, UNSUPPORTED. Anything else raised here is a bug, allm's or the
+    library's: it goes on, so the runtime answers INTERNAL and logs its traceback.
     """
-    from llama_cpp.llama_grammar import SchemaConverter
+    messages = template_messages(req.messages, family, req.tools)
+    extras = template_extras(req, family)
+    try:
+        return render(messages, **extras)
+    except refusals as exc:
+        raise UnsupportedError(f"{model_id}'s chat template refused the messages: {exc}") from exc
 
-    key = "parameters" if family is Family.LLAMA3 else "arguments"
-    schema = {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": fn["name"]},
-                    key: fn.get("parameters") or {"type": "object"},
-                },
-                "required": ["name", key],
-                "additionalProperties": False,
-            }
-            for fn in functions
-        ]
-    }
-    converter = SchemaConverter(
-        prop_order={"name": 0, key: 1}, allow_fetch=False, dotall=False, raw_pattern=False
-    )
-    converter.visit(converter.resolve_refs(schema, "tools"), "call")
-    if answer is not None:
-        converter.visit(converter.resolve_refs(dict(answer), "answer"), "answer")
-    more = max(0, max_calls - 1)
-    others = f' (", " call){{0,{more}}}' if more else ""  # llguidance refuses a {0,0}
-    consumed = SYNTAXES[family].consumed if family in SYNTAXES else False
-    after_marker = prefix is not None and consumed
-    if family is Family.HERMES:
-        block = '"<tool_call>\\n" call "\\n</tool_call>"'
-        first = '"\\n" call "\\n</tool_call>"' if after_marker else block
-        section = first + (f' ("\\n" {block}){{0,{more}}}' if more else "")
-    elif family is Family.LLAMA3:
-        section = "call"
-    elif family is Family.MISTRAL:
-        marker = "" if after_marker else '"[TOOL_CALLS]" '
-        section = f'{marker}"[" call{others} "]"'
-    else:
-        section = f'"{{\\"tool_calls\\": [" call{others} "]}}"'
-    lead = f"{gbnf_literal(prefix)} " if prefix else ""
-    if answer is not None:
-        section = f"(answer | {section})"
-    rules = strict_strings(converter.format_grammar()).rstrip("\n")
-    if think is not None:
-        rules += '\nthink-body ::= ([^<] | "<" [^/])*'
-        if think == "open":
-            lead += 'think-body "</think>" [ \\n]* '
+
+def template_messages(
+    messages: list[dict[str, Any]], family: Family, tools: ToolSpec | None
+) -> list[dict[str, Any]]:
+    """Checked messages as the model's chat template takes them.
+
+    A template with a tool format of its own gets calls (arguments as objects,
+    which templates render with ``tojson``) and tool results (with the call's id
+    and function name) as they are. Any other template gets the generic scheme:
+    calls as the JSON it asks for, results as user text naming the call, and
+    with tools, their description in the system message.
+    """
+    names = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls", ())}
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        role = msg["role"]
+        if role == "developer" and family is not Family.HARMONY:
+            role = "system"
+        if family is Family.GENERIC:
+            if role == "tool":
+                call_id = msg.get("tool_call_id", "")
+                name = names.get(call_id, "a function")
+                out.append(
+                    {"role": "user", "content": f"Result of {name} (call {call_id}): {msg['content']}"}
+                )
+            elif msg.get("tool_calls"):
+                calls = [
+                    {"name": c["function"]["name"], "arguments": arguments_object(c["function"]["arguments"])}
+                    for c in msg["tool_calls"]
+                ]
+                out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls})})
+            else:
+                out.append({"role": role, "content": msg["content"]})
+            continue
+        clean = {**msg, "role": role}
+        if msg.get("tool_calls"):
+            clean["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": arguments_object(c["function"]["arguments"]),
+                    },
+                }
+                for c in msg["tool_calls"]
+            ]
+        if role == "tool":
+            clean["name"] = names.get(msg.get("tool_call_id", ""), "")
+        if family is Family.HARMONY and "reasoning_content" in clean:
+            clean["thinking"] = clean["reasoning_content"]
+        out.append(clean)
+    if family is Family.GENERIC and tools is not None:
+        text = generic_system_text(tools.allowed, required=tools.required)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
         else:
-            lead += '("<think>" think-body "</think>" [ \\n]*)? '
-    return rules + f"\nroot ::= {lead}{section}\n"
+            out.insert(0, {"role": "system", "content": text})
+    return out
 
 
-TEXT_ONLY_GRAMMAR = "root ::= [ \\t\\n]* [^{ \\t\\n] [^\\x00]*\n"
+def template_extras(req: ChatRequest, family: Family) -> dict[str, Any]:
+    """What a chat template gets beside its messages: the tools, when the family's template
+    takes them (the generic scheme lists them in a system message instead), and the
+    reasoning effort."""
+    extra: dict[str, Any] = {}
+    if req.tools is not None and family is not Family.GENERIC:
+        extra["tools"] = req.tools.tools
+    if req.reasoning_effort is not None:
+        extra["reasoning_effort"] = req.reasoning_effort
+    return extra
 
 
 def generic_system_text(functions: Sequence[Mapping[str, Any]], *, required: bool) -> str:

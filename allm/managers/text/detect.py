@@ -4,7 +4,8 @@ The rule of docs/design.md: a ``.gguf`` file (or a directory holding one) → ll
 a directory with ``*.safetensors`` and ``config.json`` → the safetensors engine;
 a directory with ``genai_config.json`` → ONNX Runtime GenAI, served as it is;
 several → the format given at registration, else safetensors, then onnx, then gguf;
-none → FORMAT_MISMATCH naming what was found.
+none → FORMAT_MISMATCH naming what was found. A GGUF file's header is then read
+(``read_header``) as llama.cpp will read it, and its architecture checked.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import dataclasses
 import enum
 from pathlib import Path
 
-from allm.kernel.codes import FormatMismatchError, LoadFailedError
+from gguf.constants import MODEL_ARCH_NAMES
 
-GGUF_MAGIC = b"GGUF"
+from allm import catalog_names
+from allm.kernel.codes import FormatMismatchError, LoadFailedError, ModelCorruptError, UnsupportedError
+from allm.managers.files.gguf import GGUFHeader, read_gguf
+from allm.managers.files.sniff import GGUF_MAGIC, open_model, read_opening
+
+KNOWN_ARCHITECTURES = frozenset(MODEL_ARCH_NAMES.values())
 
 
 class Format(enum.StrEnum):
-    GGUF = "gguf"
-    SAFETENSORS = "safetensors"
-    ONNX = "onnx"  # an ONNX Runtime GenAI directory: genai_config.json, model.onnx, the tokenizer
+    GGUF = catalog_names.GGUF
+    SAFETENSORS = catalog_names.SAFETENSORS
+    ONNX = catalog_names.ONNX  # an ONNX Runtime GenAI directory: genai_config.json, model.onnx, the tokenizer
 
 
 #: which format a directory holding several is served as, when the catalog names none
@@ -32,14 +38,6 @@ PREFERENCE = (Format.SAFETENSORS, Format.ONNX, Format.GGUF)
 class Detected:
     format: Format
     path: Path  # the .gguf file, or the safetensors or ONNX directory
-
-
-def _starts_with_gguf_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def _listing(directory: Path, limit: int = 6) -> str:
@@ -55,7 +53,7 @@ def detect(path: Path, registered: Format | None = None) -> Detected:
     if not path.exists():
         raise LoadFailedError(f"model path not found: {path}")
     if path.is_file():
-        if path.suffix.lower() == ".gguf" or _starts_with_gguf_magic(path):
+        if path.suffix.lower() == ".gguf" or read_opening(path, 4) == GGUF_MAGIC:
             if registered not in (None, Format.GGUF):
                 raise FormatMismatchError(f"{path} is registered as {registered} but is a GGUF file")
             return Detected(Format.GGUF, path)
@@ -98,3 +96,19 @@ def detect(path: Path, registered: Format | None = None) -> Detected:
         names = ", ".join(g.name for g in ggufs)
         raise FormatMismatchError(f"{path} holds several GGUF files ({names}): name one file as the path")
     return Detected(Format.GGUF, ggufs[0])
+
+
+def read_header(path: Path) -> GGUFHeader:
+    """A GGUF file's header, checked as llama.cpp will read it; raises the AllmError naming what is wrong."""
+    with open_model(path) as r:
+        magic = r.opening(4)
+        if magic != GGUF_MAGIC:
+            shown = magic.hex() if magic else "an empty file"
+            raise FormatMismatchError(f"{path.name} is not a GGUF file (starts with {shown}, not 'GGUF')")
+        header = read_gguf(r, "llama.cpp")
+    arch = header.architecture
+    if not arch:
+        raise ModelCorruptError(f"{path.name}: no general.architecture in the header: damaged")
+    if arch not in KNOWN_ARCHITECTURES:
+        raise UnsupportedError(f"{path.name}: model architecture {arch!r} is not supported by llama.cpp")
+    return header

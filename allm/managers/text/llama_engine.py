@@ -12,158 +12,39 @@ Every binding call that can fail is wrapped and raises a coded error.
 from __future__ import annotations
 
 import codecs
-import collections
-import contextlib
 import ctypes
 import logging
-import os
-import shutil
-import subprocess
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
-from allm.kernel.codes import InternalError, LoadFailedError, OomRamError, OomVramError, UnsupportedError
-from allm.kernel.runtime import Reply, RequestContext
-from allm.managers.text.batching import Batcher
-from allm.managers.text.chat_format import Family, family_of, thinks
-from allm.managers.text.generation import (
-    ChatDetokenizer,
-    chat_plan,
-    chat_request,
-    json_gbnf,
-    plan_sampling,
-    prompt_of,
-    run_chat,
-    run_generation,
-    template_extras,
-    template_messages,
-)
-from allm.managers.text.gguf_header import GGUFHeader
-from allm.managers.text.options import LlamaOptions
-from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
-
-# OMP_WAIT_POLICY stays unset here (GNU OpenMP's default: spin briefly, then sleep): on a
-# small model each token crosses many thread barriers, and PASSIVE (right for whisper.cpp
-# and stable-diffusion.cpp, whose managers set it) made every one a sleep and a wake-up, a
-# third of the speed at two threads (docs/agents.md; bench/gateway.py measures it).
-os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-
+import jinja2
 import llama_cpp
 import llama_cpp._internals as llama_internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
+
+from allm.kernel.codes import InternalError, UnsupportedError
+from allm.kernel.contract import Reply, RequestContext
+from allm.managers.files.gguf import GGUFHeader
+from allm.managers.text.batching import Batcher
+from allm.managers.text.chat_format import Family, family_of, render_chat, thinks
+from allm.managers.text.chat_grammar import json_gbnf
+from allm.managers.text.chat_plan import plan_reply
+from allm.managers.text.generation import ChatDetokenizer, run_chat, run_generation
+from allm.managers.text.llama_load import load_llama
+from allm.managers.text.options import LlamaOptions
+from allm.managers.text.request import chat_request, prompt_of
+from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
 
 log = logging.getLogger("allm.text.llama")
 
 CONTEXT_EXCEEDED = "context_length_exceeded"
 #: the context the binding's own Llama keeps: it only tokenizes (generation has the batcher's)
 TOKENIZER_CTX = 256
-
-# llama.cpp explains a failed load only in its log: keep the last lines.
-_LOG_LINES: collections.deque[str] = collections.deque(maxlen=50)
-
-
-@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
-def _on_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    line = text.decode("utf-8", "replace").strip()
-    if line:
-        _LOG_LINES.append(line)
-
-
-llama_cpp.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
-
-
-def _llama_reason() -> str:
-    """The most telling recent llama.cpp log line."""
-    for line in reversed(_LOG_LINES):
-        if any(w in line.lower() for w in ("error", "failed", "invalid", "unknown", "not ")):
-            return line
-    return _LOG_LINES[-1] if _LOG_LINES else "no reason logged"
-
-
-def free_vram_bytes() -> int | None:
-    """Free memory of the first NVIDIA GPU, or None where it cannot be read."""
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return None
-    try:
-        done = subprocess.run(  # noqa: S603 - a fixed tool and arguments
-            [tool, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return int(done.stdout.split()[0]) * 1024 * 1024
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
-def check_gpu_fit(model_id: str, header: GGUFHeader, options: LlamaOptions) -> None:
-    """Refuse GPU layers this build cannot offload, or that do not fit the GPU (OOM_VRAM)."""
-    if options.n_gpu_layers == 0:
-        return
-    if not llama_cpp.llama_supports_gpu_offload():
-        raise UnsupportedError(
-            f"{model_id}: n_gpu_layers = {options.n_gpu_layers}, but this llama.cpp build has no GPU offload",
-            param="n_gpu_layers",
-        )
-    layers = header.arch_int("block_count") or 1
-    share = 1.0 if options.n_gpu_layers < 0 else min(1.0, options.n_gpu_layers / layers)
-    need = int((header.file_size + options.n_parallel * kv_cache_bytes(header, options.n_ctx)) * share)
-    free = free_vram_bytes()
-    if free is not None and need > free:
-        raise OomVramError(
-            f"{model_id} needs about {need / 2**20:.0f} MiB of GPU memory for its offloaded layers; "
-            f"{free / 2**20:.0f} MiB is free"
-        )
-
-
-def kv_cache_bytes(header: GGUFHeader, n_ctx: int) -> int:
-    """Memory the f16 key/value cache of a context of n_ctx tokens takes."""
-    layers = header.arch_int("block_count")
-    embd = header.arch_int("embedding_length")
-    heads = header.arch_int("attention.head_count") or 1
-    kv_heads = header.arch_int("attention.head_count_kv") or heads
-    return 2 * layers * n_ctx * (embd // heads) * kv_heads * 2
-
-
-_PROGRESS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _load_progress(report: Callable[[float], None] | None) -> Iterator[None]:
-    """Feed llama.cpp's load progress to ``report`` during one ``Llama()`` construction.
-
-    llama-cpp-python builds its model parameters inside ``Llama.__init__`` from
-    ``llama_model_default_params()`` and offers no way to pass llama.cpp's
-    ``progress_callback``: hand it defaults that carry ours, for this load only.
-    """
-    if report is None:
-        yield
-        return
-
-    def on_progress(fraction: float, _user_data: ctypes.c_void_p) -> bool:
-        with contextlib.suppress(Exception):  # an exception must never unwind into C
-            report(float(fraction))
-        return True  # False would abort the load
-
-    callback = llama_cpp.llama_progress_callback(on_progress)
-    low_level = llama_cpp.llama_cpp
-    original = low_level.llama_model_default_params
-
-    def with_progress() -> Any:
-        params = original()
-        params.progress_callback = callback
-        return params
-
-    with _PROGRESS_LOCK:
-        low_level.llama_model_default_params = with_progress
-        try:
-            yield
-        finally:
-            low_level.llama_model_default_params = original
+#: what llama-cpp-python's Jinja2ChatFormatter raises for a template that refuses the messages:
+#: jinja2's own errors, and the ValueError of the ``raise_exception`` it gives the template
+TEMPLATE_REFUSALS: tuple[type[Exception], ...] = (jinja2.TemplateError, ValueError)
 
 
 class LlamaEngine:
@@ -185,7 +66,9 @@ class LlamaEngine:
         self._reserve_embedder = reserve_embedder
         # The binding's Llama gives the model, its tokenizer and metadata; its own context is
         # left tiny: generation runs in the batcher's, a sequence per request.
-        self.llm = self._load(embedding=False, progress=progress, n_ctx=TOKENIZER_CTX)
+        self.llm = load_llama(
+            model_id, header, options, n_ctx=TOKENIZER_CTX, embedding=False, progress=progress
+        )
         self.n_ctx = options.n_ctx
         try:
             self.batcher = Batcher(
@@ -222,41 +105,19 @@ class LlamaEngine:
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
-    def _load(
-        self, *, embedding: bool, progress: Callable[[float], None] | None, n_ctx: int | None = None
-    ) -> llama_cpp.Llama:
-        _LOG_LINES.clear()
-        try:
-            with _load_progress(progress):
-                return llama_cpp.Llama(
-                    str(self.header.path),
-                    n_ctx=n_ctx or self.options.n_ctx,
-                    n_threads=self.options.n_threads,
-                    n_threads_batch=self.options.n_threads,
-                    n_gpu_layers=self.options.n_gpu_layers,
-                    embedding=embedding,
-                    # A causal model has no pooling of its own: average its token states.
-                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN if embedding else -1,
-                    verbose=False,
-                )
-        except MemoryError as exc:
-            raise OomRamError(f"out of host memory loading {self.model_id}") from exc
-        except ValueError as exc:
-            reason = _llama_reason()
-            if self.options.n_gpu_layers and any(
-                w in reason.lower() for w in ("cudamalloc", "out of memory")
-            ):
-                raise OomVramError(f"out of GPU memory loading {self.model_id}: {reason}") from exc
-            raise LoadFailedError(f"llama.cpp could not load {self.model_id}: {reason}") from exc
-
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.batcher.close()
-        with contextlib.suppress(Exception):
-            self.llm.close()
+        """Free the native objects, each even when another failed; a failure is logged with
+        what may have leaked (the pool goes on unloading the others)."""
+        self._free("the batch context (a llama.cpp context and batch)", self.batcher.close)
+        self._free("the model (its llama.cpp model and tokenizing context)", self.llm.close)
         if self._embedder is not None:
-            with contextlib.suppress(Exception):
-                self._embedder.close()
+            self._free("the embedding context (a second llama.cpp model and context)", self._embedder.close)
+
+    def _free(self, what: str, close: Callable[[], None]) -> None:
+        try:
+            close()
+        except Exception:
+            log.exception("unloading %s: freeing %s failed; it may have leaked", self.model_id, what)
 
     # -- operations ---------------------------------------------------------------
 
@@ -264,20 +125,19 @@ class LlamaEngine:
         req = chat_request(ctx.params)
         if self._formatter is None:
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
+        formatter = self._formatter
         family = self.family
-        extra = template_extras(req, family)
-        try:
-            text = self._formatter(
-                messages=template_messages(req.messages, family, req.tools), **extra
-            ).prompt
-        except Exception as exc:
-            raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
+        text = render_chat(
+            self.model_id,
+            req,
+            family,
+            lambda messages, **extras: formatter(messages=messages, **extras).prompt,
+            TEMPLATE_REFUSALS,
+        )
         prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         self._check_not_empty(prompt, "messages")
         self._check_fits(len(prompt), 1, "messages")
-        thinking = self.think and text.rstrip().endswith("<think>")
-        plan = chat_plan(req, family, think=self.think, thinking=thinking)
-        sampling = plan_sampling(plan, req.sampling)
+        plan, sampling = plan_reply(req, family, think=self.think, prompt=text)
         drawn = _Drawn()
         source = _LlamaSource(self, ctx, sampling, drawn, special=family is not Family.GENERIC)
         reply = run_chat(
@@ -312,7 +172,14 @@ class LlamaEngine:
                 self._reserve_embedder()  # its own cache counts against the budget
             # A second load of the model: a phase of its own for the watchdog.
             with ctx.phase(f"load of {self.model_id}'s embedding context", ctx.stall_limit_s):
-                self._embedder = self._load(embedding=True, progress=ctx.progress)
+                self._embedder = load_llama(
+                    self.model_id,
+                    self.header,
+                    self.options,
+                    n_ctx=self.options.n_ctx,
+                    embedding=True,
+                    progress=ctx.progress,
+                )
         vectors = []
         used = 0
         for text in inputs:

@@ -22,12 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allm.kernel.codes import AllmError, CancelledError, DeadlineError, LoadFailedError
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
-from allm.managers.engines import LLAMA_CPP, MLX_LM, ONNX_GENAI, TRANSFORMERS, Engine, ModelReport, Problem
+from allm.kernel.codes import CancelledError, DeadlineError, LoadFailedError
+from allm.kernel.contract import ManagerInfo, Reply, RequestContext
+from allm.managers.engines import LLAMA_CPP, MLX_LM, ONNX_GENAI, TRANSFORMERS, Engine
+from allm.managers.files.gguf import GGUFHeader
 from allm.managers.pool import ModelEntry, Plan, PooledManager, Progress
-from allm.managers.text.detect import Format, detect
-from allm.managers.text.gguf_header import GGUFHeader, read_header
+from allm.managers.report import ModelReport, Problems
+from allm.managers.text.detect import Format, detect, read_header
 from allm.managers.text.options import (
     LlamaOptions,
     OnnxOptions,
@@ -118,7 +119,8 @@ def plan_load(entry: ModelEntry, cache_dir: Path | None = None) -> Plan:
         raise error
     resolved.engine.require(entry.id)
     if resolved.header is not None:
-        from allm.managers.text.llama_engine import LlamaEngine, check_gpu_fit, kv_cache_bytes
+        from allm.managers.text.llama_engine import LlamaEngine
+        from allm.managers.text.llama_load import check_gpu_fit, kv_cache_bytes
 
         header = resolved.header
         options = LlamaOptions.from_settings(entry.id, entry.options)
@@ -175,31 +177,23 @@ def _plan_onnx(entry: ModelEntry, fmt: Format, info: DirectoryInfo, cache_dir: P
 def describe(settings: Mapping[str, Any]) -> ModelReport:
     """What ``allm check`` and ``allm models`` say of one catalog entry: every problem found."""
     entry = ModelEntry.from_settings(settings)
-    problems: dict[str, str] = {}  # field → the first problem found there
+    problems = Problems()
     fmt = Format(entry.format) if entry.format else None
     if fmt is None and entry.path.suffix.lower() == ".gguf":
         fmt = Format.GGUF
     engine: Engine | None = None
     size: int | None = None
-    try:
+    with problems.under("path"):
         resolved = resolve(entry)
         fmt, engine, size = resolved.format, resolved.engine, resolved.size_bytes
-    except AllmError as exc:
-        problems.setdefault(exc.param or "path", exc.message)
     if fmt is not None:
         for error in option_problems(entry, fmt):
-            problems.setdefault(error.param or "options", error.message)
+            problems.add(error, "options")
         if engine is None:  # the files could not say; the catalog still names the engine
             backend = "onnx" if fmt is Format.ONNX else str(entry.options.get("backend"))
             engine = LLAMA_CPP if fmt is Format.GGUF else _backend_engine(backend)
-    if engine is not None and not engine.installed():
-        problems.setdefault("format", engine.not_installed())
-    return ModelReport(
-        fmt.value if fmt else None,
-        engine,
-        size,
-        tuple(Problem(field, message.removeprefix(f"{entry.id}: ")) for field, message in problems.items()),
-    )
+    # the option checks name the model in each message; the report is already the model's
+    return problems.report(fmt.value if fmt else None, engine, size, strip=f"{entry.id}: ")
 
 
 def widening(info: DirectoryInfo, backend: str, options: Mapping[str, Any]) -> float:

@@ -1,5 +1,7 @@
-"""ONNX Runtime GenAI: safetensors directories converted once by its model builder, ONNX GenAI
-directories (``genai_config.json``) served as they are.
+"""ONNX Runtime GenAI: the onnx backend of the safetensors engine, and its conversion of a model.
+
+Safetensors directories are converted once by its model builder; ONNX GenAI
+directories (``genai_config.json``) are served as they are.
 
 A safetensors directory first passes ``safetensors_engine.check_directory`` (a damaged one
 is MODEL_CORRUPT before anything runs). The model builder then converts it in a child
@@ -53,9 +55,9 @@ from allm.kernel.codes import (
     UnsupportedError,
 )
 from allm.managers.text.options import OnnxOptions
+from allm.managers.text.safetensors_backends import HfTokenizerText
 from allm.managers.text.safetensors_engine import (
     DirectoryInfo,
-    HfTokenizerText,
     SafetensorsEngine,
     context_of,
     read_ahead,

@@ -29,7 +29,7 @@ ONNX_OPTIONS = frozenset({"execution_provider", "precision"})
 def llama_threads() -> int:
     """llama.cpp's threads: every core, as llama-server uses. Measured on 2 cores with
     OpenMP's default wait policy: twice one thread's tokens/s, heartbeats unharmed
-    (README, Benchmarks)."""
+    (docs/benchmarks.md)."""
     return max(1, os.cpu_count() or 1)
 
 
@@ -46,7 +46,7 @@ def default_execution_provider() -> str:
 def default_precision(provider: str) -> str:
     """int4 on a GPU; float32 on the CPU, where it gives the transformers backend's very tokens.
 
-    int4 is faster on the CPU too (README, Benchmarks), but its rounding changes which token
+    int4 is faster on the CPU too (docs/benchmarks.md), but its rounding changes which token
     is likeliest; it is one option away (``precision = "int4"``).
     """
     return "fp32" if provider == "cpu" else "int4"

@@ -1,5 +1,8 @@
-"""HF-style safetensors directories: mlx-lm on Apple silicon, ONNX Runtime GenAI on Windows,
-transformers + torch elsewhere (``onnx_engine.py`` holds the onnx backend and its conversion).
+"""HF-style safetensors directories: checked, then served by one of three backends.
+
+mlx-lm on Apple silicon, ONNX Runtime GenAI on Windows, transformers + torch
+elsewhere (``safetensors_backends.py`` holds mlx-lm's and transformers',
+``onnx_engine.py`` the onnx backend and its conversion).
 
 Before any backend sees the directory, ``check_directory`` reads what it can
 cheaply and names what is wrong, each as its code:
@@ -20,13 +23,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import struct
 import threading
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
+import jinja2
 
 from allm.kernel.codes import (
     InternalError,
@@ -36,27 +38,21 @@ from allm.kernel.codes import (
     OomVramError,
     UnsupportedError,
 )
-from allm.kernel.runtime import Reply, RequestContext
-from allm.managers.text.chat_format import Family, family_of, thinks
-from allm.managers.text.generation import (
-    chat_plan,
-    chat_request,
-    json_gbnf,
-    plan_sampling,
-    prompt_of,
-    run_chat,
-    run_generation,
-    template_extras,
-    template_messages,
-)
+from allm.kernel.contract import Reply, RequestContext
+from allm.managers.files.safetensors import check_safetensors_file
+from allm.managers.text.chat_format import Family, family_of, render_chat, thinks
+from allm.managers.text.chat_grammar import json_gbnf
+from allm.managers.text.chat_plan import plan_reply
+from allm.managers.text.generation import run_chat, run_generation
 from allm.managers.text.guided import GuideTokenizer, guide_for
 from allm.managers.text.options import (
     BACKENDS,
     DEFAULT_N_CTX,
     check_safetensors_options,
-    default_threads,
     preferred_backend,
 )
+from allm.managers.text.request import chat_request, prompt_of
+from allm.managers.text.safetensors_backends import Backend, open_backend
 from allm.managers.text.sampling import Sampling, TokenPicker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,7 +74,9 @@ ARCHITECTURES: Mapping[str, frozenset[str]] = {
     "nemotron": ALL,
     "gpt_oss": ALL,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: what a chat template refuses messages with, on every backend (transformers renders it, for
+#: mlx-lm and onnx too): jinja2's own errors, which its ``raise_exception`` raises as well
+TEMPLATE_REFUSALS: tuple[type[Exception], ...] = (jinja2.TemplateError,)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,39 +96,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise LoadFailedError(f"{path.parent}: no {path.name} ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelCorruptError(f"{path}: {what} is not valid JSON: {exc}") from None
-
-
-def check_safetensors_file(path: Path) -> int:
-    """Check one weight file's header against its size; returns the size in bytes."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelCorruptError(f"{path.name}: too short to be a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
-                raise ModelCorruptError(f"{path.name}: header length {header_len} exceeds the file: damaged")
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise LoadFailedError(f"weight file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelCorruptError(f"{path.name}: the safetensors header is not JSON: damaged ({exc})") from None
-    if not isinstance(header, dict):
-        raise ModelCorruptError(f"{path.name}: the safetensors header is not a map: damaged")
-    data_bytes = size - 8 - header_len
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ModelCorruptError(f"{path.name}: tensor {name!r} has no valid data_offsets: damaged")
-        if offsets[1] > data_bytes or offsets[0] > offsets[1]:
-            raise ModelCorruptError(
-                f"{path.name}: tensor {name!r} ends at byte {offsets[1]} "
-                f"of {data_bytes} data bytes: truncated"
-            )
-    return size
 
 
 def check_directory(path: Path) -> DirectoryInfo:
@@ -250,182 +215,6 @@ class _TextDiff:
         return new
 
 
-class Backend(Protocol):
-    """What the engine needs of a backend: its tokenizer's text and its tokens, one at a time."""
-
-    name: str
-    n_ctx: int
-    eos: set[int]
-
-    @property
-    def hf_tokenizer(self) -> Any:
-        """The Hugging Face fast tokenizer: its chat template, and the vocabulary grammars see."""
-        ...
-
-    def chat_text(self, messages: list[dict[str, Any]], **extra: Any) -> str: ...
-
-    def chat_ids(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]: ...
-
-    def text_ids(self, prompt: str) -> list[int]: ...
-
-    def decode(self, ids: list[int], special: bool = False) -> str:
-        """``special``: special tokens are kept as their text (the markers tool calls use)."""
-        ...
-
-    def piece(self, token: int) -> bytes: ...
-
-    def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
-        """Token after token after ``prompt``, each ``picker.pick``ed from the next logits."""
-        ...
-
-
-class HfTokenizerText:
-    """Text through the directory's Hugging Face tokenizer (transformers' AutoTokenizer)."""
-
-    tokenizer: Any
-
-    @property
-    def hf_tokenizer(self) -> Any:
-        return self.tokenizer
-
-    def chat_text(self, messages: list[dict[str, Any]], **extra: Any) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
-        )
-
-    def chat_ids(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
-        if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-
-    def text_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
-
-    def decode(self, ids: list[int], special: bool = False) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=not special))
-
-    def piece(self, token: int) -> bytes:
-        return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
-
-
-class _Transformers(HfTokenizerText):
-    name = "transformers"
-
-    def __init__(self, info: DirectoryInfo, options: Mapping[str, Any]) -> None:
-        import torch
-        import transformers
-
-        self.torch = torch
-        torch.set_num_threads(int(options.get("n_threads") or default_threads()))
-        dtype = options.get("dtype", "float32")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(info.path), local_files_only=True)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(info.path), local_files_only=True, dtype=getattr(torch, dtype) if dtype != "auto" else "auto"
-        )
-        self.model.eval()
-        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 4096) or 4096)
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-
-    def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
-        torch = self.torch
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
-            while True:
-                token = picker.pick(out.logits[0, -1].float().numpy())
-                yield token
-                out = self.model(
-                    input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
-                )
-
-
-class _Mlx:
-    name = "mlx"
-
-    def __init__(self, info: DirectoryInfo, options: Mapping[str, Any]) -> None:
-        import mlx.core as mx
-        from mlx_lm import load
-
-        self.mx = mx
-        if info.model_type == "gpt_oss" and not info.mxfp4:
-            self.model, self.tokenizer = _load_mlx_gpt_oss_dequantized(info.path)
-        else:
-            self.model, self.tokenizer = load(str(info.path))
-        self.n_ctx = int(info.config.get("max_position_embeddings") or 4096)
-        self.eos = set(self.tokenizer.eos_token_ids)
-
-    @property
-    def hf_tokenizer(self) -> Any:
-        return self.tokenizer._tokenizer  # mlx-lm's TokenizerWrapper holds the HF one
-
-    def chat_text(self, messages: list[dict[str, Any]], **extra: Any) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
-        )
-
-    def chat_ids(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
-
-    def text_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.encode(prompt))
-
-    def decode(self, ids: list[int], special: bool = False) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=not special))
-
-    def piece(self, token: int) -> bytes:
-        return str(self.tokenizer.decode([token], skip_special_tokens=False)).encode("utf-8")
-
-    def tokens(self, prompt: list[int], picker: TokenPicker) -> Iterator[int]:
-        from mlx_lm.generate import generate_step
-
-        mx = self.mx
-
-        def pick(_tokens: Any, logits: Any) -> Any:
-            # The whole order runs in the picker; mlx-lm's sampler then takes its token.
-            token = picker.pick(np.array(logits[0].astype(mx.float32)))
-            return mx.where(mx.arange(logits.shape[-1]) == token, 0.0, float("-inf"))[None]
-
-        # generate_step computes one token ahead: the picker pairs logprobs with tokens in order.
-        for token, _logprobs in generate_step(
-            mx.array(prompt),
-            self.model,
-            max_tokens=-1,
-            sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
-            logits_processors=[pick],
-        ):
-            yield int(token)
-
-
-def _load_mlx_gpt_oss_dequantized(path: Path) -> tuple[Any, Any]:
-    """gpt-oss in the de-quantised bf16 layout, which mlx-lm reads only as MXFP4.
-
-    transformers stores each layer's experts as ``gate_up_proj`` [experts, in, 2·out]
-    (gate and up interleaved) and ``down_proj`` [experts, in, out]; mlx-lm wants
-    separate [experts, out, in] matrices.  Everything else loads as it is.
-    """
-    import mlx.core as mx
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    model, _config = load_model(path, strict=False)
-    experts = []
-    for file in sorted(path.glob("*.safetensors")):
-        for name, value in mx.load(str(file)).items():
-            if name.endswith("mlp.experts.gate_up_proj"):
-                stem = name.removesuffix("gate_up_proj")
-                experts.append((stem + "gate_proj.weight", value[..., ::2].transpose(0, 2, 1)))
-                experts.append((stem + "up_proj.weight", value[..., 1::2].transpose(0, 2, 1)))
-            elif name.endswith("mlp.experts.down_proj"):
-                experts.append((name + ".weight", value.transpose(0, 2, 1)))
-    if not experts:
-        raise LoadFailedError(f"{path}: no gpt-oss expert weights (gate_up_proj, down_proj) found")
-    model.load_weights(experts, strict=False)
-    mx.eval(model.parameters())
-    return model, load_tokenizer(path)
-
-
 class SafetensorsEngine:
     """One model on one backend; one request at a time.
 
@@ -447,11 +236,10 @@ class SafetensorsEngine:
         if backend is None:
             check_safetensors_options(model_id, options)
             name = choose_backend(str(options.get("backend", "auto")), info.model_type)
-            chosen = _Mlx if name == "mlx" else _Transformers
 
             def backend() -> Backend:
                 read_ahead(info.files, progress)
-                return chosen(info, options)
+                return open_backend(name, info, options)
 
         try:
             self.backend: Backend = backend()
@@ -474,22 +262,26 @@ class SafetensorsEngine:
             progress(1.0)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        # Dropping the last reference frees the backend's weights and caches (torch, mlx and
+        # ONNX Runtime free them when collected); only a second close finds none to drop.
+        with contextlib.suppress(AttributeError):
             del self.backend
 
     def chat(self, ctx: RequestContext) -> Reply:
         req = chat_request(ctx.params)
         family = self.family
-        extra = template_extras(req, family)
-        messages = template_messages(req.messages, family, req.tools)
-        try:
-            prompt = self.backend.chat_ids(messages, **extra)
-            thinking = self.think and self.backend.chat_text(messages, **extra).rstrip().endswith("<think>")
-        except Exception as exc:
-            raise UnsupportedError(f"{self.model_id}'s chat template refused the messages: {exc}") from exc
+        backend = self.backend
+        if not getattr(backend.hf_tokenizer, "chat_template", None):
+            raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
+
+        def render(messages: list[dict[str, Any]], **extras: Any) -> tuple[list[int], str]:
+            # the text only where it tells whether the prompt opened <think>
+            ids = backend.chat_ids(messages, **extras)
+            return ids, backend.chat_text(messages, **extras) if self.think else ""
+
+        prompt, text = render_chat(self.model_id, req, family, render, TEMPLATE_REFUSALS)
         self._check_fits(prompt, "messages")
-        plan = chat_plan(req, family, think=self.think, thinking=thinking)
-        sampling = plan_sampling(plan, req.sampling)
+        plan, sampling = plan_reply(req, family, think=self.think, prompt=text)
         if self.n_vocab:
             sampling.check_vocab(self.n_vocab)
         source = _Source(self, sampling, special=family is not Family.GENERIC)

@@ -42,19 +42,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from allm.kernel.codes import UnsupportedError
+from allm.kernel.codes import REASON_INVALID_REQUEST, UnsupportedError
 
 if TYPE_CHECKING:
     from allm.managers.text.guided import Guide
 
-INVALID = "invalid_request"
 PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size
 MAX_LOGIT_BIAS = 300
 MAX_TOP_LOGPROBS = 20
 
 
-def _bad(param: str, message: str) -> UnsupportedError:
-    return UnsupportedError(message, reason=INVALID, param=param)
+def invalid(param: str, message: str) -> UnsupportedError:
+    """A request field that allm knows, with a value it cannot take: 400 naming the field."""
+    return UnsupportedError(message, reason=REASON_INVALID_REQUEST, param=param)
 
 
 def _number(params: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -62,7 +62,7 @@ def _number(params: Mapping[str, Any], key: str, default: float, lo: float, hi: 
     if value is None:
         return default
     if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
-        raise _bad(key, f"{key} must be a number from {lo:g} to {hi:g}, got {value!r}")
+        raise invalid(key, f"{key} must be a number from {lo:g} to {hi:g}, got {value!r}")
     return float(value)
 
 
@@ -72,7 +72,7 @@ def _integer(params: Mapping[str, Any], key: str, default: int, lo: int, hi: int
         return default
     if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
         bound = f"from {lo} to {hi}" if hi is not None else f"≥ {lo}"
-        raise _bad(key, f"{key} must be an integer {bound}, got {value!r}")
+        raise invalid(key, f"{key} must be an integer {bound}, got {value!r}")
     return value
 
 
@@ -80,18 +80,20 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, Mapping):
-        raise _bad("logit_bias", "logit_bias must be an object mapping token ids to numbers")
+        raise invalid("logit_bias", "logit_bias must be an object mapping token ids to numbers")
     if len(value) > MAX_LOGIT_BIAS:
-        raise _bad("logit_bias", f"logit_bias holds {len(value)} entries; at most {MAX_LOGIT_BIAS}")
+        raise invalid("logit_bias", f"logit_bias holds {len(value)} entries; at most {MAX_LOGIT_BIAS}")
     biases: dict[int, float] = {}
     for key, bias in value.items():
         token = key if isinstance(key, int) and not isinstance(key, bool) else None
         if isinstance(key, str) and key.strip().isdigit():
             token = int(key)
         if token is None or token < 0:
-            raise _bad("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+            raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
         if not isinstance(bias, int | float) or isinstance(bias, bool) or not -100 <= bias <= 100:
-            raise _bad("logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100, got {bias!r}")
+            raise invalid(
+                "logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100, got {bias!r}"
+            )
         biases[token] = float(bias)
     return tuple(sorted(biases.items()))
 
@@ -126,7 +128,7 @@ class Sampling:
         """Refuse logit_bias token ids outside a model's vocabulary of n_vocab tokens."""
         outside = [token for token, _ in self.logit_bias if token >= n_vocab]
         if outside:
-            raise _bad(
+            raise invalid(
                 "logit_bias",
                 f"logit_bias names token id {outside[0]}, outside the model's vocabulary "
                 f"(ids 0 to {n_vocab - 1})",
@@ -138,34 +140,34 @@ class Sampling:
         if max_tokens is not None and (
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
-            raise _bad("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
+            raise invalid("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
         seed = params.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise _bad("seed", f"seed must be an integer, got {seed!r}")
+            raise invalid("seed", f"seed must be an integer, got {seed!r}")
         stop = params.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-            raise _bad("stop", "stop must be a string or a list of up to 4 strings")
+            raise invalid("stop", "stop must be a string or a list of up to 4 strings")
         fmt = params.get("response_format") or {}
         if not isinstance(fmt, Mapping):
-            raise _bad("response_format", "response_format must be an object")
+            raise invalid("response_format", "response_format must be an object")
         kind = fmt.get("type", "text")
         schema = None
         if kind == "json_schema":
             schema = fmt.get("schema")
             if not isinstance(schema, Mapping):
-                raise _bad("response_format", "a json_schema response_format needs a 'schema' object")
+                raise invalid("response_format", "a json_schema response_format needs a 'schema' object")
         elif kind not in ("text", "json_object"):
-            raise _bad(
+            raise invalid(
                 "response_format", f"response_format type {kind!r} is not text, json_object or json_schema"
             )
         logprobs = params.get("logprobs")
         if logprobs is not None and not isinstance(logprobs, bool):
-            raise _bad("logprobs", f"logprobs must be true or false, got {logprobs!r}")
+            raise invalid("logprobs", f"logprobs must be true or false, got {logprobs!r}")
         repeat_penalty = _number(params, "repeat_penalty", 1.0, 0.0, 10.0)
         if repeat_penalty <= 0:
-            raise _bad("repeat_penalty", "repeat_penalty must be above 0 (1 is off)")
+            raise invalid("repeat_penalty", "repeat_penalty must be above 0 (1 is off)")
         return cls(
             max_tokens=max_tokens,
             temperature=_number(params, "temperature", 0.8, 0.0, 2.0),

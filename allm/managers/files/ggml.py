@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from allm.managers.files.sniff import GGML_MAGIC
+
 MAGIC = 0x67676D6C
-MAGIC_BYTES = struct.pack("<I", MAGIC)  # b"lmgg"
+MAGIC_BYTES = GGML_MAGIC  # MAGIC as a little-endian u32: b"lmgg"
 HPARAMS_STRUCT = struct.Struct("<11i")
 RECORD_STRUCT = struct.Struct("<3i")  # n_dims, name length, ggml type
 
@@ -284,7 +286,7 @@ def write_ggml(
     """Write a whisper.cpp model file, one tensor at a time (never the whole file in memory).
 
     Tensors must be float32 or float16 numpy arrays in numpy shape order; each is written with
-    the type of its dtype, as given: this writes the format, ``model_check`` judges the content.
+    the type of its dtype, as given: this writes the format, ``audio/model_check.py`` judges the content.
     """
     filters = np.ascontiguousarray(filters, dtype="<f4")
     if filters.ndim != 2:

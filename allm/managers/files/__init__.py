@@ -1,0 +1,1 @@
+"""Model file sniffing and header reading (GGUF, safetensors, ggml, CTranslate2), shared by the managers."""
