@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -24,17 +23,20 @@ import pytest
 from tests.image_files import write_tiny_flux
 from tests.integration.gateway_server import ROOT, Server, free_port
 from tests.model_files import smollm2_path
+from tests.waits import wait_for
 from tests.whisper_files import write_tiny_whisper
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+# startsecs: far longer than the broken manager takes to exit, however loaded the machine (at 2 s
+# a loaded machine let one attempt count as started, and it never went FATAL).
 CRASHING = """
-[program:image]
+[program:crashing]
 command=%(here)s/.venv/bin/allm manager image --config %(here)s/broken.toml
 autostart=true
 autorestart=unexpected
 exitcodes=0
-startsecs=2
+startsecs=15
 startretries=2
 stopasgroup=true
 killasgroup=true
@@ -67,6 +69,13 @@ class Daemon:
         )
         return done.stdout
 
+    def live(self, *names: str) -> bool:
+        """The gateway has heard from each of these manager instances (its /status says so)."""
+        with contextlib.suppress(OSError):
+            managers = {m["name"]: m for m in self.server.json("GET", "/status")[1]["managers"]}
+            return all(managers[name]["live"] for name in names)
+        return False
+
     def state(self, program: str) -> tuple[str, int | None]:
         """(STATE, pid) of a program, as supervisorctl status prints it."""
         line = self.ctl("status", program).split()
@@ -74,13 +83,8 @@ class Daemon:
         return line[1], pid
 
     def wait_state(self, program: str, want: str, timeout_s: float = 60) -> int | None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state, pid = self.state(program)
-            if state == want:
-                return pid
-            time.sleep(0.2)
-        raise AssertionError(f"{program} did not reach {want}: {self.ctl('status')}")
+        state = wait_for(lambda: (s := self.state(program))[0] == want and s, timeout_s, f"{program} {want}")
+        return state[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +115,7 @@ def daemon(tmp_path_factory):
     try:
         for program in ("allm:text", "allm:audio", "allm:gateway"):
             daemon.wait_state(program, "RUNNING")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                managers = {m["name"]: m for m in daemon.server.json("GET", "/status")[1]["managers"]}
-                if managers["text#0"]["live"] and managers["audio#0"]["live"]:
-                    break
-            time.sleep(0.2)
+        wait_for(lambda: daemon.live("text#0", "audio#0"), 60, "the gateway to hear text and audio")
         yield daemon
     finally:
         if daemon.proc.poll() is None:
@@ -173,21 +171,38 @@ def test_the_text_manager_killed_mid_stream_is_the_coded_error_then_supervisord_
     assert "process ended" in errors[0]["message"]
     after = daemon.wait_state("allm:text", "RUNNING")
     assert after != before
-    for _ in range(100):
-        status, reply = chat(daemon.server)
-        if status == 200:
-            break
-        time.sleep(0.1)
+    wait_for(lambda: daemon.live("text#0"), 30, "the gateway to hear the new text manager")
+    status, reply = chat(daemon.server)
     assert status == 200, reply
 
 
+def test_the_shipped_image_program_starts_by_hand_and_serves_images(daemon):
+    # Not with the group (the default catalog has no image model): started by hand, it serves
+    # the catalog's image model, and stops again cleanly.
+    assert daemon.state("allm:image")[0] == "STOPPED"
+    assert "started" in daemon.ctl("start", "allm:image")
+    try:
+        daemon.wait_state("allm:image", "RUNNING")
+        wait_for(lambda: daemon.live("image#0"), 60, "the gateway to hear the image manager")
+        body = {"model": "flux", "prompt": "a red square", "size": "64x64", "steps": 2}
+        status, reply = daemon.server.json("POST", "/v1/images/generations", body)
+        assert status == 200, reply
+        assert reply["data"][0]["b64_json"] or reply["data"][0]["url"]
+    finally:
+        daemon.ctl("stop", "allm:image")
+    daemon.wait_state("allm:image", "STOPPED")
+
+
 def test_a_crash_looping_manager_goes_fatal_and_its_requests_fail_fast_and_clearly(daemon):
-    daemon.wait_state("image", "FATAL", timeout_s=90)
-    time.sleep(4.5)  # past twice the heartbeat timeout since the gateway started hearing nothing
-    status, reply = daemon.server.json("POST", "/v1/images/generations", {"model": "flux", "prompt": "x"})
-    assert status == 503
-    assert reply["error"]["code"] == "manager_failed"  # at once: waiting would have been a timeout
-    assert "is `allm manager image` running?" in reply["error"]["message"]
+    daemon.wait_state("crashing", "FATAL", timeout_s=90)
+    # The first request waits for the gateway to give the modality up (twice the heartbeat
+    # timeout without a word from it), far inside its 30 s deadline: waiting on would have been
+    # a timeout. Given up, the gateway refuses the next one at once, the same way.
+    for _ in range(2):
+        status, reply = daemon.server.json("POST", "/v1/images/generations", {"model": "flux", "prompt": "x"})
+        assert status == 503
+        assert reply["error"]["code"] == "manager_failed"
+        assert "is `allm manager image` running?" in reply["error"]["message"]
     assert chat(daemon.server)[0] == 200  # the others serve on
 
 
