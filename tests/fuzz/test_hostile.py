@@ -16,7 +16,6 @@ from .edge import (
     content_type,
     fuzz_server,
     raw_exchange,
-    serves,
     untouched,
 )
 
@@ -339,8 +338,3 @@ def test_any_header_gets_an_http_answer(server, lines, path):
     assert status_line.startswith(b"HTTP/1.1 "), (lines, reply[:200])
     head, _, body = rest.partition(b"\r\n\r\n")
     check_answer(int(status_line.split()[1]), body, content_type(head))
-
-
-def test_after_all_of_it_the_server_serves_and_the_manager_never_restarted(server):
-    serves(server)
-    untouched(server)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import tempfile
@@ -15,16 +14,6 @@ from allm.kernel.registry import module_for
 from allm.kernel.supervisor import ManagerSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def wait_idle(client: KernelClient) -> None:
-    """Until the (only) manager's heartbeat says it runs nothing: a few seconds at most."""
-    for _ in range(100):
-        hb = client.instances()[0].heartbeat
-        if hb is not None and hb.active == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the manager is still busy: {client.instances()[0].heartbeat}")
 
 
 @contextlib.asynccontextmanager

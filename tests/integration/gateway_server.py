@@ -61,17 +61,6 @@ class Server:
         return self.json("GET", "/status")[1]["managers"]
 
 
-def wait_for(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something true, and return that; fail after the time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @contextlib.contextmanager
 def running_server(
     config_toml: str,
@@ -83,11 +72,13 @@ def running_server(
     env: dict[str, str] | None = None,
     log: Path | None = None,
     args: tuple[str, ...] = (),
+    own_group: bool = False,
 ) -> Iterator[Server]:
     """``allm serve`` (by default this environment's) on a free port, ready; stopped with SIGTERM after.
 
     ``log``: write its stdout and stderr there, at INFO (access lines included), instead of
-    passing WARNING and worse through.
+    passing WARNING and worse through. ``own_group``: in a session and process group of its
+    own (pgid = its pid), which its managers share, so a test can signal them all at once.
     """
     config = tmp / "allm.toml"
     config.write_text(config_toml)
@@ -100,6 +91,7 @@ def running_server(
         env=env,
         stdout=out,
         stderr=out,
+        start_new_session=own_group,
     )
     server = Server(proc, port, api_key)
     try:

@@ -15,6 +15,7 @@ import pytest_asyncio
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import AllmError, Code
 from tests.model_files import smollm2_path
+from tests.waits import until
 
 from .conftest import text_manager
 
@@ -41,9 +42,10 @@ async def chat(client: KernelClient, content: str, **params):
     return (await client.call("text", "chat", model=SMOL, params={"messages": messages, **params})).data
 
 
-async def busy(client: KernelClient) -> int:
+def state(client: KernelClient) -> tuple[int, int]:
+    """(running, in line), as the manager's latest heartbeat says."""
     [view] = client.instances()
-    return view.heartbeat.active if view.heartbeat else 0
+    return (view.heartbeat.active, view.heartbeat.queued) if view.heartbeat else (0, 0)
 
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -57,7 +59,7 @@ async def test_concurrent_requests_run_together_and_each_gets_its_own_greedy_tex
     async def watch() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, await busy(client))
+            peak = max(peak, state(client)[0])
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
@@ -115,8 +117,9 @@ async def test_a_cancelled_stream_frees_its_sequence_for_a_waiting_request(text)
     for s in opened:
         await anext(aiter(s))  # each is generating
     waiting = asyncio.create_task(chat(client, "Say hi.", temperature=0, max_tokens=3))
-    await asyncio.sleep(0.3)
-    assert not waiting.done()  # four sequences, four streams: it waits
+    # Four sequences, four streams: it waits in line.
+    await until(lambda: state(client) == (SLOTS, 1), 30, "four running and one in line")
+    assert not waiting.done()
     await opened[0].aclose()
     reply = await asyncio.wait_for(waiting, 30)  # it took the freed sequence
     assert reply["usage"]["completion_tokens"] >= 1
@@ -146,10 +149,7 @@ async def test_a_manager_killed_mid_batch_gives_every_sequence_its_coded_error()
                     pass
 
         tasks = [asyncio.create_task(one(p)) for p in PROMPTS]
-        for _ in range(500):
-            if await busy(client) == SLOTS:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: state(client)[0] == SLOTS, 30, "every sequence to run")
         os.kill(supervisor.pid_of("text#0"), signal.SIGKILL)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(o, AllmError) for o in outcomes), outcomes

@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import threading
-import time
 
 import openai
 import pytest
 
 from tests.model_files import smollm2_path, truncated_copy
+from tests.waits import wait_for
 
 from .gateway_server import running_server
 
@@ -414,10 +414,9 @@ def test_a_full_queue_is_429_with_retry_after(server):
     holders = [threading.Thread(target=occupy) for _ in range(2)]  # one running, one queued
     for t in holders:
         t.start()
-    for _ in range(200):
-        if sum(m["active"] + m["queued"] for m in server.managers()) == 2:
-            break
-        time.sleep(0.02)
+    wait_for(
+        lambda: sum(m["active"] + m["queued"] for m in server.managers()) == 2, 30, "one running, one queued"
+    )
     status, headers, data = server.request("POST", "/v1/chat/completions", long)
     for t in holders:
         t.join()
@@ -431,12 +430,8 @@ def test_a_full_queue_is_429_with_retry_after(server):
 
 
 def _idle(server) -> bool:
-    for _ in range(200):
-        [text] = server.managers()
-        if text["active"] == 0 and text["queued"] == 0:
-            return True
-        time.sleep(0.05)
-    return False
+    [text] = server.managers()
+    return text["active"] == 0 and text["queued"] == 0
 
 
 def test_client_disconnect_mid_stream_stops_the_engine(server):
@@ -457,15 +452,12 @@ def test_client_disconnect_mid_stream_stops_the_engine(server):
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.readline().startswith(b"data: ")
-    # Heartbeats report the manager's state twice a second: wait to see it busy.
-    for _ in range(100):
-        if server.managers()[0]["active"] == 1:
-            break
-        time.sleep(0.05)
-    assert server.managers()[0]["active"] == 1  # 2000 tokens take far longer than this test
+    # Heartbeats report the manager's state twice a second: wait to see it busy (2000 tokens
+    # take far longer than this test).
+    wait_for(lambda: server.managers()[0]["active"] == 1, 30, "the engine to be busy")
     resp.close()
     conn.close()
-    assert _idle(server)
+    wait_for(lambda: _idle(server), 30, "the engine to stop")
 
 
 def test_sigkill_of_the_text_manager_mid_stream_is_a_coded_error_then_service_resumes(sdk, server):

@@ -19,8 +19,9 @@ from PIL import Image
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import AllmError, Code
 from tests.image_files import write_tiny_flux
+from tests.waits import until, wait_idle
 
-from .conftest import manager, wait_idle
+from .conftest import manager
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -156,19 +157,18 @@ async def test_a_flux_without_its_text_encoder_is_refused_before_it_can_crash(im
     assert supervisor.pid_of("image#0") == pid
 
 
+def steps_shown(client: KernelClient) -> list[dict]:
+    """What the manager's latest heartbeat shows of a generation under way (its step)."""
+    hb = client.instances()[0].heartbeat
+    running = (hb.extra.get("running") or []) if hb is not None else []
+    return [r for r in running if r["activity"].startswith("generating image")]
+
+
 async def test_a_running_generation_shows_its_step_in_the_status(image):
     client, _ = image
     pending = asyncio.create_task(generate(client, **LONG))
-    seen = []
-    for _ in range(200):
-        hb = client.instances()[0].heartbeat
-        running = (hb.extra.get("running") or []) if hb is not None else []
-        seen += [r for r in running if r["activity"].startswith("generating image")]
-        if len(seen) >= 2:
-            break
-        await asyncio.sleep(0.05)
+    seen = await until(lambda: steps_shown(client), 60, "a step in the heartbeat")
     await pending
-    assert seen, "no step was ever shown"
     assert all(0 <= r["fraction"] <= 1 for r in seen)
     assert seen[0]["activity"].startswith("generating image 1 of 1, step ")
     assert seen[0]["model"] == "flux"
@@ -227,7 +227,7 @@ async def test_a_worker_killed_mid_generation_is_internal_naming_the_signal_and_
     await generate(client)
     worker = worker_of(supervisor)
     pending = asyncio.create_task(generate(client, **LONG))
-    await asyncio.sleep(1.0)
+    await until(lambda: steps_shown(client), 60, "a step in the heartbeat")  # mid-generation
     worker.send_signal(signal.SIGKILL)
     with pytest.raises(AllmError) as info:
         await pending

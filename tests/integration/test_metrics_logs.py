@@ -14,7 +14,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .gateway_server import Server, running_server, wait_for
+from tests.waits import wait_for
+
+from .gateway_server import Server, running_server
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"

@@ -14,6 +14,7 @@ import json
 import pytest
 import pytest_asyncio
 
+from allm.kernel.codes import AllmError, Code
 from tests.model_files import smollm2_path, token_id, write_tiny_llama_gguf
 
 from .conftest import text_manager
@@ -226,3 +227,19 @@ async def test_the_generic_scheme_answers_after_a_tool_result_in_plain_text(text
     assert not data["text"].lstrip().startswith("{")
     assert "tool_calls" not in data["text"]
     assert '"response"' not in data["text"]
+
+
+async def test_a_template_that_refuses_the_messages_is_the_clients_error(text):
+    """Llama 3.1's template raises on two calls in one message: UNSUPPORTED (400), naming why."""
+    client, _ = text
+    calls = [
+        {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        for i in (1, 2)
+    ]
+    messages = [*ASK, {"role": "assistant", "content": "", "tool_calls": calls}]
+    with pytest.raises(AllmError) as caught:
+        await chat(client, "llama3.1", messages=messages, tools=[WEATHER], max_tokens=8)
+    assert caught.value.code is Code.UNSUPPORTED
+    assert caught.value.message == (
+        "llama3.1's chat template refused the messages: This model only supports single tool-calls at once!"
+    )

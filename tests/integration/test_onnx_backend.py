@@ -15,19 +15,19 @@ import json
 import os
 import shutil
 import signal
-import time
 
 import psutil
 import pytest
 import pytest_asyncio
 
 from allm.kernel.codes import AllmError, Code
-from allm.managers.text.onnx_engine import GENAI_CONFIG, cache_name, convert
+from allm.managers.text.onnx_engine import GENAI_CONFIG, POLL_S, cache_name, convert
 from allm.managers.text.options import OnnxOptions
 from allm.managers.text.safetensors_engine import check_directory
 from tests.model_files import write_hf_model
+from tests.waits import until, wait_idle
 
-from .conftest import text_manager, wait_idle
+from .conftest import text_manager
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -144,6 +144,7 @@ async def _fails(client, model, timeout_s=120.0, **params) -> AllmError:
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 async def test_fp32_onnx_gives_the_greedy_text_of_transformers(text, arch):
     client, supervisor = text
+    restarts = supervisor.status()[0].restarts
     torch_reply = await greedy(client, f"{arch}-transformers")
     loading: list[dict] = []
     answer = asyncio.create_task(greedy(client, f"{arch}-onnx"))
@@ -158,7 +159,7 @@ async def test_fp32_onnx_gives_the_greedy_text_of_transformers(text, arch):
     assert onnx_reply["text"] == torch_reply["text"]
     assert onnx_reply["usage"] == torch_reply["usage"]
     assert onnx_reply["finish_reason"] == torch_reply["finish_reason"]
-    assert supervisor.status()[0].restarts == 0
+    assert supervisor.status()[0].restarts == restarts  # the conversion was never taken for a hang
     fractions = [r["fraction"] for r in loading if r["fraction"] is not None]
     assert fractions == sorted(fractions)
     assert fractions[-1] > 0.5
@@ -268,22 +269,19 @@ async def test_bad_options_are_refused_naming_the_option(text, model, code, para
 
 async def test_a_conversion_past_its_deadline_stops_the_builder(text, dirs, cache):
     client, supervisor = text
+    restarts = supervisor.status()[0].restarts
     err = await _fails(client, "timeout", timeout_s=1.5)
     assert err.code is Code.TIMEOUT
     await _no_builder_soon(dirs["timeout"])
     assert not [n for n in converted(cache) if n.startswith("timeout-")]
-    assert supervisor.status()[0].restarts == 0
+    assert supervisor.status()[0].restarts == restarts
     assert (await greedy(client, "llama-onnx"))["usage"]["completion_tokens"] > 0
 
 
 async def test_a_cancelled_conversion_stops_the_builder(text, dirs, cache):
     client, _ = text
     task = asyncio.create_task(greedy(client, "cancel"))
-    for _ in range(100):  # until the builder runs
-        if builders_running(dirs["cancel"]):
-            break
-        await asyncio.sleep(0.05)
-    assert builders_running(dirs["cancel"])
+    await until(lambda: builders_running(dirs["cancel"]), 30, "the builder to run")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -293,41 +291,37 @@ async def test_a_cancelled_conversion_stops_the_builder(text, dirs, cache):
 
 
 async def _no_builder_soon(path) -> None:
-    for _ in range(100):
-        if not builders_running(path):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the model builder for {path} still runs")
+    await until(lambda: not builders_running(path), 10, f"the model builder for {path} to end")
 
 
 async def test_the_builder_reports_progress_all_along_and_dies_when_told(dirs, tmp_path):
-    """What the watchdog sees of a conversion: progress at every poll while the builder works
+    """What the watchdog sees of a conversion: progress at its polls while the builder works
     (its output or its CPU time moves), however long it takes; a stop request kills it."""
     info = check_directory(dirs["mistral"])
     options = OnnxOptions("cpu", "fp32", 1)
-    seen: list[tuple[float, float]] = []
-    started = time.monotonic()
-    target = tmp_path / "onnx" / "m"
+    reports: list[float] = []
+    polls: list[int] = []  # at each poll, the reports so far
 
-    def record(fraction: float) -> None:
-        seen.append((time.monotonic(), fraction))
+    def poll() -> None:  # convert asks at every poll whether to stop
+        polls.append(len(reports))
 
     # In a thread: the module's kernel client keeps reading heartbeats meanwhile.
-    await asyncio.to_thread(convert, "m", info, options, target, progress=record, should_stop=lambda: None)
-    ended = time.monotonic()
+    target = tmp_path / "onnx" / "m"
+    await asyncio.to_thread(convert, "m", info, options, target, progress=reports.append, should_stop=poll)
     assert (target / GENAI_CONFIG).is_file()
-    gaps = [b - a for a, b in itertools.pairwise([started, *(t for t, _ in seen), ended])]
-    assert len(seen) >= 5  # it reported all along (importing torch alone takes seconds)
-    assert max(gaps) < 1.0, gaps  # a watchdog with a limit of a second would let it run
-    fractions = [f for _, f in seen]
-    assert fractions == sorted(fractions)
-    assert fractions[-1] > 0.8
+    assert len(polls) >= 5  # a conversion of many polls (importing torch alone takes seconds)
+    # A poll that finds the builder moving reports; the longest run of polls with no report
+    # stays short of what a watchdog with a limit of one second allows (polls POLL_S apart).
+    reported = [later > now for now, later in itertools.pairwise([*polls, len(reports)])]
+    silences = [len(list(run)) for moved, run in itertools.groupby(reported) if not moved]
+    assert max(silences, default=0) < 1.0 / POLL_S, reported
+    assert reports == sorted(reports)
+    assert reports[-1] > 0.8
 
-    def stop_after_a_second() -> None:
-        if time.monotonic() - begun > 1.0:
+    def stop_once_it_runs() -> None:
+        if builders_running(dirs["mistral"]):
             raise CancelledByTest
 
-    begun = time.monotonic()
     with pytest.raises(CancelledByTest):
         await asyncio.to_thread(
             convert,
@@ -335,8 +329,8 @@ async def test_the_builder_reports_progress_all_along_and_dies_when_told(dirs, t
             info,
             options,
             tmp_path / "onnx" / "n",
-            progress=record,
-            should_stop=stop_after_a_second,
+            progress=reports.append,
+            should_stop=stop_once_it_runs,
         )
     assert not builders_running(dirs["mistral"])  # killed, not left to finish
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["m"]  # nothing half-made left
@@ -474,16 +468,12 @@ async def test_describing_an_onnx_model_converts_nothing(dirs):
 
 
 async def test_a_manager_killed_mid_conversion_takes_its_builder_along(text, dirs, cache):
-    """Last: it restarts the module's manager. The builder dies with it (PR_SET_PDEATHSIG);
-    the next conversion clears the temporary directory it left."""
+    """It restarts the module's manager. The builder dies with it (PR_SET_PDEATHSIG); the next
+    conversion clears the temporary directory it left."""
     client, supervisor = text
     pid = supervisor.pid_of("text#0")
     task = asyncio.create_task(greedy(client, "sigkill"))
-    for _ in range(100):
-        if builders_running(dirs["sigkill"]):
-            break
-        await asyncio.sleep(0.05)
-    assert builders_running(dirs["sigkill"])
+    await until(lambda: builders_running(dirs["sigkill"]), 30, "the builder to run")
     assert list((cache / "onnx").glob(".sigkill-*.tmp"))
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(AllmError) as info:

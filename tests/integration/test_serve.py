@@ -5,10 +5,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 
 import psutil
 import pytest
+
+from tests.waits import wait_for
 
 from .gateway_server import ALLM, ROOT, running_server
 
@@ -31,11 +32,7 @@ def test_serve_stops_cleanly_on_signal_and_leaves_no_process(tmp_path, signum):
         assert all(psutil.Process(pid).ppid() == server.proc.pid for pid in managers)
         server.proc.send_signal(signum)
         assert server.proc.wait(timeout=60) == 0
-    for _ in range(100):
-        if not any(psutil.pid_exists(pid) for pid in managers):
-            break
-        time.sleep(0.05)
-    assert not any(psutil.pid_exists(pid) for pid in managers)
+    wait_for(lambda: not any(psutil.pid_exists(pid) for pid in managers), 10, f"managers {managers} to end")
 
 
 def test_several_text_instances_share_the_work(tmp_path):
@@ -59,12 +56,13 @@ def test_several_text_instances_share_the_work(tmp_path):
         ]
         for t in threads:
             t.start()
-        busy = set()
-        for _ in range(200):
-            busy |= {m["name"] for m in server.managers() if m["active"]}
-            if len(busy) == 2:
-                break
-            time.sleep(0.05)
+        busy: set[str] = set()
+
+        def both_busy() -> bool:  # each seen busy at some poll
+            busy.update(m["name"] for m in server.managers() if m["active"])
+            return len(busy) == 2
+
+        wait_for(both_busy, 30, "both instances to be busy")
         for t in threads:
             t.join()
         # Each instance took one of the two requests: least outstanding work first.

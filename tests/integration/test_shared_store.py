@@ -13,7 +13,6 @@ import itertools
 import os
 import subprocess
 import threading
-import time
 
 import psycopg
 import pytest
@@ -22,8 +21,9 @@ from allm.gateway.store import PostgresStore, StoreUnavailable
 from tests.clock import Clock
 from tests.model_files import smollm2_path
 from tests.postgres_server import postgres_server
+from tests.waits import wait_for
 
-from .gateway_server import ALLM, ROOT, free_port, running_server, wait_for
+from .gateway_server import ALLM, ROOT, free_port, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,8 @@ def test_a_stopped_postgres_is_store_unavailable_and_a_restarted_one_is_reconnec
         assert str(pg.port) not in caught.value.message  # where the database is, is for the log
     finally:
         pg.start()
-    time.sleep(1.1)  # past the pause after a failure (RETRY_AFTER_S)
+    # It connects again once its pause after a failure (RETRY_AFTER_S) is over.
+    wait_for(lambda: _answers(store), 30, "the store to answer again")
     assert asyncio.run(store.get("resp_1")) is not None
 
 
@@ -318,10 +319,8 @@ def test_a_stopped_postgres_is_a_clean_503_and_service_returns_with_it(pg, gatew
         assert '"code":"store_unavailable"' in data.decode().replace(" ", "")
     finally:
         pg.start()
-    deadline = time.monotonic() + 10
-    while (status := a.json("GET", f"/v1/responses/{first['id']}")[0]) == 503 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert status == 200
+    wait_for(lambda: a.json("GET", f"/v1/responses/{first['id']}")[0] != 503, 30, "the gateway to reconnect")
+    assert a.json("GET", f"/v1/responses/{first['id']}")[0] == 200
     status, body = _create(b, input="Again.", previous_response_id=first["id"], store=True)
     assert status == 200, body
 

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import threading
 import time
 
-from tests.model_files import smollm2_path
+import psutil
 
-from .gateway_server import Server, running_server, wait_for
+from tests.model_files import smollm2_path
+from tests.waits import wait_for
+
+from .gateway_server import Server, running_server
 from .test_metrics_logs import scrape, value
 
 CHAT = "/v1/chat/completions"
@@ -121,6 +125,36 @@ def test_a_stream_longer_than_the_drain_ends_with_a_coded_error_then_the_server_
         assert "shutting down" in error["message"]
         assert len(reader.events) < 4000  # cut short by the drain, not run to its length
         assert server.proc.wait(30) == 0
+
+
+def test_a_sigterm_to_the_whole_process_group_restarts_no_manager(tmp_path):
+    """systemd (or ``kill -- -PGID``) signals the server and its managers at once: an idle
+    manager drains and exits 0 while the server still drains a stream, and stays down."""
+    log = tmp_path / "serve.log"
+    config = catalog(tmp_path, ["smol"], "drain_timeout_s = 5\n\n[text]\ninstances = 2\n")
+    with running_server(config, tmp_path, log=log, own_group=True) as server:
+        pids = {m["name"]: m["pid"] for m in server.managers() if m["modality"] == "text"}
+        assert sorted(pids) == ["text#0", "text#1"]
+        reader = Reader(server, "smol", 4000)  # longer than the drain: it holds the drain open
+        reader.start()
+        assert reader.first.wait(60)
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        # Reaped by the supervisor (not a zombie any more): it has read that exit.
+        wait_for(
+            lambda: any(not psutil.pid_exists(pid) for pid in pids.values()),
+            30,
+            "the idle manager to drain and exit",
+        )
+        assert reader.is_alive(), "the stream ended before the manager: the drain was not open"
+        reader.join(60)
+        assert reader.failure is None
+        assert reader.done
+        assert server.proc.wait(30) == 0
+    lines = log.read_text()
+    assert "restarting in" not in lines
+    for name, pid in pids.items():
+        assert f"started {name} (pid {pid})" in lines
+        assert lines.count(f"started {name} (pid") == 1, lines
 
 
 def chat(server: Server, model: str):

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from allm.kernel.codes import AllmError
-from allm.managers.audio.ggml_format import Hparams
 from allm.managers.audio.model_check import check_model
+from allm.managers.files.ggml import Hparams
 from tests.whisper_files import damaged_models, section_offsets, speech_samples, tiny_en, write_tiny_whisper
 
 pytestmark = pytest.mark.slow

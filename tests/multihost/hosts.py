@@ -3,9 +3,10 @@
 Each host is a namespace with its own loopback and one veth link to the test's namespace
 (10.177.N.1 here, 10.177.N.2 there): a manager in it is reached over a real network
 interface, and the link can be cut (``ip link set … down``) and restored. Where namespaces
-cannot be made (no CAP_NET_ADMIN), each host is a loopback address of its own
-(127.77.0.N) and a cut is the nearest stand-in: the manager is stopped (SIGSTOP), so its
-heartbeats stop exactly as they would behind a dead link; ``Hosts.real`` says which.
+cannot be made (no CAP_NET_ADMIN) and CI is not set, each host is a loopback address of its
+own (127.77.0.N), ``Hosts.real`` is false and ``Hosts.mode`` says why; there is no link to
+cut then, and ``cut`` refuses (a stopped process is another fault). Under CI (``CI`` set),
+a machine that cannot make namespaces fails the test instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from tests.integration.gateway_server import free_port
 
 ALLM = Path(sys.executable).parent / "allm"
+#: the kinds of hosts this run made, for the end of its report (tests/multihost/conftest.py)
+MODES: set[str] = set()
 
 
 def _ip(*args: str) -> None:
@@ -80,7 +83,6 @@ class Host:
             return
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGCONT)
                 os.killpg(proc.pid, signum)
             try:
                 proc.wait(timeout=30)
@@ -88,6 +90,10 @@ class Host:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.manager = None
+
+
+class NoNamespaces(RuntimeError):
+    """Network namespaces cannot be made here, and CI asks for them."""
 
 
 class Hosts:
@@ -98,14 +104,25 @@ class Hosts:
         self.tag = uuid.uuid4().hex[:6]
         self.hosts: list[Host] = []
         self.real = False  # namespaces and veth links, not loopback stand-ins
+        self.mode = ""  # which, in words: for the test report
 
     def __enter__(self) -> Hosts:
         try:
             self._make_namespaces()
-            self.real = True
-        except (OSError, subprocess.CalledProcessError):
+        except (OSError, subprocess.CalledProcessError) as exc:
             self._remove_namespaces()
+            why = _why(exc)
+            if os.environ.get("CI"):
+                raise NoNamespaces(
+                    f"CI runs the multi-host tests in network namespaces, and this machine cannot make "
+                    f"them ({why}): run them as root (CAP_NET_ADMIN) with iproute2 installed"
+                ) from exc
             self.hosts = [Host(i, None, f"127.77.0.{i + 2}", None) for i in range(self.count)]
+            self.mode = f"loopback addresses: no network namespaces here ({why})"
+        else:
+            self.real = True
+            self.mode = "network namespaces joined by veth links"
+        MODES.add(self.mode)
         return self
 
     def _make_namespaces(self) -> None:
@@ -144,14 +161,20 @@ class Hosts:
         return self.hosts[i]
 
     def cut(self, host: Host) -> None:
-        """The host drops off the network (or, on loopback, its manager stops dead)."""
-        if host.link:
-            _ip("link", "set", host.link, "down")
-        elif host.manager is not None:
-            os.killpg(host.manager.pid, signal.SIGSTOP)
+        """The host drops off the network: its veth link goes down."""
+        if not host.link:
+            raise NoNamespaces(f"there is no link to cut on {self.mode}")
+        _ip("link", "set", host.link, "down")
 
     def restore(self, host: Host) -> None:
-        if host.link:
-            _ip("link", "set", host.link, "up")
-        elif host.manager is not None:
-            os.killpg(host.manager.pid, signal.SIGCONT)
+        if not host.link:
+            raise NoNamespaces(f"there is no link to restore on {self.mode}")
+        _ip("link", "set", host.link, "up")
+
+
+def _why(exc: BaseException) -> str:
+    """What ``ip`` said, or the OS error: why namespaces could not be made."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        said = (exc.stderr or b"").decode(errors="replace").strip()
+        return f"`{' '.join(exc.cmd)}`: {said or f'exit status {exc.returncode}'}"
+    return str(exc)

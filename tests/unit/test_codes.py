@@ -1,4 +1,4 @@
-"""The ten protocol codes are exactly docs/design.md's, and each has its typed exception."""
+"""The ten protocol codes are exactly docs/api.md's table, and each has its typed exception."""
 
 import pytest
 
