@@ -4,7 +4,7 @@ A static table, like the registry of managers.  The command line reads it to ref
 catalog entry whose engine is missing before anything starts; a manager reads it before
 it imports an engine, so a missing one is a message with the exact ``pip install``, never
 an ImportError in the middle of a request.  Nothing here imports an engine:
-``importlib.util.find_spec`` only looks for it.
+``importlib.util.find_spec`` only looks for it, until a manager preloads its engines.
 
 The extras themselves are declared in pyproject.toml; this table and that file name the
 same extras.
@@ -42,6 +42,17 @@ class Engine:
     def not_installed(self) -> str:
         """The problem ``allm check`` reports for a model whose engine is missing."""
         return f"needs the {self.name} engine, which is not installed: run {self.install_command()}"
+
+    def preload(self) -> None:
+        """Import the engine's modules now (ImportError if one fails).
+
+        A manager does this before it serves: importing a big native library holds the GIL
+        while it is linked (``import torch`` held it 0.4 s here, longer from a cold disk),
+        and the I/O thread's heartbeats wait for the GIL.  At start the supervisor's start
+        timeout covers it; in the middle of a load it could be taken for a hang.
+        """
+        for module in self.modules:
+            importlib.import_module(module)
 
     def require(self, model_id: str) -> None:
         """Raise UNSUPPORTED, with the command that installs it, if this engine is missing."""

@@ -80,7 +80,8 @@ def test_each_manager_of_the_default_catalog_maps_its_own_engine_and_no_other(tm
         chat(server, "smollm2-135m-instruct")
         text, audio = manager_process(server, "text"), manager_process(server, "audio")
         assert engines_mapped(text.pid) == {"llama.cpp"}
-        assert engines_mapped(audio.pid) == set()  # no audio model loaded yet: no engine either
+        # its catalog's engine, imported before it served (Engine.preload), and no other
+        assert engines_mapped(audio.pid) == {"whisper.cpp"}
         transcribe(server, "whisper-tiny.en")  # an empty upload: the model loads, nothing to hear
         assert engines_mapped(audio.pid) == {"whisper.cpp"}
         assert engines_mapped(text.pid) == {"llama.cpp"}

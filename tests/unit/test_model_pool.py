@@ -146,3 +146,40 @@ def test_a_model_unused_for_idle_unload_s_is_unloaded_and_one_in_use_never():
         assert p.stats()["a"]["unloads"] == p.stats()["b"]["unloads"] == 1
     finally:
         p.close()
+
+
+def test_the_catalogs_engines_are_imported_once_before_serving_and_a_broken_one_is_left_to_its_load(
+    tmp_path, monkeypatch, caplog
+):
+    """A native library linked mid-load holds the GIL and silences heartbeats: import it first."""
+    import sys
+
+    from allm.kernel.codes import LoadFailedError
+    from allm.managers import engines
+    from allm.managers.pool import preload_engines
+
+    (tmp_path / "allm_test_engine_a.py").write_text("import builtins\nbuiltins.allm_test_imports += 1\n")
+    (tmp_path / "allm_test_engine_b.py").write_text("raise RuntimeError('a broken build')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("builtins.allm_test_imports", 0, raising=False)
+    good = engines.Engine("good", ("allm_test_engine_a",), None)
+    broken = engines.Engine("broken", ("allm_test_engine_b",), None)
+    absent = engines.Engine("absent", ("allm_test_engine_not_installed",), None)
+    by_id = {"a": good, "a2": good, "b": broken, "c": absent, "d": None}
+
+    def engine_of(entry: ModelEntry) -> engines.Engine | None:
+        if entry.id == "unreadable":
+            raise LoadFailedError("no such file", param="path")
+        return by_id[entry.id]
+
+    entries = [ModelEntry(i, Path("/m")) for i in ("unreadable", *by_id)]
+    with caplog.at_level("INFO", logger="allm.pool"):
+        preload_engines(entries, engine_of)
+    import builtins
+
+    assert builtins.allm_test_imports == 1  # type: ignore[attr-defined]  # twice in the catalog, once here
+    assert "allm_test_engine_a" in sys.modules
+    assert "could not import the broken engine before serving" in caplog.text
+    assert "absent" not in caplog.text  # not installed: its load says how to install it
+    for name in ("allm_test_engine_a", "allm_test_engine_b"):
+        sys.modules.pop(name, None)

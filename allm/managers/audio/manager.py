@@ -167,7 +167,9 @@ def describe(settings: Mapping[str, Any]) -> ModelReport:
 class AudioManager(PooledManager):
     def __init__(self, info: ManagerInfo) -> None:
         cache_dir = Path(info.settings["cache_dir"]) if info.settings.get("cache_dir") else None
-        super().__init__(info, make_plan(cache_dir), operations=frozenset({"transcribe"}))
+        super().__init__(
+            info, make_plan(cache_dir), operations=frozenset({"transcribe"}), engine_of=lambda _: WHISPER_CPP
+        )
 
 
 def create(info: ManagerInfo) -> AudioManager:

@@ -230,6 +230,7 @@ class TextManager(PooledManager):
             info,
             lambda entry: plan_load(entry, cache_dir),
             operations=frozenset({"chat", "complete", "embed"}),
+            engine_of=lambda entry: resolve(entry).engine,
         )
 
     def handle(self, ctx: RequestContext) -> Reply:
