@@ -32,6 +32,7 @@ from allm.gateway.errors import ApiError
 from allm.gateway.images import handlers as images
 from allm.gateway.images.files import SWEEP_INTERVAL_S, image_files
 from allm.gateway.responses import handlers as responses
+from allm.gateway.spec import IGNORED
 from allm.gateway.store import open_store
 from allm.kernel import curve
 from allm.kernel.client import KernelClient
@@ -159,6 +160,7 @@ def create_app(
             request.path,
             endpoint,
         )
+        IGNORED.set(request.ctx.exchange.ignored)
         if app.ctx.draining:  # one that slipped in on an open connection after SIGTERM
             raise ApiError(
                 503,
@@ -179,9 +181,11 @@ def create_app(
         keys = app.ctx.api_keys
         if not keys or request.path in OPEN_PATHS:
             return None
-        supplied = request.headers.get("authorization", "")
+        # OpenAI's clients send a bearer token, Anthropic's an x-api-key: either one will do.
+        supplied = request.headers.get("authorization", "").removeprefix("Bearer ")
+        supplied = supplied or request.headers.get("x-api-key", "")
         # Sanic decodes header bytes that are not UTF-8 as surrogates: back to those bytes, never a 500.
-        token = supplied.removeprefix("Bearer ").strip().encode("utf-8", "surrogateescape")
+        token = supplied.strip().encode("utf-8", "surrogateescape")
         # Compare against every key in constant time: no early exit leaks which matched.
         matched = False
         for key in keys:
@@ -189,7 +193,7 @@ def create_app(
         if not matched:
             raise ApiError(
                 401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                 code="invalid_api_key",
                 type="authentication_error",
             )
@@ -201,7 +205,9 @@ def create_app(
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta"
+            )
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["Access-Control-Expose-Headers"] = metrics.REQUEST_ID_HEADER
 

@@ -1,8 +1,13 @@
 """The one table from protocol code to HTTP status, and the one error handler.
 
-Every error leaves as OpenAI's shape::
+An error is described once, in OpenAI's shape::
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+and leaves in the shape of the API its path belongs to (``api_of``): OpenAI's, Anthropic's
+``{"type": "error", "error": {"type", "message"}}`` (with its own statuses: 529 for a full
+queue) or Ollama's ``{"error": "..."}``.  ``shaped`` does the translation, for an answer and
+for an error inside a stream alike.
 
 ``code`` is the protocol code's name in lower case (``oom_ram``,
 ``model_corrupt``, …).  A few reasons refine a code into OpenAI's own status
@@ -113,9 +118,49 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     return 500, body(f"internal error: {type(exc).__name__}", "server_error", "internal"), {}
 
 
+OPENAI, ANTHROPIC, OLLAMA = "openai", "anthropic", "ollama"
+
+#: HTTP status → Anthropic's error type (its documented table; 529 is its "overloaded")
+ANTHROPIC_TYPES: Final[Mapping[int, str]] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def api_of(path: str) -> str:
+    """The API a request path belongs to, whose error shape its answers take."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC
+    if path.startswith("/api/"):
+        return OLLAMA
+    return OPENAI
+
+
+def shaped(api: str, status: int, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """An error described in OpenAI's shape (``describe``), in ``api``'s shape and status."""
+    error = payload["error"]
+    if api == ANTHROPIC:
+        if error.get("code") == "queue_full":
+            status = 529  # Anthropic's "overloaded": its SDKs retry it
+        kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return status, {"type": "error", "error": {"type": kind, "message": error["message"]}}
+    if api == OLLAMA:
+        return status, {"error": error["message"]}
+    return status, payload
+
+
 async def handle(request: Request, exc: Exception) -> HTTPResponse:
-    """The one exception handler of the app."""
+    """The one exception handler of the app: the error in the shape of the request's API."""
     status, payload, headers = describe(exc)
+    status, payload = shaped(api_of(request.path), status, payload)
     return json(payload, status=status, headers=headers)
 
 

@@ -12,7 +12,8 @@ HTTP from one process (the managers are the processes that scale), so no multipr
 collection is needed; the managers' side (queues, capacity, deaths by cause, model loads)
 is read at scrape time from their heartbeats and the supervisor. Label values are only
 ever catalog model ids, route patterns, status numbers and code names: a client cannot
-make new series. See docs/design.md, "Logs and metrics".
+make new series, save the names of request fields allm ignored, which are capped at
+``MAX_IGNORED_SERIES`` (the rest count as ``other``). See docs/design.md, "Logs and metrics".
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ CLIENT_CLOSED = 499
 #: the window of the per-model throughput that /status shows
 THROUGHPUT_WINDOW_S = 60.0
 
+#: series of allm_ignored_fields_total at most: the field names come from clients
+MAX_IGNORED_SERIES = 100
+#: an index in a field's path, counted as one field whatever the index
+_INDEX = re.compile(r"\[\d+\]")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -70,6 +76,7 @@ class Exchange:
         "endpoint",
         "finished",
         "first_chunk_s",
+        "ignored",
         "last_chunk",
         "method",
         "model",
@@ -93,6 +100,7 @@ class Exchange:
         self.first_chunk_s: float | None = None
         self.last_chunk = 0.0
         self.finished = False
+        self.ignored: list[str] = []  # the paths of request fields allm does not know (spec.IGNORED)
         self.on_close: tuple[asyncio.Task[Any], Callable[[asyncio.Task[Any]], None]] | None = None
 
 
@@ -151,6 +159,13 @@ class Metrics:
         self.in_flight = Gauge(
             "allm_requests_in_flight", "HTTP requests being served now", registry=self.registry
         )
+        self.ignored = Counter(
+            "allm_ignored_fields",
+            "Request fields allm does not know and ignored, by route and field path ([] for any index)",
+            ["endpoint", "field"],
+            registry=self.registry,
+        )
+        self._ignored_series: set[tuple[str, str]] = set()
         info = Gauge("allm_build_info", "allm's version", ["version"], registry=self.registry)
         info.labels(version=version).set(1)
         self.registry.register(ManagerCollector(managers))
@@ -238,6 +253,8 @@ class Metrics:
             tally.tokens_out += exchange.completion_tokens
             if exchange.completion_tokens:
                 tally.recent.append((time.monotonic(), exchange.completion_tokens))
+        if exchange.ignored:
+            self._count_ignored(exchange)
         quiet = exchange.path in QUIET_PATHS and status < 400
         access.log(
             logging.DEBUG if quiet else logging.INFO,
@@ -259,6 +276,22 @@ class Metrics:
                 },
             },
         )
+
+    def _count_ignored(self, exchange: Exchange) -> None:
+        fields = list(dict.fromkeys(exchange.ignored))
+        access.warning(
+            "ignored %d request field(s) allm does not know: %s",
+            len(fields),
+            ", ".join(fields[:20]) + (" …" if len(fields) > 20 else ""),
+            extra={"request_id": exchange.request_id},
+        )
+        for field in dict.fromkeys(_INDEX.sub("[]", f) for f in fields):
+            series = (exchange.endpoint, field)
+            if series not in self._ignored_series and len(self._ignored_series) >= MAX_IGNORED_SERIES:
+                series = (exchange.endpoint, "other")
+            else:
+                self._ignored_series.add(series)
+            self.ignored.labels(*series).inc()
 
     def model_activity(self) -> dict[str, dict[str, Any]]:
         """Per model: requests served, tokens out, and tokens/s over the last minute."""

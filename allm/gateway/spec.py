@@ -8,10 +8,17 @@ document cannot drift from what the edge accepts.  A check failure is an
 
 An optional object field may be JSON ``null``: it then counts as absent and
 is dropped from the checked value, as OpenAI's APIs treat it.
+
+A field the tree does not know is ignored, never refused: clients add fields
+faster than servers follow (Codex's first request carried ``client_metadata``).
+It is dropped from the checked value and its path noted in ``IGNORED``, which
+the app sets per request, logs once and counts in /metrics.  A known field with
+a bad value is still a 400 naming it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -23,6 +30,11 @@ from allm.gateway.errors import bad_field
 
 #: a JSON Schema document, as rendered into OpenAPI
 Schema = dict[str, Any]
+
+#: the unknown fields of the request this task checks (paths), where the app collects them
+IGNORED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("ignored_fields", default=None)
+#: a field name past this is noted cut short
+MAX_NOTED_NAME = 64
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -222,6 +234,23 @@ class Neutral(Node):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Unsupported(Node):
+    """A known option this server cannot honour at any value: refused by name, never ignored."""
+
+    why: str
+    description: str = ""
+
+    def kinds(self) -> frozenset[str]:
+        return frozenset({"string", "integer", "number", "boolean", "array", "object"})
+
+    def check(self, value: Any, path: str) -> Any:
+        raise bad_field(path, f"'{path}' is not supported: {self.why}")
+
+    def schema(self) -> Schema:
+        return self._described({"not": {}, "description": f"not supported: {self.why}"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AnyJson(Node):
     """Any JSON value; the body's own bounds (depth, sizes) still hold."""
 
@@ -268,7 +297,7 @@ class Arr(Node):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Obj(Node):
-    """An object with known fields only: an unknown one is refused, as OpenAI refuses it."""
+    """An object of known fields; an unknown one is dropped and noted in ``IGNORED``."""
 
     fields: Mapping[str, Node]
     required: tuple[str, ...] = ()
@@ -280,15 +309,13 @@ class Obj(Node):
     def check(self, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise _wrong_type(path, "an object", value)
-        for key in value:
-            if key not in self.fields:
-                shown = key if len(key) <= 64 else key[:64] + "…"
-                raise bad_field(
-                    child(path, shown),
-                    f"unrecognized request argument {shown!r}"
-                    + (f" in '{path}'" if path else "")
-                    + f"; known: {sorted(self.fields)}",
-                )
+        noted = IGNORED.get()
+        if noted is not None:
+            for key in value:
+                if key not in self.fields:
+                    noted.append(
+                        child(path, key if len(key) <= MAX_NOTED_NAME else key[:MAX_NOTED_NAME] + "…")
+                    )
         out = {}
         for key, node in self.fields.items():
             item = value.get(key)
@@ -307,7 +334,7 @@ class Obj(Node):
                 # null means absent, as in OpenAI's APIs
                 inner = {"anyOf": [inner, {"type": "null"}]}
             props[key] = inner
-        out: Schema = {"type": "object", "properties": props, "additionalProperties": False}
+        out: Schema = {"type": "object", "properties": props}  # others are ignored
         if self.required:
             out["required"] = list(self.required)
         return self._described(out)

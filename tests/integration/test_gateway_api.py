@@ -91,6 +91,9 @@ def test_a_missing_or_wrong_key_is_401(server):
         status, body = server.json("GET", "/v1/models", headers={"Authorization": auth})
         assert status == 401
         assert body["error"]["code"] == "invalid_api_key"
+    # Anthropic's clients send the key as x-api-key: it opens the same doors, a wrong one none
+    assert server.json("GET", "/v1/models", headers={"Authorization": "", "x-api-key": KEY})[0] == 200
+    assert server.json("GET", "/v1/models", headers={"Authorization": "", "x-api-key": "nope"})[0] == 401
 
 
 def test_cors_allows_the_configured_origin_only(server):

@@ -285,3 +285,41 @@ def test_a_client_that_leaves_mid_stream_is_counted_as_499_cancelled(tmp_path):
         assert value(samples, "allm_requests_in_flight") == 1  # the scrape alone: nothing left open
         # the engine stopped: the manager is idle again
         wait_for(lambda: server.managers()[0]["active"] == 0, 10, "the manager to be idle")
+
+
+def test_fields_allm_does_not_know_are_ignored_logged_once_per_request_and_counted(tmp_path):
+    """The forward-compatible edge: a newer client's extra fields answer 200, never 400."""
+    from allm.gateway.metrics import MAX_IGNORED_SERIES
+
+    log = tmp_path / "server.log"
+    with running_server(f'[server]\ndata_dir = "{tmp_path}"\n', tmp_path, log=log) as server:
+        messages = [{"role": "user", "content": "Say hi.", "cache_hint": "x"}]
+        for i in range(2):
+            status, _headers, body = server.request(
+                "POST",
+                CHAT,
+                {"model": MODEL, "messages": messages, "max_tokens": 2, "client_metadata": {"a": "b"}},
+                headers={"x-request-id": f"trace-ignored-{i}"},
+            )
+            assert status == 200, body
+        # a known field with a bad value is still refused, unknown ones beside it or not
+        status, _headers, body = chat(server, "Hi", 2, temperature=7, unheard_of=1)
+        assert status == 400
+        assert json.loads(body)["error"]["param"] == "temperature"
+        # names come from clients: the series they make are capped
+        crowd = {f"field_{i}": i for i in range(MAX_IGNORED_SERIES + 20)}
+        status, _headers, _body = chat(server, "Hi", 1, **crowd)
+        assert status == 200
+        samples = scrape(server)
+        assert value(samples, "allm_ignored_fields_total", endpoint=CHAT, field="client_metadata") == 2
+        assert value(samples, "allm_ignored_fields_total", endpoint=CHAT, field="messages[].cache_hint") == 2
+        series = [ls for (n, ls), _v in samples.items() if n == "allm_ignored_fields_total"]
+        assert len(series) == MAX_IGNORED_SERIES + 1  # the cap, and "other"
+        assert value(samples, "allm_ignored_fields_total", endpoint=CHAT, field="other") > 0
+    lines = [
+        line for line in log.read_text().splitlines() if "does not know" in line and "trace-ignored-0" in line
+    ]
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0]
+    assert "client_metadata" in lines[0]
+    assert "messages[0].cache_hint" in lines[0]

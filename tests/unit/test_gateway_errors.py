@@ -6,6 +6,7 @@ import pytest
 from sanic.compat import Header
 from sanic.exceptions import BadRequest
 
+from allm.gateway import errors
 from allm.gateway.errors import REASONS, STATUS, UNREAD, ApiError, EdgeRequest, describe
 from allm.kernel.codes import Code, error_for
 
@@ -71,3 +72,51 @@ def test_the_stand_in_for_an_unreadable_request_keeps_its_url_escaped():
 def test_the_stand_in_for_a_request_target_that_is_no_path_gets_one():
     kwargs = {"headers": Header({}), "version": "1.1", "transport": None, "app": None}
     assert EdgeRequest(url_bytes=b"HTTP/1.1", method=UNREAD, **kwargs).path == "/"
+
+
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [
+        ("/v1/messages", errors.ANTHROPIC),
+        ("/v1/messages/count_tokens", errors.ANTHROPIC),
+        ("/v1/messagesx", errors.OPENAI),
+        ("/api/chat", errors.OLLAMA),
+        ("/api/tags", errors.OLLAMA),
+        ("/v1/chat/completions", errors.OPENAI),
+        ("/v1/responses", errors.OPENAI),
+        ("/status", errors.OPENAI),
+    ],
+)
+def test_a_path_belongs_to_one_api(path, api):
+    assert errors.api_of(path) == api
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "kind"),
+    [
+        (error_for(Code.UNSUPPORTED, "x", reason="context_length_exceeded"), 400, "invalid_request_error"),
+        (error_for(Code.UNSUPPORTED, "x", reason="model_not_found"), 404, "not_found_error"),
+        (error_for(Code.UNSUPPORTED, "x", reason="queue_full"), 529, "overloaded_error"),
+        (error_for(Code.OOM_RAM, "x"), 503, "overloaded_error"),
+        (error_for(Code.TIMEOUT, "x"), 504, "timeout_error"),
+        (error_for(Code.INTERNAL, "x"), 500, "api_error"),
+        (error_for(Code.CANCELLED, "x"), 499, "invalid_request_error"),
+        (
+            errors.ApiError(401, "x", code="invalid_api_key", type="authentication_error"),
+            401,
+            "authentication_error",
+        ),
+        (ApiError(413, "x", code="request_too_large"), 413, "request_too_large"),
+    ],
+)
+def test_an_error_in_anthropics_shape_and_status(exc, status, kind):
+    described, payload, _headers = errors.describe(exc)
+    shaped_status, body = errors.shaped(errors.ANTHROPIC, described, payload)
+    assert shaped_status == status
+    assert body == {"type": "error", "error": {"type": kind, "message": "x"}}
+
+
+def test_an_error_in_ollamas_shape_keeps_its_status():
+    described, payload, _ = errors.describe(error_for(Code.UNSUPPORTED, "gone", reason="model_not_found"))
+    assert errors.shaped(errors.OLLAMA, described, payload) == (404, {"error": "gone"})
+    assert errors.shaped(errors.OPENAI, described, payload) == (404, payload)

@@ -52,6 +52,7 @@ from allm.gateway.spec import (
     Obj,
     Str,
     Tagged,
+    Unsupported,
     tagged_variant,
 )
 
@@ -243,6 +244,7 @@ EMBEDDINGS = Obj(
             options=(RAW_TEXT, Arr(items=RAW_TEXT, min_items=1, max_items=2048)),
         ),
         "encoding_format": Enum(values=("float", "base64")),
+        "dimensions": Unsupported(why="the model's embeddings keep their own size"),
         "user": USER,
     },
     required=("model", "input"),
