@@ -104,6 +104,29 @@ async def test_a_seeded_request_gives_the_same_text_alone_in_a_batch_and_from_th
     assert different["text"] != alone["text"]  # the seed does choose
 
 
+async def test_a_seeded_request_reuses_only_a_prefix_a_seeded_request_computed(text):
+    """A batched request's cache differs from a cold start's in the last bits: a seeded request
+    that reused it could part from its own lone text (it did, one run in seven)."""
+    client, _ = text
+    # a system prompt of its own: no earlier request of this module computed its start
+    messages = [{"role": "system", "content": "You name trees and nothing else. " * 12}]
+    messages.append({"role": "user", "content": "Name a tree."})
+
+    async def ask(**params):
+        reply = await client.call("text", "chat", model=SMOL, params={"messages": messages, **params})
+        return reply.data
+
+    params = {"temperature": 1.0, "seed": 7, "max_tokens": 4}
+    plain = await ask(temperature=0, max_tokens=4)
+    assert plain["usage"]["prompt_tokens"] > 64  # the system prompt alone fills a chunk
+    first = await ask(**params)
+    assert first["cached_tokens"] == 0  # the same prompt was cached, but by a plain request
+    again = await ask(**params)
+    assert again["cached_tokens"] > 0
+    assert again["cached_tokens"] % 64 == 0
+    assert again["text"] == first["text"]
+
+
 async def test_a_cancelled_stream_frees_its_sequence_for_a_waiting_request(text):
     client, _ = text
     long = {"temperature": 0, "max_tokens": 300}

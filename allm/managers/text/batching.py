@@ -14,9 +14,11 @@ that many tokens of compute, and none of output.
 Prefix reuse: a request goes to the free sequence whose cache shares the longest start
 with its prompt (a system prompt, a conversation continued), which keeps those tokens and
 decodes the rest. A seeded request is decoded in calls of its own, its prompt in chunks
-aligned at fixed positions, and its reused prefix cut back to such a boundary: the same
-arithmetic whether it runs alone or beside others, and whether its prefix was cached or
-not, so the same seed gives the same text (docs/agents.md, "Sampling").
+aligned at fixed positions, and it reuses only a prefix that was decoded that same way (whole
+aligned chunks of a seeded request, never the cache a batched request left, whose numbers
+differ in the last bits): the same arithmetic whether it runs alone or beside others, and
+whether its prefix was cached or not, so the same seed gives the same text (docs/agents.md,
+"Sampling").
 """
 
 from __future__ import annotations
@@ -51,12 +53,15 @@ LogprobOf = Callable[[np.ndarray, int, int], Entry]  # (logits, token, top_n) â†
 class _Sequence:
     """One of the context's sequences, and the tokens its cache holds."""
 
-    __slots__ = ("busy", "seq", "tokens")
+    __slots__ = ("aligned", "busy", "seq", "tokens")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.tokens: list[int] = []
         self.busy = False
+        #: the leading cached tokens a seeded cold start would have computed the same: whole
+        #: SEEDED_CHUNKs from 0, each decoded in a call of its own
+        self.aligned = 0
 
 
 class Work:
@@ -234,20 +239,23 @@ class Batcher:
     def _seat(self, work: Work, free: list[_Sequence]) -> None:
         """Give ``work`` the free sequence whose cache shares the longest start with its prompt."""
 
-        def shared(sequence: _Sequence) -> int:
+        def reusable(sequence: _Sequence) -> int:
             n = 0
             for a, b in zip(sequence.tokens, work.prompt, strict=False):
                 if a != b:
                     break
                 n += 1
+            n = min(n, len(work.prompt) - 1)  # the last prompt token gives the logits
+            if work.seeded:  # only what a cold start would have computed the same
+                n = min(n, sequence.aligned)
+                n -= n % SEEDED_CHUNK
             return n
 
-        sequence = max(free, key=shared)
-        keep = min(shared(sequence), len(work.prompt) - 1)  # the last prompt token gives the logits
-        if work.seeded:
-            keep -= keep % SEEDED_CHUNK  # decoded as a cold start would have decoded it
+        sequence = max(free, key=reusable)
+        keep = reusable(sequence)
         llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, keep, -1)
         del sequence.tokens[keep:]
+        sequence.aligned = min(sequence.aligned, keep - keep % SEEDED_CHUNK)
         sequence.busy = True
         work.sequence = sequence
         work.cached = keep
@@ -295,7 +303,10 @@ class Batcher:
             raise InternalError(f"llama_decode failed with status {rc} in {self.name}", restart=True)
         for work, tokens in added:
             assert work.sequence is not None
-            work.sequence.tokens.extend(tokens)
+            sequence = work.sequence
+            if work.seeded and work.todo and work.pos == sequence.aligned and len(tokens) == SEEDED_CHUNK:
+                sequence.aligned += SEEDED_CHUNK  # a whole aligned chunk of its prompt, alone
+            sequence.tokens.extend(tokens)
             work.pos += len(tokens)
             if work.todo:
                 del work.todo[: len(tokens)]
