@@ -25,12 +25,14 @@ from sanic.response import BaseHTTPResponse, empty
 
 from allm import __version__
 from allm.gateway import errors, metrics, openapi, ops, page, reload
+from allm.gateway.anthropic import handlers as anthropic
 from allm.gateway.audio import handlers as audio
 from allm.gateway.chat import handlers as chat
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.images import handlers as images
 from allm.gateway.images.files import SWEEP_INTERVAL_S, image_files
+from allm.gateway.ollama import handlers as ollama
 from allm.gateway.responses import handlers as responses
 from allm.gateway.spec import IGNORED
 from allm.gateway.store import open_store
@@ -137,8 +139,10 @@ def create_app(
     app.ctx.config = config
     app.blueprint(chat.bp)
     app.blueprint(responses.bp)
+    app.blueprint(anthropic.bp)
     app.blueprint(audio.bp)
     app.blueprint(images.bp)
+    app.blueprint(ollama.bp)
     app.blueprint(ops.bp)
     app.blueprint(openapi.bp)
     app.blueprint(page.bp)

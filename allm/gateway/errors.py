@@ -153,7 +153,9 @@ def shaped(api: str, status: int, payload: dict[str, Any]) -> tuple[int, dict[st
         kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
         return status, {"type": "error", "error": {"type": kind, "message": error["message"]}}
     if api == OLLAMA:
-        return status, {"error": error["message"]}
+        # Ollama's shape has no param: the message names the field, where it does not already
+        param, message = error.get("param"), error["message"]
+        return status, {"error": message if not param or param in message else f"{param}: {message}"}
     return status, payload
 
 

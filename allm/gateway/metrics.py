@@ -247,7 +247,7 @@ class Metrics:
             self.tokens.labels(model, "prompt").inc(exchange.prompt_tokens)
         if exchange.completion_tokens:
             self.tokens.labels(model, "completion").inc(exchange.completion_tokens)
-        if exchange.model and exchange.endpoint.startswith("/v1/"):  # not /ready's load
+        if exchange.model and exchange.endpoint.startswith(("/v1/", "/api/")):  # not /ready's load
             tally = self._models.setdefault(exchange.model, _ModelTally())
             tally.requests += 1
             tally.tokens_out += exchange.completion_tokens

@@ -15,10 +15,13 @@ import re
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
+from allm.gateway.anthropic import schema as anthropic
 from allm.gateway.audio import schema as audio
 from allm.gateway.chat import schema as chat
 from allm.gateway.config import Config
+from allm.gateway.errors import ANTHROPIC, OLLAMA, api_of
 from allm.gateway.images import schema as images
+from allm.gateway.ollama import schema as ollama
 from allm.gateway.responses import schema as responses
 from allm.gateway.spec import Node, Obj, Schema
 
@@ -42,6 +45,23 @@ ERROR: Schema = {
         }
     },
 }
+#: an error of the Anthropic endpoints (/v1/messages…), in Anthropic's shape
+ANTHROPIC_ERROR: Schema = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+#: an error of the Ollama endpoints (/api/…), in Ollama's shape
+OLLAMA_ERROR: Schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+#: the error component and the shape's name, by the API a path belongs to (errors.api_of)
+ERRORS = {ANTHROPIC: ("AnthropicError", "Anthropic's shape"), OLLAMA: ("OllamaError", "Ollama's shape")}
 
 
 def _object(kind: str | None, required: list[str], **props: Schema) -> Schema:
@@ -109,6 +129,43 @@ IMAGES = _object(
 )
 #: an image's bytes, in the format it was made in
 IMAGE_TYPES = tuple(f"image/{fmt}" for fmt in images.IMAGE_FORMATS)
+#: Anthropic's Message (anthropic-sdk-python's types/message.py)
+MESSAGE = _object(
+    None,
+    ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+    id=STRING,
+    type={"const": "message"},
+    role={"const": "assistant"},
+    model=STRING,
+    content=LIST,
+    stop_reason={"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+    stop_sequence={"type": ["string", "null"]},
+    usage={"type": "object", "required": ["input_tokens", "output_tokens"]},
+)
+TOKENS_COUNT = _object(None, ["input_tokens"], input_tokens=INTEGER)
+#: Ollama's answers (ollama/ollama's api/types.go); a stream's lines have the same outline, done false
+#: until the last, which has done_reason and the counts and durations (in nanoseconds)
+OLLAMA_DONE: dict[str, Schema] = {
+    "done": {"type": "boolean"},
+    "done_reason": {"enum": ["stop", "length", "load", "unload"]},
+}
+OLLAMA_CHAT = _object(
+    None, ["model", "created_at", "message", "done"], model=STRING, message={"type": "object"}, **OLLAMA_DONE
+)
+OLLAMA_GENERATE = _object(
+    None, ["model", "created_at", "response", "done"], model=STRING, response=STRING, **OLLAMA_DONE
+)
+OLLAMA_EMBED = _object(None, ["model", "embeddings"], model=STRING, embeddings=LIST)
+OLLAMA_EMBEDDING = _object(None, ["embedding"], embedding=LIST)
+OLLAMA_MODELS = _object(None, ["models"], models=LIST)
+OLLAMA_SHOW = _object(
+    None,
+    ["details", "model_info"],
+    details={"type": "object"},
+    model_info={"type": "object"},
+    capabilities=LIST,
+)
+OLLAMA_VERSION = _object(None, ["version"], version=STRING)
 STATUS = _object(None, ["status"], status=STRING)
 MANAGERS = _object(
     None, ["server", "managers", "models"], server={"type": "object"}, managers=LIST, models=LIST
@@ -124,6 +181,7 @@ class Route:
     body: Node | None = None
     query: Obj | None = None
     streams: bool = False
+    ndjson: bool = False  # streams JSON lines (application/x-ndjson), each line outlined by ok
     form: bool = False  # the body is multipart/form-data, not JSON
     plain: bool = False  # may also answer text/plain (a transcript's text, srt or vtt)
     binary: tuple[str, ...] = ()  # answers these content types, as bytes, instead of JSON
@@ -150,6 +208,21 @@ ROUTES = (
         "post", "/v1/completions", "Create a text completion", TEXT_COMPLETION, chat.COMPLETIONS, streams=True
     ),
     Route("post", "/v1/embeddings", "Create embeddings", EMBEDDINGS, chat.EMBEDDINGS),
+    Route(
+        "post",
+        "/v1/messages",
+        "Create a message (Anthropic's Messages API)",
+        MESSAGE,
+        anthropic.MESSAGES_BODY,
+        streams=True,
+    ),
+    Route(
+        "post",
+        "/v1/messages/count_tokens",
+        "Count the input tokens of a message request, as the model counts its prompt",
+        TOKENS_COUNT,
+        anthropic.COUNT_TOKENS_BODY,
+    ),
     Route(
         "post",
         "/v1/audio/transcriptions",
@@ -188,6 +261,36 @@ ROUTES = (
         binary=IMAGE_TYPES,
     ),
     Route("get", "/v1/models", "The catalog's models, each with its modality and state", MODELS),
+    Route("get", "/api/version", "Ollama: the Ollama release whose API this follows", OLLAMA_VERSION),
+    Route("get", "/api/tags", "Ollama: the text models, as ID:latest, with their details", OLLAMA_MODELS),
+    Route(
+        "post",
+        "/api/show",
+        "Ollama: one model's details, parameters and capabilities",
+        OLLAMA_SHOW,
+        ollama.SHOW,
+    ),
+    Route(
+        "get", "/api/ps", "Ollama: the models loaded now, their memory and when they unload", OLLAMA_MODELS
+    ),
+    Route("post", "/api/chat", "Ollama: a chat turn", OLLAMA_CHAT, ollama.CHAT, streams=True, ndjson=True),
+    Route(
+        "post",
+        "/api/generate",
+        "Ollama: a completion",
+        OLLAMA_GENERATE,
+        ollama.GENERATE,
+        streams=True,
+        ndjson=True,
+    ),
+    Route("post", "/api/embed", "Ollama: embeddings of one input or several", OLLAMA_EMBED, ollama.EMBED),
+    Route(
+        "post",
+        "/api/embeddings",
+        "Ollama: one embedding (the older shape)",
+        OLLAMA_EMBEDDING,
+        ollama.EMBEDDINGS,
+    ),
     Route("get", "/health", "Liveness: the process answers", STATUS, open=True),
     Route(
         "get",
@@ -245,7 +348,9 @@ def _operation(route: Route, config: Config) -> Schema:
     content: Schema = {media: json_ok for media in route.binary} or {"application/json": json_ok}
     if route.plain:
         content["text/plain"] = {"schema": STRING}
-    if route.streams:
+    if route.streams and route.ndjson:
+        content["application/x-ndjson"] = {"schema": route.ok}
+    elif route.streams:
         content["text/event-stream"] = {"schema": EVENT}
     responses: Schema = {"200": {"description": "success", "content": content}}
     for status, schema in route.other.items():
@@ -253,10 +358,11 @@ def _operation(route: Route, config: Config) -> Schema:
             "description": "see the body",
             "content": {"application/json": {"schema": schema}},
         }
+    error, shape = ERRORS.get(api_of(route.path), ("Error", "OpenAI's shape; code names the condition"))
     for status, what in (("4XX", "a client error"), ("5XX", "a server or engine error")):
         responses[status] = {
-            "description": f"{what}, in OpenAI's shape; code names the condition",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            "description": f"{what}, in {shape}",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}},
         }
     op: Schema = {
         "operationId": f"{route.method}_{route.path.strip('/').replace('/', '_').replace('.', '_')}".replace(
@@ -300,7 +406,9 @@ def document(config: Config) -> Schema:
             "checked as described here; a refusal is a 400 whose error.param names the field.",
         },
         "paths": paths,
-        "components": {"schemas": {"Error": ERROR}},
+        "components": {
+            "schemas": {"Error": ERROR, "AnthropicError": ANTHROPIC_ERROR, "OllamaError": OLLAMA_ERROR}
+        },
     }
     if config.api_keys:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

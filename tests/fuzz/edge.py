@@ -65,10 +65,14 @@ options = {{ clip_l = "{flux["clip_l"]}", taesd = "{flux["taesd"]}", steps = 1 }
         yield server
 
 
-def check_answer(status: int, body: bytes, content_type: str = "application/json") -> Any:
-    """Raise unless the answer keeps the edge's promises; return the decoded body (None for a stream)."""
+def check_answer(status: int, body: bytes, content_type: str = "application/json", path: str = "") -> Any:
+    """Raise unless the answer keeps the edge's promises; return the decoded body (None for a stream).
+
+    ``path``: the request's, whose API's error shape the answer must have (OpenAI's, or
+    Anthropic's on /v1/messages…, or Ollama's on /api/…).
+    """
     assert 200 <= status < 600, status
-    if content_type.startswith("text/event-stream"):
+    if content_type.startswith(("text/event-stream", "application/x-ndjson")):
         assert status == 200
         return None
     if content_type.startswith("text/plain"):  # a transcript as text, srt or vtt
@@ -86,6 +90,20 @@ def check_answer(status: int, body: bytes, content_type: str = "application/json
         return body.decode("utf-8")
     data = json.loads(body)
     if status < 400:
+        return data
+    if path.startswith("/api/"):  # Ollama's {"error": "..."}
+        assert set(data) == {"error"}, data
+        assert isinstance(data["error"], str)
+        assert status < 500 or not data["error"].startswith("internal error:"), data  # an allm bug's mark
+        return data
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):  # Anthropic's
+        assert set(data) == {"type", "error"}, data
+        assert data["type"] == "error"
+        assert set(data["error"]) == {"type", "message"}, data
+        assert isinstance(data["error"]["message"], str)
+        if status >= 500:
+            assert data["error"]["type"] in {"overloaded_error", "timeout_error", "api_error"}, data
+            assert not data["error"]["message"].startswith("internal error:"), data
         return data
     assert set(data) == {"error"}, data
     error = data["error"]

@@ -139,8 +139,10 @@ class _ChatLoop:
         plan: ChatPlan,
         sampling: Sampling,
         logprob_of: Callable[[int], dict[str, Any]] | None,
+        prompt_tokens: int,
     ) -> None:
         self.ctx = ctx
+        self.prompt_tokens = prompt_tokens  # told with the first chunk, for APIs that open with it
         self.plan = plan
         self.parser = plan.parser
         self.stopper = StopMatcher(sampling.stop)
@@ -161,6 +163,8 @@ class _ChatLoop:
 
     def emit(self, chunk: dict[str, Any]) -> None:
         if self.ctx.stream:
+            if not self.ctx.seq:
+                chunk = {**chunk, "prompt_tokens": self.prompt_tokens}
             self.ctx.emit(chunk)
 
     def on(self, event: Event) -> None:
@@ -262,12 +266,14 @@ def run_chat(
 
     Stream chunks are ``{"text"[, "logprobs"]}``, ``{"reasoning"}``,
     ``{"call": {"index", "id", "name"}}`` and ``{"arguments", "index"}``
-    (docs/agents.md). A reply never holds the same call twice (the repeat ends
-    it) nor more than ``plan.max_calls``; a call after the first is streamed
-    once it is complete, since it may be such a repeat.
+    (docs/agents.md); the first also says ``prompt_tokens``. A reply never
+    holds the same call twice (the repeat ends it) nor more than
+    ``plan.max_calls``; a call after the first is streamed once it is
+    complete, since it may be such a repeat. A stop sequence that ends the
+    reply is named in the result's ``stop_sequence``.
     """
     limit = min(sampling.max_tokens or room, room)
-    loop = _ChatLoop(ctx, plan, sampling, logprob_of)
+    loop = _ChatLoop(ctx, plan, sampling, logprob_of, len(prompt))
     grammar = plan.grammar
     constrained = grammar is not None
     finish = "length"
@@ -342,6 +348,8 @@ def run_chat(
         },
         "model": model_id,
     }
+    if cut:
+        data["stop_sequence"] = loop.stopper.matched
     if logprob_of is not None:
         loop.logprobs.extend(loop.pending)
         data["logprobs"] = loop.logprobs

@@ -34,7 +34,7 @@ from allm.managers.text.chat_plan import plan_reply
 from allm.managers.text.generation import ChatDetokenizer, run_chat, run_generation
 from allm.managers.text.llama_load import load_llama
 from allm.managers.text.options import LlamaOptions
-from allm.managers.text.request import chat_request, prompt_of
+from allm.managers.text.request import ChatRequest, chat_request, prompt_of
 from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
 
 log = logging.getLogger("allm.text.llama")
@@ -121,20 +121,29 @@ class LlamaEngine:
 
     # -- operations ---------------------------------------------------------------
 
-    def chat(self, ctx: RequestContext) -> Reply:
-        req = chat_request(ctx.params)
+    def _chat_prompt(self, req: ChatRequest) -> tuple[str, list[int]]:
+        """A chat request through the model's chat template: the prompt's text and its tokens."""
         if self._formatter is None:
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
         formatter = self._formatter
-        family = self.family
         text = render_chat(
             self.model_id,
             req,
-            family,
+            self.family,
             lambda messages, **extras: formatter(messages=messages, **extras).prompt,
             TEMPLATE_REFUSALS,
         )
-        prompt = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return text, self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def count(self, ctx: RequestContext) -> Reply:
+        """The tokens of a chat request's prompt, exactly as ``chat`` renders it; nothing is generated."""
+        _text, prompt = self._chat_prompt(chat_request(ctx.params))
+        return Reply({"input_tokens": len(prompt)})
+
+    def chat(self, ctx: RequestContext) -> Reply:
+        req = chat_request(ctx.params)
+        family = self.family
+        text, prompt = self._chat_prompt(req)
         self._check_not_empty(prompt, "messages")
         self._check_fits(len(prompt), 1, "messages")
         plan, sampling = plan_reply(req, family, think=self.think, prompt=text)

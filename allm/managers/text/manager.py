@@ -229,7 +229,7 @@ class TextManager(PooledManager):
         super().__init__(
             info,
             lambda entry: plan_load(entry, cache_dir),
-            operations=frozenset({"chat", "complete", "embed"}),
+            operations=frozenset({"chat", "count", "complete", "embed"}),
             engine_of=lambda entry: resolve(entry).engine,
         )
 

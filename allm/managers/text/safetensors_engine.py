@@ -51,7 +51,7 @@ from allm.managers.text.options import (
     check_safetensors_options,
     preferred_backend,
 )
-from allm.managers.text.request import chat_request, prompt_of
+from allm.managers.text.request import ChatRequest, chat_request, prompt_of
 from allm.managers.text.safetensors_backends import Backend, open_backend
 from allm.managers.text.sampling import Sampling, TokenPicker
 
@@ -267,19 +267,28 @@ class SafetensorsEngine:
         with contextlib.suppress(AttributeError):
             del self.backend
 
-    def chat(self, ctx: RequestContext) -> Reply:
-        req = chat_request(ctx.params)
-        family = self.family
+    def _chat_prompt(self, req: ChatRequest) -> tuple[list[int], str]:
+        """A chat request through the model's chat template: the prompt's tokens, and its text where
+        it tells whether the prompt opened <think>."""
         backend = self.backend
         if not getattr(backend.hf_tokenizer, "chat_template", None):
             raise UnsupportedError(f"{self.model_id} has no chat template; use completions", param="model")
 
         def render(messages: list[dict[str, Any]], **extras: Any) -> tuple[list[int], str]:
-            # the text only where it tells whether the prompt opened <think>
             ids = backend.chat_ids(messages, **extras)
             return ids, backend.chat_text(messages, **extras) if self.think else ""
 
-        prompt, text = render_chat(self.model_id, req, family, render, TEMPLATE_REFUSALS)
+        return render_chat(self.model_id, req, self.family, render, TEMPLATE_REFUSALS)
+
+    def count(self, ctx: RequestContext) -> Reply:
+        """The tokens of a chat request's prompt, exactly as ``chat`` renders it; nothing is generated."""
+        prompt, _text = self._chat_prompt(chat_request(ctx.params))
+        return Reply({"input_tokens": len(prompt)})
+
+    def chat(self, ctx: RequestContext) -> Reply:
+        req = chat_request(ctx.params)
+        family = self.family
+        prompt, text = self._chat_prompt(req)
         self._check_fits(prompt, "messages")
         plan, sampling = plan_reply(req, family, think=self.think, prompt=text)
         if self.n_vocab:

@@ -25,15 +25,17 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.buffer = ""
+        self.matched: str | None = None  # the stop sequence that ended the text, once one has
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop sequence was reached."""
         if not self.stops:
             return text, False
         self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        hits = [(at, stop) for stop in self.stops if (at := self.buffer.find(stop)) >= 0]
         if hits:
-            out, self.buffer = self.buffer[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.buffer = self.buffer[:at], ""
             return out, True
         cut = len(self.buffer) - held_back(self.buffer, self.stops)
         out, self.buffer = self.buffer[:cut], self.buffer[cut:]
