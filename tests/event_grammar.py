@@ -49,12 +49,18 @@ def check_response_events(events: list[Any]) -> list[dict[str, Any]]:
             assert phase is None, f"item {len(items)} began before item {len(items) - 1} closed: {e}"
             assert e["output_index"] == len(items), e
             item = e["item"]
-            assert item["status"] == "in_progress", e
-            if item["type"] == "function_call":
+            if item["type"] == "custom_tool_call":  # OpenAI's custom tool calls have no status
+                assert "status" not in item, e
+                assert item["input"] == "", e
+                assert item["name"], e
+                assert item["call_id"], e
+            elif item["type"] == "function_call":
+                assert item["status"] == "in_progress", e
                 assert item["arguments"] == "", e
                 assert item["name"], e
                 assert item["call_id"], e
             else:
+                assert item["status"] == "in_progress", e
                 assert item["type"] in ("message", "reasoning"), e
                 assert item.get("content", []) == [], e
             items.append(item)
@@ -92,13 +98,24 @@ def check_response_events(events: list[Any]) -> list[dict[str, Any]]:
             assert (open_type, phase, e["arguments"]) == ("function_call", "added", built), e
             assert e.get("name") in (None, items[-1]["name"]), e
             phase = "args_done"
+        elif kind == "response.custom_tool_call_input.delta":
+            assert (open_type, phase) == ("custom_tool_call", "added"), e
+            assert e["delta"], e
+            built += e["delta"]
+        elif kind == "response.custom_tool_call_input.done":
+            assert (open_type, phase, e["input"]) == ("custom_tool_call", "added", built), e
+            phase = "args_done"
         elif kind == "response.output_item.done":
-            assert phase == ("args_done" if open_type == "function_call" else "part_done"), (phase, e)
+            calls = ("function_call", "custom_tool_call")
+            assert phase == ("args_done" if open_type in calls else "part_done"), (phase, e)
             item = e["item"]
             assert (item["id"], item["type"]) == (items[-1]["id"], open_type), e
-            assert item["status"] in ("completed", "incomplete"), e
+            if open_type != "custom_tool_call":
+                assert item["status"] in ("completed", "incomplete"), e
             if open_type == "function_call":
                 assert item["arguments"] == built, e
+            elif open_type == "custom_tool_call":
+                assert item["input"] == built, e
             else:
                 assert [part["text"] for part in item["content"]] == [built], e
             items[-1] = item

@@ -82,7 +82,8 @@ class RequestOptions(TypedDict, total=False):
     # To that instance only (a reload's new catalog goes to each); one that never started
     # may still be sent to another.
     endpoint: str | None
-    prefer: str | None  # the instance to choose among equally loaded ones (it holds the prefix)
+    # the instances to choose among equally loaded ones, best first (they hold the prefix)
+    prefer: str | tuple[str, ...] | None
 
 
 class KernelClient:
@@ -229,9 +230,11 @@ class KernelClient:
             stream=stream,
             blobs=options.get("blobs", ()),
         )
-        prefer = options.get("prefer")
+        prefer = options.get("prefer") or ()
         ask = placement.Ask(
-            model=req.model, prefer=() if prefer is None else (prefer,), only=options.get("endpoint")
+            model=req.model,
+            prefer=(prefer,) if isinstance(prefer, str) else prefer,
+            only=options.get("endpoint"),
         )
         return Stream(self, modality, req, time.monotonic() + timeout, ask)
 

@@ -225,7 +225,8 @@ def test_an_openai_responses_body_passes(body):
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "schema": LONG}}},
          "text.format.schema.maxLength"),
-        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"input": "x", "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search_preview"}},
+         "tool_choice"),  # a tool only OpenAI runs is ignored, and cannot be forced
         ({"input": "x", "tools": [{**RTOOL, "parameters": {"$defs": {}}}]}, "tools[0].parameters.$defs"),
         ({"input": "x", "tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),

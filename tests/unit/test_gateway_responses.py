@@ -2,7 +2,9 @@
 
 Every kind of chunk the text manager may send (text with logprobs, reasoning, a
 call's start, its arguments) and calls that only the final reply holds, each
-checked against OpenAI's grammar; then the turn's parameters and input items.
+checked against OpenAI's grammar; then the turn's parameters and input items;
+then tools as Codex sends them (custom tools with a grammar, namespaces, the tools
+OpenAI runs) and reasoning sealed into encrypted_content and opened again.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import pytest
 
 from allm.gateway.chat.handlers import ChatDeltas
 from allm.gateway.config import ModelConfig
+from allm.gateway.errors import ApiError
 from allm.gateway.responses import schema as api_schema
 from allm.gateway.responses.events import Events
+from allm.gateway.responses.handlers import CacheHomes
 from allm.gateway.responses.items import input_items, item_messages, output_items
 from allm.gateway.responses.turn import Turn
+from allm.gateway.seal import Sealer
+from allm.gateway.spec import IGNORED
+from tests.codex_tools import APPLY_PATCH
 from tests.event_grammar import check_chat_chunks, check_response_events
 
 MODEL = ModelConfig("m", "/m.gguf", defaults={"temperature": 0.2, "top_p": 0.9})
@@ -111,7 +118,7 @@ def test_every_chunk_sequence_follows_the_response_event_grammar(case):
         assert items[-1]["status"] == "incomplete"
         assert events[-1]["type"] == "response.incomplete"
     # the same reply without stream has the same items, but for their ids
-    unstreamed = output_items(data)
+    unstreamed = output_items(data, {})
     strip = lambda its: [{k: v for k, v in it.items() if k != "id"} for it in its]  # noqa: E731
     assert strip(unstreamed) == strip(items)
 
@@ -247,3 +254,298 @@ def test_chat_logprobs_ride_on_their_text_delta():
     plain = ChatDeltas({"id": "c"}, logprobs=False, include_usage=False)
     [line] = [json.loads(x[6:]) for x in plain.feed({"text": "Hi"}).splitlines() if x]
     assert line["choices"][0]["logprobs"] is None
+
+
+# -- tools: custom (free-form input), namespaces, the ones OpenAI runs ------------------------
+
+PATCH_TOOL = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Edit files.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": APPLY_PATCH},
+}
+SHELL_TOOL = {
+    "type": "function",
+    "name": "shell",
+    "strict": False,
+    "defer_loading": True,
+    "output_schema": {"type": "string"},
+    "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]},
+}
+CRM = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "The customer database.",
+    "tools": [
+        {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}},
+        {"type": "custom", "name": "query"},
+    ],
+}
+TOOLS = [SHELL_TOOL, CRM, PATCH_TOOL, {"type": "web_search", "external_web_access": False}]
+
+
+def patch_tool(syntax: str, definition: str) -> dict:
+    return {**PATCH_TOOL, "format": {"type": "grammar", "syntax": syntax, "definition": definition}}
+
+
+def sealer() -> Sealer:
+    return Sealer(bytes(range(32)))
+
+
+def test_tools_reach_the_manager_by_the_names_the_model_sees_and_hosted_ones_are_left_out():
+    noted: list[str] = []
+    token = IGNORED.set(noted)
+    try:
+        t = turn(tools=[*TOOLS, {"type": "code_interpreter", "container": "auto"}], tool_choice="auto")
+    finally:
+        IGNORED.reset(token)
+    assert noted == ["tools[3]", "tools[4]"]  # logged and counted like fields allm does not know
+    tools = t.params["tools"]
+    assert [tool.get("function", tool.get("custom"))["name"] for tool in tools] == [
+        "shell",
+        "crm.lookup",
+        "crm.query",
+        "apply_patch",
+    ]
+    assert [tool["type"] for tool in tools] == ["function", "function", "custom", "custom"]
+    assert "The customer database." in tools[1]["function"]["description"]
+    grammar = tools[3]["custom"]["format"]["grammar"]
+    assert grammar["syntax"] == "lark"
+    assert grammar["parsed"]["start"] == "start"
+    # the response echoes the tools as sent, without what allm made of them
+    echoed = t.response("completed")["tools"]
+    assert echoed[2]["format"] == PATCH_TOOL["format"]
+    assert echoed[3] == {"type": "web_search"}
+
+
+@pytest.mark.parametrize(
+    ("choice", "shown"),
+    [
+        ({"type": "custom", "name": "apply_patch"}, "apply_patch"),
+        ({"type": "function", "name": "lookup"}, "crm.lookup"),  # the one namespaced tool so named
+        ({"type": "custom", "name": "query"}, "crm.query"),
+    ],
+)
+def test_a_forced_tool_is_named_as_the_model_sees_it(choice, shown):
+    assert turn(tools=TOOLS, tool_choice=choice).params["tool_choice"] == {
+        "type": "function",
+        "function": {"name": shown},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "web_search_preview"}}, "tool_choice", "only OpenAI runs"),
+        ({"tools": TOOLS, "tool_choice": {"type": "mcp", "server_label": "x"}}, "tool_choice", "only OpenAI"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "apply_patch"}}, "tool_choice",
+         "not among"),
+        ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tool_choice", "requires tools"),
+        (
+            {"tools": [SHELL_TOOL, patch_tool("lark", "start: a\na: a")]},
+            "tools[1].format.definition",
+            "left-recursive",
+        ),
+        (
+            {"tools": [patch_tool("lark", 'start: "x"\n%ignore " "')]},
+            "tools[0].format.definition",
+            "%ignore",
+        ),
+        (
+            {"tools": [patch_tool("regex", r"\bword\b")]},
+            "tools[0].format.definition",
+            "anchor",
+        ),
+        ({"tools": [SHELL_TOOL, {**SHELL_TOOL, "type": "custom"}]}, "tools[1]", "two tools"),
+        ({"tools": [CRM, {**CRM, "tools": [CRM["tools"][0]]}]}, "tools[1].tools[0]", "two tools"),
+        ({"truncation": "auto"}, "truncation", "never drops"),
+        ({"input": [{"type": "custom_tool_call", "call_id": "c", "name": "p"}]}, "input[0].input",
+         "required"),
+    ],
+)  # fmt: skip
+def test_tools_allm_cannot_honour_are_refused_naming_the_field(body, param, words):
+    with pytest.raises(ApiError) as info:
+        api_schema.RESPONSES.check({"model": "m", "input": "hi", **body}, "")
+    assert info.value.param == param
+    assert words in info.value.message
+
+
+def test_custom_and_namespaced_calls_go_back_to_the_model_by_their_shown_names():
+    raw = api_schema.RESPONSES.check(
+        {
+            "model": "m",
+            "tools": TOOLS,
+            "input": [
+                {"role": "user", "content": "Patch it."},
+                {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": 'a "b"\n'},
+                {"type": "custom_tool_call_output", "call_id": "c1", "output": "Done."},
+                {
+                    "type": "function_call",
+                    "call_id": "c2",
+                    "name": "lookup",
+                    "namespace": "crm",
+                    "arguments": "{}",
+                },
+                {"type": "function_call_output", "call_id": "c2", "output": "Ada"},
+            ],
+        },
+        "",
+    )
+    t = Turn(raw, MODEL, [])
+    assert [item["type"] for item in t.items][1:] == [
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "function_call",
+        "function_call_output",
+    ]
+    assert t.items[3]["namespace"] == "crm"
+    messages = t.params["messages"]
+    assert messages[1]["tool_calls"] == [
+        {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "apply_patch", "arguments": '{"input": "a \\"b\\"\\n"}'},
+        }
+    ]
+    assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "Done."}
+    assert messages[3]["tool_calls"][0]["function"]["name"] == "crm.lookup"
+    assert messages[4] == {"role": "tool", "tool_call_id": "c2", "content": "Ada"}
+
+
+PATCH = '*** Begin Patch\n*** Add File: a.txt\n+say "hi"\t😀\n*** End Patch\n'
+PATCH_ARGS = json.dumps({"input": PATCH})
+
+
+def test_a_custom_call_streams_its_decoded_input_in_the_custom_tool_call_events():
+    t = turn(tools=TOOLS)
+    call = {"id": "call_1", "name": "apply_patch", "arguments": PATCH_ARGS}
+    lookup = {"id": "call_2", "name": "crm.lookup", "arguments": "{}"}
+    pieces = [PATCH_ARGS[i : i + 3] for i in range(0, len(PATCH_ARGS), 3)]  # escapes cut in two
+    chunks = [
+        {"call": {"index": 0, "id": "call_1", "name": "apply_patch"}},
+        *({"arguments": piece, "index": 0} for piece in pieces),
+        {"call": {"index": 1, "id": "call_2", "name": "crm.lookup"}},
+        {"arguments": "{}", "index": 1},
+    ]
+    events, final = run(t, chunks, reply("", "", [call, lookup], "tool_calls"))
+    items = check_response_events(events)
+    assert [item["type"] for item in items] == ["custom_tool_call", "function_call"]
+    assert items[0]["input"] == PATCH
+    assert items[0]["name"] == "apply_patch"
+    assert "namespace" not in items[0]
+    assert (items[1]["name"], items[1]["namespace"]) == ("lookup", "crm")
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    assert len(deltas) > 10
+    assert "".join(deltas) == PATCH
+    done = [e for e in events if e["type"] == "response.custom_tool_call_input.done"]
+    assert [e["input"] for e in done] == [PATCH]
+    # without stream: the same items, but for their ids
+    unstreamed = output_items(reply("", "", [call, lookup], "tool_calls"), t.shown)
+    assert [{**i, "id": ""} for i in unstreamed] == [{**i, "id": ""} for i in final["output"]]
+
+
+def test_a_custom_call_known_only_from_the_final_reply_still_gets_its_events():
+    t = turn(tools=TOOLS)
+    call = {"id": "call_1", "name": "crm.query", "arguments": json.dumps({"input": "SELECT 1"})}
+    events, final = run(t, [], reply("", "", [call], "tool_calls"))
+    items = check_response_events(events)
+    assert items == final["output"]
+    assert (items[0]["type"], items[0]["input"], items[0]["namespace"]) == (
+        "custom_tool_call",
+        "SELECT 1",
+        "crm",
+    )
+
+
+def test_reasoning_comes_back_sealed_when_asked_and_a_later_request_continues_from_it():
+    t = Turn(
+        api_schema.RESPONSES.check(
+            {"model": "m", "input": "hi", "store": False, "include": ["reasoning.encrypted_content"]}, ""
+        ),
+        MODEL,
+        [],
+        sealer(),
+    )
+    events, final = run(
+        t, [{"reasoning": "Think "}, {"reasoning": "twice."}, {"text": "Hi"}], reply("Hi", "Think twice.")
+    )
+    check_response_events(events)
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    sealed = done[0]["encrypted_content"]
+    assert sealed.startswith("allm1.")
+    assert "Think" not in sealed
+    assert final["output"][0]["encrypted_content"] == sealed
+    unstreamed = output_items(reply("Hi", "Think twice."), {}, t.sealing())
+    assert sealer().unseal(unstreamed[0]["encrypted_content"], "x")["text"] == "Think twice."
+
+    # Codex sends the item back as it came, without the text: the model gets the text again
+    back = {"type": "reasoning", "id": done[0]["id"], "summary": [], "encrypted_content": sealed}
+    later = api_schema.RESPONSES.check(
+        {"model": "m", "store": False, "input": [back, {"role": "assistant", "content": "Hi"}]}, ""
+    )
+    t2 = Turn(later, MODEL, [], sealer())
+    assert t2.params["messages"] == [
+        {"role": "assistant", "content": "Hi", "reasoning_content": "Think twice."}
+    ]
+
+    # a token changed by one character, or sealed by another key, is refused naming the item
+    for forged, key in (
+        (sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1], sealer()),
+        (sealed, Sealer(bytes(32))),
+    ):
+        bad = {**back, "encrypted_content": forged}
+        with pytest.raises(ApiError) as info:
+            Turn(api_schema.RESPONSES.check({"model": "m", "input": [bad]}, ""), MODEL, [], key)
+        assert (info.value.status, info.value.param) == (400, "input[0].encrypted_content")
+    # and so is a token sealed for something else
+    other = sealer().seal({"use": "anthropic.thinking", "text": "x"})
+    with pytest.raises(ApiError) as info:
+        Turn(
+            api_schema.RESPONSES.check({"model": "m", "input": [{**back, "encrypted_content": other}]}, ""),
+            MODEL,
+            [],
+            sealer(),
+        )
+    assert info.value.param == "input[0].encrypted_content"
+
+
+def test_codex_fields_are_accepted_and_echoed():
+    t = turn(
+        tools=TOOLS,
+        store=False,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "xhigh", "summary": "auto"},
+        prompt_cache_key="019d27fa",
+        client_metadata={"x-codex-turn-metadata": json.dumps({"turn_id": "t"})},
+        safety_identifier="s",
+        service_tier="auto",
+        user="u",
+        truncation="disabled",
+        text={"verbosity": "low"},
+        parallel_tool_calls=True,
+    )
+    assert t.params["reasoning_effort"] == "high"
+    response = t.response("in_progress")
+    assert (response["prompt_cache_key"], response["truncation"], response["store"]) == (
+        "019d27fa",
+        "disabled",
+        False,
+    )
+    assert response["reasoning"] == {"effort": "xhigh", "summary": "auto"}
+
+
+def test_a_prompt_cache_key_remembers_the_instance_that_served_it_last_and_forgets_the_oldest():
+    homes = CacheHomes(size=2)
+    homes.put("a", "ipc://text-0")
+    homes.put("b", "ipc://text-1")
+    homes.put("a", "ipc://text-1")  # served elsewhere since: the newest instance counts
+    homes.put("c", "ipc://text-0")  # b is now the oldest key, and goes
+    homes.put(None, "ipc://text-0")
+    homes.put("d", None)
+    assert [homes.get(key) for key in ("a", "b", "c", "d", None)] == [
+        "ipc://text-1",
+        None,
+        "ipc://text-0",
+        None,
+        None,
+    ]

@@ -6,11 +6,19 @@
     GET    /v1/responses/{id}/input_items    the input items a stored response was made from
 
 The request becomes a ``Turn`` (allm/gateway/responses/turn.py); a stream's events are
-``Events`` (allm/gateway/responses/events.py), which says their grammar.
+``Events`` (allm/gateway/responses/events.py), which says their grammar. A stream is
+answered once the manager has taken the request and sent its first chunk, so what it
+refuses (a prompt past the context, a full queue, an unknown model) is a plain HTTP
+error; only what goes wrong while generating travels in the stream (response.failed).
+
+Where a request goes: among equally loaded manager instances, first the one that served
+``previous_response_id`` (it holds the conversation's prefix in its cache), then the one
+that last served the request's ``prompt_cache_key``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Any
 
@@ -23,11 +31,39 @@ from allm.gateway.fields import json_body, model_for
 from allm.gateway.responses import schema
 from allm.gateway.responses.events import Events
 from allm.gateway.responses.items import Item, output_items
-from allm.gateway.responses.turn import Turn
-from allm.gateway.streaming import begin, relay
+from allm.gateway.responses.turn import Turn, needs_sealer
+from allm.gateway.seal import sealer
+from allm.gateway.streaming import open_stream, relay
 from allm.kernel.protocol import Result
 
 bp = Blueprint("responses", url_prefix="/v1")
+
+
+class CacheHomes:
+    """Each ``prompt_cache_key``'s instance: the one that served it last (the newest keys kept)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._homes: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def get(self, key: str | None) -> str | None:
+        return None if key is None else self._homes.get(key)
+
+    def put(self, key: str | None, instance: str | None) -> None:
+        if key is None or instance is None:
+            return
+        self._homes[key] = instance
+        self._homes.move_to_end(key)
+        while len(self._homes) > self.size:
+            self._homes.popitem(last=False)
+
+
+def _homes(request: Request) -> CacheHomes:
+    ctx = request.app.ctx
+    homes = getattr(ctx, "prompt_cache_homes", None)
+    if homes is None:
+        homes = ctx.prompt_cache_homes = CacheHomes()
+    return homes
 
 
 async def _stored(request: Request, response_id: str, param: str | None = None) -> tuple[Item, list[Item]]:
@@ -45,14 +81,15 @@ async def _turn(request: Request) -> Turn:
     model = model_for(config, payload, "text")
     history: list[Item] = []
     previous = payload.get("previous_response_id")
-    prefer = None
+    prefer: list[str | None] = []
     if previous:
         response, items = await _stored(request, previous, "previous_response_id")
         history = items + response["output"]
         # The instance that served it holds the conversation's prefix in its cache.
-        prefer = await request.app.ctx.store.instance_of(previous)
-    turn = Turn(payload, model, history)
-    turn.prefer = prefer
+        prefer.append(await request.app.ctx.store.instance_of(previous))
+    prefer.append(_homes(request).get(payload.get("prompt_cache_key")))
+    turn = Turn(payload, model, history, sealer(config.data_dir) if needs_sealer(payload) else None)
+    turn.prefer = tuple(dict.fromkeys(p for p in prefer if p is not None))
     return turn
 
 
@@ -75,7 +112,10 @@ async def create(request: Request) -> HTTPResponse | None:
                 pass
         assert s.result is not None
         data = s.result.data
-        response = turn.response("completed", output=output_items(data), data=data)
+        _homes(request).put(turn.payload.get("prompt_cache_key"), s.endpoint)
+        response = turn.response(
+            "completed", output=output_items(data, turn.shown, turn.sealing()), data=data
+        )
         if turn.store:
             await request.app.ctx.store.put(response, turn.items, instance=s.endpoint)
         return json_response(response)
@@ -97,6 +137,7 @@ async def _stream(request: Request, turn: Turn) -> None:
 
         async def finish(result: Result) -> str:
             tail, final = events.finish(result.data)
+            _homes(request).put(turn.payload.get("prompt_cache_key"), s.endpoint)
             if turn.store:
                 try:
                     await request.app.ctx.store.put(final, turn.items, instance=s.endpoint)
@@ -104,19 +145,15 @@ async def _stream(request: Request, turn: Turn) -> None:
                     return events.event("error", code=exc.code, message=exc.message, param=None)
             return tail
 
-        # response.created and response.in_progress at once, before the first token
-        response = await begin(request)
+        # Nothing is answered before the manager has taken the request: what it refuses is
+        # an HTTP error. Then response.created and response.in_progress, with the first chunk.
+        response, first_chunk, rest = await open_stream(request, s)
         opening = turn.response("in_progress")
-        await relay(
-            response,
-            s,
-            aiter(s),
-            first=events.event("response.created", response=opening)
-            + events.event("response.in_progress", response=opening),
-            feed=events.feed,
-            finish=finish,
-            failed=events.failed,
-        )
+        first = events.event("response.created", response=opening)
+        first += events.event("response.in_progress", response=opening)
+        if first_chunk is not None:
+            first += events.feed(first_chunk.data)
+        await relay(response, s, rest, first=first, feed=events.feed, finish=finish, failed=events.failed)
 
 
 @bp.get("/responses/<response_id:str>")

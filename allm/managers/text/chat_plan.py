@@ -75,6 +75,7 @@ def chat_plan(req: ChatRequest, family: Family, *, think: bool, thinking: bool) 
             max_calls=max_calls,
             answer=None if tools.required else answer,
             think=reasoning,
+            custom=tools.custom,
         )
         return ChatPlan(
             parser=OutputParser(family, tools=True, think=think, thinking=thinking),
@@ -91,7 +92,9 @@ def chat_plan(req: ChatRequest, family: Family, *, think: bool, thinking: bool) 
     return ChatPlan(
         parser=OutputParser(family, tools=True, think=think, thinking=thinking, halt_on_open=True),
         max_calls=max_calls,
-        lazy=lambda prefix: call_grammar(family, functions, max_calls=max_calls, prefix=prefix),
+        lazy=lambda prefix: call_grammar(
+            family, functions, max_calls=max_calls, prefix=prefix, custom=tools.custom
+        ),
         answered=req.answered(),
         as_text=as_text,
     )

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from allm import free_grammar
 from allm.managers.text.sampling import Sampling, invalid
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -62,6 +63,15 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+#: what a model is shown of a custom tool: a function of one string, its free-form input
+CUSTOM_PARAMETERS = {
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ToolSpec:
     """The tools a reply may call: all of them, or the one ``tool_choice`` forces."""
@@ -70,6 +80,8 @@ class ToolSpec:
     required: bool  # tool_choice required or a named function: the reply is calls only
     forced: str | None
     max_calls: int  # 1 with parallel_tool_calls false
+    #: custom tools (free-form input) by name: their input grammar, None for any text
+    custom: dict[str, free_grammar.Grammar | None] = dataclasses.field(default_factory=dict)
 
     @property
     def functions(self) -> list[dict[str, Any]]:
@@ -86,8 +98,14 @@ def tool_spec(tools: Any, tool_choice: Any, parallel: Any = True) -> ToolSpec | 
         return None
     if not isinstance(tools, list):
         raise invalid("tools", "tools must be a list")
-    clean = []
+    clean: list[dict[str, Any]] = []
+    custom: dict[str, free_grammar.Grammar | None] = {}
     for i, tool in enumerate(tools):
+        if isinstance(tool, Mapping) and tool.get("type") == "custom":
+            shown, grammar = custom_tool(tool.get("custom"), f"tools[{i}].custom")
+            custom[shown["name"]] = grammar
+            clean.append({"type": "function", "function": shown})
+            continue
         fn = tool.get("function") if isinstance(tool, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
             raise invalid(f"tools[{i}]", "each tool must be {'type': 'function', 'function': {'name': ...}}")
@@ -96,6 +114,8 @@ def tool_spec(tools: Any, tool_choice: Any, parallel: Any = True) -> ToolSpec | 
             raise invalid(f"tools[{i}].function.parameters", "parameters must be a JSON Schema object")
         clean.append({"type": "function", "function": dict(fn)})
     names = [t["function"]["name"] for t in clean]
+    if len(set(names)) != len(names):
+        raise invalid("tools", "two tools have the same name")
     forced: str | None = None
     if isinstance(tool_choice, Mapping):
         forced = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
@@ -114,7 +134,40 @@ def tool_spec(tools: Any, tool_choice: Any, parallel: Any = True) -> ToolSpec | 
         required=forced is not None or tool_choice == "required",
         forced=forced,
         max_calls=MAX_CALLS if parallel else 1,
+        custom=custom,
     )
+
+
+def custom_tool(spec: Any, param: str) -> tuple[dict[str, Any], free_grammar.Grammar | None]:
+    """A custom tool ({name, description, format}) as the function a model is shown, and its grammar.
+
+    ``format`` is ``{"type": "text"}`` or ``{"type": "grammar", "grammar": {"syntax", "definition",
+    "parsed"}}``, ``parsed`` the grammar as ``allm.free_grammar`` holds it (the gateway parses it).
+    """
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise invalid(param, "a custom tool must be {'type': 'custom', 'custom': {'name': ...}}")
+    fmt = spec.get("format") or {"type": "text"}
+    description = str(spec.get("description") or "")
+    grammar = None
+    how = "Its input is free-form text, written as the string `input`."
+    if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "grammar"):
+        raise invalid(f"{param}.format", "format must be {'type': 'text'} or {'type': 'grammar', ...}")
+    if fmt["type"] == "grammar":
+        inner = fmt.get("grammar")
+        if not isinstance(inner, Mapping) or not isinstance(inner.get("definition"), str):
+            raise invalid(f"{param}.format.grammar", "a grammar format needs grammar.definition")
+        try:
+            grammar = free_grammar.check(inner.get("parsed"))
+        except free_grammar.GrammarError as exc:
+            raise invalid(f"{param}.format.grammar", f"the grammar cannot be used: {exc}") from exc
+        syntax = inner.get("syntax", "lark")
+        how += f" The input follows this {syntax} grammar:\n{inner['definition']}"
+    function = {
+        "name": spec["name"],
+        "description": (description + "\n\n" + how).strip(),
+        "parameters": CUSTOM_PARAMETERS,
+    }
+    return function, grammar
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
