@@ -79,7 +79,16 @@ class _Loading:
 
 
 class _Loaded:
-    __slots__ = ("closed", "engine", "entry", "estimate_bytes", "in_use", "last_used", "stale")
+    __slots__ = (
+        "closed",
+        "engine",
+        "entry",
+        "estimate_bytes",
+        "in_use",
+        "keep_alive_s",
+        "last_used",
+        "stale",
+    )
 
     def __init__(self, engine: Engine, estimate_bytes: int, entry: ModelEntry, now: float) -> None:
         self.engine = engine
@@ -89,6 +98,9 @@ class _Loaded:
         self.last_used = now  # on the pool's clock
         self.stale = False  # its entry changed or left the catalog: closed when its last user is done
         self.closed = False
+        #: idle seconds before it is unloaded, as its last request asked (None: the pool's
+        #: idle_unload_s; negative: never)
+        self.keep_alive_s: float | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -130,8 +142,7 @@ class ModelPool:
         self._lock = threading.RLock()  # bookkeeping only: never held across a load
         self._load_lock = threading.Lock()  # one load at a time, so budgets add up
         self._closed = threading.Event()
-        if idle_unload_s:
-            threading.Thread(target=self._sweep_idle, name="idle-unload", daemon=True).start()
+        threading.Thread(target=self._sweep_idle, name="idle-unload", daemon=True).start()
 
     def loaded(self) -> tuple[str, ...]:
         """The models in memory; never waits (heartbeats call it)."""
@@ -150,10 +161,12 @@ class ModelPool:
         held = {m: s.estimate_bytes for m, s in list(self._loaded.items())}
         out: dict[str, dict[str, Any]] = {}
         for model, st in list(self._stats.items()):
+            unload_in_s = self.unload_in_s(model) if model in held else None
             out[model] = {
                 **dataclasses.asdict(st),
                 "load_s": round(st.load_s, 3),
                 "memory_bytes": held.get(model),
+                "unload_in_s": None if unload_in_s is None else round(unload_in_s, 3),
             }
         return out
 
@@ -342,22 +355,47 @@ class ModelPool:
                 return False
         return need <= self._free_bytes()
 
+    def keep_alive(self, model_id: str, seconds: float) -> None:
+        """Unload ``model_id`` once idle this long from now on (Ollama's keep_alive; negative: never)."""
+        with self._lock:
+            slot = self._loaded.get(model_id)
+            if slot is not None:
+                slot.keep_alive_s = seconds
+
+    def _idle_limit(self, slot: _Loaded) -> float | None:
+        """Idle seconds before ``slot`` is unloaded; None: never."""
+        limit = self.idle_unload_s if slot.keep_alive_s is None else slot.keep_alive_s
+        return None if limit is None or limit < 0 or (limit == 0 and slot.keep_alive_s is None) else limit
+
     def unload_idle(self) -> list[str]:
-        """Unload the models no request used for ``idle_unload_s``; returns their ids."""
-        if not self.idle_unload_s:
-            return []
+        """Unload the models no request used for their idle limit; returns their ids."""
         now = self._clock()
         with self._lock:
-            idle = [
-                m for m, s in self._loaded.items() if not s.in_use and now - s.last_used > self.idle_unload_s
-            ]
+            idle = []
+            for model_id, slot in self._loaded.items():
+                limit = self._idle_limit(slot)
+                if limit is not None and not slot.in_use and now - slot.last_used > limit:
+                    idle.append(model_id)
         return [model_id for model_id in idle if self.unload(model_id)]
 
+    def unload_in_s(self, model_id: str) -> float | None:
+        """Seconds until ``model_id`` is unloaded if no request comes; None: never (or not loaded)."""
+        with self._lock:
+            slot = self._loaded.get(model_id)
+            limit = None if slot is None else self._idle_limit(slot)
+            if slot is None or limit is None:
+                return None
+            return max(0.0, limit - (0 if slot.in_use else self._clock() - slot.last_used))
+
     def _sweep_idle(self) -> None:
-        assert self.idle_unload_s is not None
-        interval = max(0.05, min(1.0, self.idle_unload_s / 4))
-        while not self._closed.wait(interval):
+        while not self._closed.wait(self._sweep_interval()):
             self.unload_idle()
+
+    def _sweep_interval(self) -> float:
+        """A quarter of the shortest idle limit, within 50 ms and 1 s."""
+        with self._lock:
+            limits = [limit for s in self._loaded.values() if (limit := self._idle_limit(s)) is not None]
+        return max(0.05, min([1.0, *(limit / 4 for limit in limits)]))
 
 
 def preload_engines(
@@ -449,7 +487,16 @@ class PooledManager:
             return Reply(changes)
         if ctx.op not in self.operations and ctx.op != "load":
             raise UnsupportedError(f"the {self.pool.modality} manager has no operation {ctx.op!r}")
+        keep_alive_s = ctx.params.pop("keep_alive_s", None)  # for the pool, not the engine
+        if keep_alive_s is not None and (
+            not isinstance(keep_alive_s, int | float) or isinstance(keep_alive_s, bool)
+        ):
+            raise UnsupportedError(
+                f"keep_alive_s must be a number of seconds, got {keep_alive_s!r}", param="keep_alive_s"
+            )
         with self.pool.use(ctx.model, ctx) as engine:
+            if keep_alive_s is not None:
+                self.pool.keep_alive(ctx.model, float(keep_alive_s))
             if ctx.op == "load":
                 return Reply({"loaded": ctx.model})
             result: Reply = getattr(engine, ctx.op)(ctx)

@@ -370,6 +370,36 @@ def test_keep_alive_0_unloads_the_model_once_the_answer_is_sent(server):
     )
 
 
+def test_keep_alive_keeps_a_model_that_long_once_idle_and_a_negative_one_for_ever(server):
+    from datetime import UTC, datetime, timedelta
+
+    def expires(name: str) -> datetime:
+        [row] = [m for m in server.json("GET", "/api/ps")[1]["models"] if m["name"] == name]
+        return datetime.fromisoformat(row["expires_at"])
+
+    prompt = {"model": TINY, "prompt": "Hi", "stream": False, "options": {"num_predict": 1}}
+    status, body = post(server, "/api/generate", {**prompt, "keep_alive": -1})
+    assert status == 200, body
+    wait_for(lambda: f"{TINY}:latest" in loaded(server), 30, "the tiny model to be listed")
+    # as its manager's next heartbeat says
+    wait_for(
+        lambda: expires(f"{TINY}:latest") > datetime.now(UTC) + timedelta(days=365),
+        30,
+        "ps to say it is kept for ever",
+    )
+    status, body = post(server, "/api/generate", {**prompt, "keep_alive": "3s"})
+    assert status == 200, body
+    # its manager's next heartbeat says when: within the 3 s from the answer
+    wait_for(
+        lambda: expires(f"{TINY}:latest") < datetime.now(UTC) + timedelta(seconds=3.5),
+        30,
+        "ps to say it unloads within 3 s",
+    )
+    wait_for(
+        lambda: f"{TINY}:latest" not in loaded(server), 30, "the tiny model to be unloaded once idle 3 s"
+    )
+
+
 # -- embeddings ------------------------------------------------------------------------------------
 
 

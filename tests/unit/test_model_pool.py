@@ -183,3 +183,31 @@ def test_the_catalogs_engines_are_imported_once_before_serving_and_a_broken_one_
     assert "absent" not in caplog.text  # not installed: its load says how to install it
     for name in ("allm_test_engine_a", "allm_test_engine_b"):
         sys.modules.pop(name, None)
+
+
+def test_a_models_own_keep_alive_overrides_idle_unload_s_and_a_negative_one_keeps_it():
+    """Ollama's keep_alive: the last request says how long its model stays once idle."""
+    clock = Clock()
+    p, _made = pool(entry("a"), entry("b"), entry("c"))
+    p._clock = clock
+    try:
+        for model in ("a", "b", "c"):
+            with p.use(model):
+                pass
+        p.keep_alive("a", 5)
+        p.keep_alive("b", -1)  # never
+        assert p.unload_in_s("a") == 5
+        assert p.unload_in_s("b") is None
+        assert p.unload_in_s("c") is None  # no idle_unload_s: loaded until asked
+        assert p.stats()["a"]["unload_in_s"] == 5
+        clock.now += 5
+        assert p.unload_idle() == []  # exactly 5 s idle, not past
+        clock.now += 1
+        p.unload_idle()  # (the pool's own sweep, on the same clock, may have been first)
+        assert p.loaded() == ("b", "c")
+        p.idle_unload_s = 10  # the modality's setting still holds those without their own
+        clock.now += 1000
+        p.unload_idle()
+        assert p.loaded() == ("b",)
+    finally:
+        p.close()

@@ -125,7 +125,7 @@ async def embed(request: Request) -> HTTPResponse:
         await _ready(request, model, clock)
         if not inputs:  # as Ollama: the model is loaded, nothing is embedded
             return json_response({"model": payload["model"], "embeddings": []})
-        result = await _embeddings(request, model, inputs, clock)
+        result = await _embeddings(request, model, inputs, clock, _kept(payload))
         dimensions = payload.get("dimensions")
         return json_response(
             {
@@ -148,7 +148,7 @@ async def embeddings(request: Request) -> HTTPResponse:
         await _ready(request, model, clock)
         if not payload.get("prompt"):  # as Ollama: the model is loaded, nothing is embedded
             return json_response({"embedding": []})
-        result = await _embeddings(request, model, [payload["prompt"]], clock)
+        result = await _embeddings(request, model, [payload["prompt"]], clock, _kept(payload))
         return json_response({"embedding": result.data["embeddings"][0]})
     finally:
         _unload_if_asked(request.app, model, payload)
@@ -170,13 +170,15 @@ def _shortened(vector: list[float], dimensions: int | None) -> list[float]:
     return [x / norm for x in kept]
 
 
-async def _embeddings(request: Request, model: ModelConfig, inputs: list[str], clock: Clock) -> Result:
+async def _embeddings(
+    request: Request, model: ModelConfig, inputs: list[str], clock: Clock, kept: dict[str, Any]
+) -> Result:
     config: Config = request.app.ctx.config
     result: Result = await request.app.ctx.client.call(
         "text",
         "embed",
         model=model.id,
-        params={"input": inputs},
+        params={"input": inputs, **kept},
         timeout_s=clock.left_s(config.request_timeout_s),
     )
     return result
@@ -210,8 +212,21 @@ async def _load_only(
     if payload.get("keep_alive") == 0:
         await _unload(request.app, model.id, None)
         return json_response(reply.loaded("unload"))
-    await _ready(request, model, Clock())
+    kept = _kept(payload)
+    if kept:  # loaded now, or already: either way it is kept as long as asked from now on
+        config: Config = request.app.ctx.config
+        await request.app.ctx.client.call(
+            "text", "load", model=model.id, params=kept, timeout_s=config.request_timeout_s
+        )
+    else:
+        await _ready(request, model, Clock())
     return json_response(reply.loaded("load"))
+
+
+def _kept(payload: dict[str, Any]) -> dict[str, Any]:
+    """keep_alive other than 0, as the manager's ``keep_alive_s`` (negative: never unloaded)."""
+    keep_alive = payload.get("keep_alive")
+    return {} if keep_alive is None or keep_alive == 0 else {"keep_alive_s": keep_alive}
 
 
 async def _answer(
@@ -231,7 +246,11 @@ async def _answer(
         await _ready(request, model, clock)
         # Streamed from the manager either way: the first chunk's time is the prompt's evaluation's end.
         kernel = request.app.ctx.client.stream(
-            "text", op, model=model.id, params=params, timeout_s=clock.left_s(config.request_timeout_s)
+            "text",
+            op,
+            model=model.id,
+            params={**params, **_kept(payload)},
+            timeout_s=clock.left_s(config.request_timeout_s),
         )
         if not payload.get("stream", True):
             async with kernel as s:

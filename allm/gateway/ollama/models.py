@@ -180,6 +180,15 @@ def shown(model: ModelConfig, disk: OnDisk) -> dict[str, Any]:
     }
 
 
+def _unload_in_s(stats: dict[str, Any], model_id: str, idle_unload_s: float | None) -> float | None:
+    """Seconds until a manager unloads the model if unused (its heartbeat says); None: never."""
+    row = stats.get(model_id) or {}
+    if "unload_in_s" in row:  # a manager of this version says it
+        left = row["unload_in_s"]
+        return None if left is None else float(left)
+    return idle_unload_s
+
+
 def running(
     model: ModelConfig, disk: OnDisk, managers: list[dict[str, Any]], idle_unload_s: float | None
 ) -> dict[str, Any] | None:
@@ -188,8 +197,11 @@ def running(
     if not holders:
         return None
     size = sum(_memory(m["model_stats"], model.id) for m in holders)
-    # it unloads idle_unload_s after its last use at the latest; without one it stays loaded
-    expires = datetime.now(UTC) + (FOREVER if idle_unload_s is None else timedelta(seconds=idle_unload_s))
+    # when its managers would unload it, idle (their keep_alive or idle_unload_s); the last of them
+    left = [_unload_in_s(m["model_stats"], model.id, idle_unload_s) for m in holders]
+    expires = datetime.now(UTC) + (
+        FOREVER if any(s is None for s in left) else timedelta(seconds=max(s for s in left if s is not None))
+    )
     name = display_name(model)
     return {
         "name": name,

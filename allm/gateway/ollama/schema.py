@@ -80,8 +80,8 @@ KEEP_ALIVE = Either(
         Num(minimum=-MAX_KEEP_ALIVE_S, maximum=MAX_KEEP_ALIVE_S),
         Checked(node=Str(max_length=64), then=duration_s),
     ),
-    description='seconds, or a duration such as "5m"; 0 unloads the model once the answer is sent; '
-    "any other value keeps it as [text] idle_unload_s says",
+    description='seconds, or a duration such as "5m": the model is unloaded once idle this long '
+    "(0: once the answer is sent; negative: never); left out, as [text] idle_unload_s says",
 )
 
 
