@@ -38,6 +38,12 @@ def test_serve_stops_cleanly_on_signal_and_leaves_no_process(tmp_path, signum):
 def test_several_text_instances_share_the_work(tmp_path):
     config = f'[server]\ndata_dir = "{tmp_path}"\n\n[text]\ninstances = 2\n'
     with running_server(config, tmp_path) as server:
+        # /ready needs one live text instance: wait for both, or the first takes both requests
+        wait_for(
+            lambda: len([m for m in server.managers() if m["name"].startswith("text") and m["live"]]) == 2,
+            60,
+            "both text instances to be heard from",
+        )
         managers = [m for m in server.managers() if m["name"].startswith("text")]
         assert sorted(m["name"] for m in managers) == ["text#0", "text#1"]
         assert len({m["pid"] for m in managers}) == 2

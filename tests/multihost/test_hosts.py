@@ -70,6 +70,12 @@ def make_cluster(tmp_path, host_models, record_property):
             f"[text]\ninstances = 0\nremote = [{', '.join(remotes)}]\n{model}"
         )
         with running_server(gateway, tmp_path, log=tmp_path / "gateway.log") as server:
+            # /ready needs one live instance of the modality: wait for every host's
+            wait_for(
+                lambda: len([m for m in server.managers() if m["live"]]) == len(host_models),
+                60,
+                "every host to be heard from",
+            )
             yield server, hosts
 
 
