@@ -383,6 +383,41 @@ def test_a_prompt_too_long_for_the_context_is_400(sdk):
     assert "context holds 64 tokens" in info.value.body["message"]
 
 
+def test_truncation_auto_drops_the_oldest_exchanges_until_the_prompt_fits(sdk):
+    conversation = [
+        {"role": "user", "content": "word " * 40},
+        {"role": "assistant", "content": "noted " * 10},
+        {"role": "user", "content": "Hi"},
+    ]
+    with pytest.raises(openai.BadRequestError) as info:  # disabled, the default
+        sdk.responses.create(model="tiny-context", input=conversation, max_output_tokens=2)
+    assert info.value.body["code"] == "context_length_exceeded"
+    reply = sdk.responses.create(
+        model="tiny-context", input=conversation, max_output_tokens=2, truncation="auto"
+    )
+    assert reply.status in ("completed", "incomplete")
+    assert reply.truncation == "auto"
+    assert reply.usage is not None
+    assert reply.usage.input_tokens < 64  # the first exchange went
+    # streamed: the same, and no event before it fits
+    events = list(
+        sdk.responses.create(
+            model="tiny-context", input=conversation, max_output_tokens=2, truncation="auto", stream=True
+        )
+    )
+    assert events[0].type == "response.created"
+    final = events[-1].response  # completed, or incomplete at the token limit
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert final.usage is not None
+    assert final.usage.input_tokens == reply.usage.input_tokens
+    # the last user turn alone too long: nothing left to drop, the same 400
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.responses.create(
+            model="tiny-context", input="word " * 100, max_output_tokens=2, truncation="auto"
+        )
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
 def test_a_corrupt_model_is_500_model_corrupt_and_the_server_keeps_serving(sdk):
     with pytest.raises(openai.InternalServerError) as info:
         sdk.chat.completions.create(model="broken", messages=FRANCE)

@@ -221,7 +221,7 @@ def test_an_openai_responses_body_passes(body):
         ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content[0]"),
         ({"input": "x", "include": ["everything"]}, "include[0]"),
-        ({"input": "x", "truncation": "auto"}, "truncation"),
+        ({"input": "x", "truncation": "middle"}, "truncation"),
         ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "schema": LONG}}},
          "text.format.schema.maxLength"),

@@ -358,7 +358,7 @@ def test_a_forced_tool_is_named_as_the_model_sees_it(choice, shown):
         ),
         ({"tools": [SHELL_TOOL, {**SHELL_TOOL, "type": "custom"}]}, "tools[1]", "two tools"),
         ({"tools": [CRM, {**CRM, "tools": [CRM["tools"][0]]}]}, "tools[1].tools[0]", "two tools"),
-        ({"truncation": "auto"}, "truncation", "never drops"),
+        ({"truncation": "sometimes"}, "truncation", "one of"),
         ({"input": [{"type": "custom_tool_call", "call_id": "c", "name": "p"}]}, "input[0].input",
          "required"),
     ],
@@ -549,3 +549,36 @@ def test_a_prompt_cache_key_remembers_the_instance_that_served_it_last_and_forge
         None,
         None,
     ]
+
+
+def test_truncation_auto_drops_the_oldest_exchange_at_a_time_and_keeps_the_instructions():
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    result = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
+    conversation = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "one"},
+        call,
+        result,
+        {"role": "assistant", "content": "done one"},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "done two"},
+        {"role": "user", "content": "three"},
+    ]
+    t = turn(input=conversation, instructions="You are terse.", truncation="auto")
+
+    def said() -> list[str]:
+        return [m["content"] or m["role"] for m in t.params["messages"]]
+
+    before = said()
+    assert t.truncate()
+    # the first exchange went whole: its call and that call's result with it
+    assert said() == ["You are terse.", "Be brief.", "two", "done two", "three"]
+    assert not any(m.get("tool_calls") or m["role"] == "tool" for m in t.params["messages"])
+    assert t.truncate()
+    assert said() == ["You are terse.", "Be brief.", "three"]
+    assert not t.truncate()  # the last user turn is all that is left
+    assert t.response("completed")["truncation"] == "auto"
+    assert len(t.items) == len(conversation)  # what is stored keeps every item
+    disabled = turn(input=conversation)
+    assert not disabled.truncate()
+    assert [m["content"] or m["role"] for m in disabled.params["messages"]] == before[1:]

@@ -34,6 +34,7 @@ from allm.gateway.responses.items import Item, output_items
 from allm.gateway.responses.turn import Turn, needs_sealer
 from allm.gateway.seal import sealer
 from allm.gateway.streaming import open_stream, relay
+from allm.kernel.codes import AllmError
 from allm.kernel.protocol import Result
 
 bp = Blueprint("responses", url_prefix="/v1")
@@ -99,17 +100,23 @@ async def create(request: Request) -> HTTPResponse | None:
     client = request.app.ctx.client
     turn = await _turn(request)
     if not turn.payload.get("stream"):
-        async with client.stream(
-            "text",
-            "chat",
-            model=turn.model,
-            params=turn.params,
-            timeout_s=config.request_timeout_s,
-            stream=False,
-            prefer=turn.prefer,
-        ) as s:
-            async for _chunk in s:
-                pass
+        while True:
+            try:
+                async with client.stream(
+                    "text",
+                    "chat",
+                    model=turn.model,
+                    params=turn.params,
+                    timeout_s=config.request_timeout_s,
+                    stream=False,
+                    prefer=turn.prefer,
+                ) as s:
+                    async for _chunk in s:
+                        pass
+                break
+            except AllmError as exc:
+                if not (_too_long(exc) and turn.truncate()):
+                    raise
         assert s.result is not None
         data = s.result.data
         _homes(request).put(turn.payload.get("prompt_cache_key"), s.endpoint)
@@ -123,7 +130,22 @@ async def create(request: Request) -> HTTPResponse | None:
     return None
 
 
+def _too_long(exc: AllmError) -> bool:
+    """The manager refused the prompt as longer than the model's context."""
+    return exc.reason == "context_length_exceeded"
+
+
 async def _stream(request: Request, turn: Turn) -> None:
+    while True:
+        try:
+            await _stream_once(request, turn)
+            return
+        except AllmError as exc:  # raised only before the stream opened: nothing was sent yet
+            if not (_too_long(exc) and turn.truncate()):
+                raise
+
+
+async def _stream_once(request: Request, turn: Turn) -> None:
     config: Config = request.app.ctx.config
     events = Events(turn)
     async with request.app.ctx.client.stream(

@@ -396,16 +396,6 @@ def _tools_agree(body: Body, path: str) -> Body:
     return body
 
 
-def _no_auto_truncation(value: str, path: str) -> str:
-    if value == "auto":
-        raise bad_field(
-            path,
-            "'truncation' auto is not supported: allm never drops conversation items; a prompt longer "
-            "than the model's context is refused (context_length_exceeded). Send 'disabled'",
-        )
-    return value
-
-
 #: OpenAI's reasoning efforts, as the chat templates that take one know them
 EFFORTS = {
     "none": None,
@@ -480,10 +470,10 @@ RESPONSES = Checked(
                 "sealed, for a later request to continue from (with store false); the others are "
                 "accepted and have nothing to add",
             ),
-            "truncation": Checked(
-                node=Enum(values=("auto", "disabled")),
-                then=_no_auto_truncation,
-                description="disabled only: allm never drops conversation items",
+            "truncation": Enum(
+                values=("disabled", "auto"),
+                description="auto: when the prompt is longer than the model's context, the oldest "
+                "exchanges are dropped until it fits",
             ),
             "stream": STREAM,
             "user": USER,

@@ -134,6 +134,25 @@ class Turn:
         self.id = new_id("resp")
         self.created_at = int(time.time())
         self.store = payload.get("store", True) is not False
+        self.truncated = False  # truncation auto dropped the oldest exchanges to fit the context
+
+    def truncate(self) -> bool:
+        """``truncation: auto`` after the prompt was too long: drop the oldest exchange, from its
+        first message up to the next user message (calls and their results go together), keeping
+        the system and developer messages. False, and nothing dropped, once the last user turn
+        is all that is left, or when the request did not ask for it."""
+        if self.payload.get("truncation") != "auto":
+            return False
+        messages = self.params["messages"]
+        first = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")), None)
+        if first is None:
+            return False
+        following = next((i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"), None)
+        if following is None:
+            return False
+        self.params["messages"] = messages[:first] + messages[following:]
+        self.truncated = True
+        return True
 
     def seal(self, reasoning: str) -> str:
         """A reasoning item's ``encrypted_content``: its text, sealed for a later request."""
@@ -198,7 +217,7 @@ class Turn:
             "tool_choice": p.get("tool_choice", "auto"),
             "tools": published_tools(p.get("tools", [])),
             "text": p.get("text", {"format": {"type": "text"}}),
-            "truncation": "disabled",
+            "truncation": p.get("truncation", "disabled"),
             "usage": usage,
             "metadata": self.metadata,
             "store": self.store,
