@@ -226,6 +226,9 @@ def test_claude_code_print_mode_completes_a_turn_over_the_messages_api(served, t
         "DISABLE_AUTOUPDATER": "1",
         "DISABLE_ERROR_REPORTING": "1",
         "DISABLE_NON_ESSENTIAL_MODEL_CALLS": "1",
+        # Claude Code asks for 32,000 tokens a reply; SmolLM2 once wrote 7,657 before a call, and
+        # the next turn's prompt no longer fit the 8,192 context (a 400, rightly)
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256",
     }
     work = tmp_path / "work"
     work.mkdir()
