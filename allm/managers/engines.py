@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Final
+from typing import Final, TypeVar
 
-from allm.kernel.codes import UnsupportedError
+from allm.kernel.codes import AllmError, UnsupportedError
+
+log = logging.getLogger("allm.engines")
+Entry = TypeVar("Entry")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,3 +85,27 @@ STABLE_DIFFUSION_CPP: Final = Engine("stable-diffusion.cpp", ("stable_diffusion_
 ENGINES: Final[Mapping[str, Engine]] = MappingProxyType(
     {e.name: e for e in (LLAMA_CPP, TRANSFORMERS, MLX_LM, ONNX_GENAI, WHISPER_CPP, STABLE_DIFFUSION_CPP)}
 )
+
+
+def preload_engines(entries: Iterable[Entry], engine_of: Callable[[Entry], Engine | None]) -> None:
+    """Import the engines these catalog entries need, each once; a failure is left to the load to report.
+
+    A manager calls it at start (Engine.preload says why); a catalog reloaded later imports a
+    new engine in its first load.
+    """
+    needed: dict[str, Engine] = {}
+    for entry in entries:
+        try:
+            engine = engine_of(entry)
+        except (AllmError, OSError):  # a missing or broken file: its load says so, with its code
+            continue
+        if engine is not None and engine.installed():
+            needed.setdefault(engine.name, engine)
+    for engine in needed.values():
+        started = time.monotonic()
+        try:
+            engine.preload()
+        except Exception:  # an engine that fails to import fails each load with the reason
+            log.warning("could not import the %s engine before serving", engine.name, exc_info=True)
+            continue
+        log.info("imported the %s engine in %.2f s", engine.name, time.monotonic() - started)

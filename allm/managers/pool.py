@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from allm.kernel.codes import AllmError, OomRamError, UnsupportedError
+from allm.kernel.codes import OomRamError, UnsupportedError
 from allm.kernel.contract import ManagerInfo, Reply, RequestContext
 from allm.managers import engines
 
@@ -398,31 +398,6 @@ class ModelPool:
         return max(0.05, min([1.0, *(limit / 4 for limit in limits)]))
 
 
-def preload_engines(
-    entries: list[ModelEntry], engine_of: Callable[[ModelEntry], engines.Engine | None]
-) -> None:
-    """Import the engines these entries need, each once; a failure is left to the load to report.
-
-    Only at start: a catalog reloaded later imports a new engine in its first load.
-    """
-    needed: dict[str, engines.Engine] = {}
-    for entry in entries:
-        try:
-            engine = engine_of(entry)
-        except (AllmError, OSError):  # a missing or broken file: its load says so, with its code
-            continue
-        if engine is not None and engine.installed():
-            needed.setdefault(engine.name, engine)
-    for engine in needed.values():
-        started = time.monotonic()
-        try:
-            engine.preload()
-        except Exception:  # an engine that fails to import fails each load with the reason
-            log.warning("could not import the %s engine before serving", engine.name, exc_info=True)
-            continue
-        log.info("imported the %s engine in %.2f s", engine.name, time.monotonic() - started)
-
-
 class PooledManager:
     """A manager whose models live in a ModelPool: the operations every modality shares.
 
@@ -445,7 +420,7 @@ class PooledManager:
         settings = info.settings
         entries = [ModelEntry.from_settings(raw) for raw in settings.get("models", [])]
         if engine_of is not None:
-            preload_engines(entries, engine_of)
+            engines.preload_engines(entries, engine_of)
         self.operations = operations
         self.pool = ModelPool(
             {e.id: e for e in entries},

@@ -156,7 +156,6 @@ def test_the_catalogs_engines_are_imported_once_before_serving_and_a_broken_one_
 
     from allm.kernel.codes import LoadFailedError
     from allm.managers import engines
-    from allm.managers.pool import preload_engines
 
     (tmp_path / "allm_test_engine_a.py").write_text("import builtins\nbuiltins.allm_test_imports += 1\n")
     (tmp_path / "allm_test_engine_b.py").write_text("raise RuntimeError('a broken build')\n")
@@ -173,8 +172,8 @@ def test_the_catalogs_engines_are_imported_once_before_serving_and_a_broken_one_
         return by_id[entry.id]
 
     entries = [ModelEntry(i, Path("/m")) for i in ("unreadable", *by_id)]
-    with caplog.at_level("INFO", logger="allm.pool"):
-        preload_engines(entries, engine_of)
+    with caplog.at_level("INFO", logger="allm.engines"):
+        engines.preload_engines(entries, engine_of)
     import builtins
 
     assert builtins.allm_test_imports == 1  # type: ignore[attr-defined]  # twice in the catalog, once here
