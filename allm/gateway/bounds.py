@@ -128,7 +128,10 @@ ACCEPTED = "accepted for compatibility; not used"
 # course and that change nothing a local server answers: accepted, so they keep working.
 HABITS = {
     "service_tier": Enum(values=("auto", "default", "flex", "scale", "priority"), description=ACCEPTED),
-    "prompt_cache_key": Str(max_length=NAME, description=ACCEPTED),
+    "prompt_cache_key": Str(
+        max_length=NAME,
+        description="names a conversation: its turns go to the manager instance holding its prefix",
+    ),
     "safety_identifier": Str(max_length=NAME, description=ACCEPTED),
 }
 METADATA = Map(values=Str(max_length=512), keys=Str(min_length=1, max_length=64), max_properties=16)

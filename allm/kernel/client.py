@@ -29,6 +29,7 @@ is live, requests wait (within their deadline), and a failed one fails them at o
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -84,6 +85,28 @@ class RequestOptions(TypedDict, total=False):
     endpoint: str | None
     # the instances to choose among equally loaded ones, best first (they hold the prefix)
     prefer: str | tuple[str, ...] | None
+    # what the request continues (a conversation): the instance that took this key last
+    # comes after ``prefer``, and the instance this request goes to becomes its home
+    affinity: str | None
+
+
+class Homes:
+    """Each affinity key's instance: the one that took it last (the newest keys kept)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._homes: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def get(self, key: str | None) -> str | None:
+        return None if key is None else self._homes.get(key)
+
+    def put(self, key: str | None, instance: str | None) -> None:
+        if key is None or instance is None:
+            return
+        self._homes[key] = instance
+        self._homes.move_to_end(key)
+        while len(self._homes) > self.size:
+            self._homes.popitem(last=False)
 
 
 class KernelClient:
@@ -131,6 +154,7 @@ class KernelClient:
         }
         self._by_endpoint = {i.endpoint: i for insts in self._routes.values() for i in insts}
         self._rids = itertools.count(1)
+        self.homes = Homes()
         self._sends = itertools.count(1)
         self._routing_id = new_routing_id()
         self._hello = p.encode(p.Hello(client=self._routing_id.hex()))
@@ -231,10 +255,14 @@ class KernelClient:
             blobs=options.get("blobs", ()),
         )
         prefer = options.get("prefer") or ()
+        prefer = (prefer,) if isinstance(prefer, str) else prefer
+        affinity = options.get("affinity")
+        home = self.homes.get(affinity)
         ask = placement.Ask(
             model=req.model,
-            prefer=(prefer,) if isinstance(prefer, str) else prefer,
+            prefer=prefer if home is None else (*prefer, home),
             only=options.get("endpoint"),
+            affinity=affinity,
         )
         return Stream(self, modality, req, time.monotonic() + timeout, ask)
 
@@ -265,6 +293,7 @@ class KernelClient:
                 pending.inst = inst
                 pending.sent = next(self._sends)
                 inst.pending[req.rid] = pending
+                self.homes.put(ask.affinity, inst.endpoint)
                 return pending
             inst.live = False  # not connected: wait for its next heartbeat
 

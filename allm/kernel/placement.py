@@ -51,6 +51,9 @@ class Ask(NamedTuple):
     prefer: tuple[str, ...] = ()
     only: str | None = None  # this instance and no other (a reload's catalog goes to each)
     resend: bool = False  # sent again after its instance died: it held a place in line already
+    # a key naming what the request continues (a conversation): the instance that served the
+    # key last is preferred after ``prefer``, and is remembered as the key's home
+    affinity: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -158,16 +158,20 @@ class ModelPool:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each model's loads, failures, load time, unloads and the memory it holds; never waits."""
-        held = {m: s.estimate_bytes for m, s in list(self._loaded.items())}
+        loaded = dict(list(self._loaded.items()))
         out: dict[str, dict[str, Any]] = {}
         for model, st in list(self._stats.items()):
-            unload_in_s = self.unload_in_s(model) if model in held else None
+            slot = loaded.get(model)
+            unload_in_s = self.unload_in_s(model) if slot is not None else None
             out[model] = {
                 **dataclasses.asdict(st),
                 "load_s": round(st.load_s, 3),
-                "memory_bytes": held.get(model),
+                "memory_bytes": None if slot is None else slot.estimate_bytes,
                 "unload_in_s": None if unload_in_s is None else round(unload_in_s, 3),
             }
+            cache_status = getattr(slot and slot.engine, "cache_status", None)
+            if cache_status is not None:  # an engine that keeps prefixes says what it holds
+                out[model]["prefix_cache"] = cache_status()
         return out
 
     @contextlib.contextmanager

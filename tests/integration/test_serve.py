@@ -74,3 +74,40 @@ def test_several_text_instances_share_the_work(tmp_path):
         # Each instance took one of the two requests: least outstanding work first.
         assert busy == {"text#0", "text#1"}
         assert results == [200, 200]
+
+
+def test_a_conversations_later_turn_goes_to_the_instance_holding_its_prefix(tmp_path):
+    """Chat Completions resends the history: its opening names the conversation, so the next
+    turn goes to the instance that served the last, not to the first idle one."""
+    config = f'[server]\ndata_dir = "{tmp_path}"\n\n[text]\ninstances = 2\n'
+    with running_server(config, tmp_path) as server:
+        wait_for(
+            lambda: len([m for m in server.managers() if m["name"].startswith("text") and m["live"]]) == 2,
+            60,
+            "both text instances to be heard from",
+        )
+        model = "smollm2-135m-instruct"
+        essay = {"model": model, "messages": [{"role": "user", "content": "Write a long essay."}],
+                 "max_tokens": 200, "temperature": 0}  # fmt: skip
+        busy = threading.Thread(target=lambda: server.request("POST", "/v1/chat/completions", essay))
+        busy.start()
+        wait_for(lambda: any(m["active"] for m in server.managers()), 30, "the essay to be running")
+        [holder] = [m["name"] for m in server.managers() if m["active"]]
+        assert holder == "text#0"  # the first of equals: the conversation goes to the second
+        turn = [{"role": "system", "content": "You are a lighthouse keeper who answers briefly. " * 12},
+                {"role": "user", "content": "What do you do at night?"}]  # fmt: skip
+        status, first = server.json(
+            "POST",
+            "/v1/chat/completions",
+            {"model": model, "messages": turn, "max_tokens": 4, "temperature": 0},
+        )
+        assert status == 200, first
+        busy.join()  # both idle now: without the conversation's key, the first instance takes it
+        wait_for(lambda: not any(m["active"] for m in server.managers()), 30, "both instances to be idle")
+        later = [*turn, first["choices"][0]["message"], {"role": "user", "content": "And by day?"}]
+        status, second = server.json(
+            "POST", "/v1/chat/completions", {"model": model, "messages": later, "max_tokens": 4}
+        )
+        assert status == 200, second
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= first["usage"]["prompt_tokens"], (holder, cached, first["usage"])

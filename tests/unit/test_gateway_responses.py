@@ -18,11 +18,11 @@ from allm.gateway.config import ModelConfig
 from allm.gateway.errors import ApiError
 from allm.gateway.responses import schema as api_schema
 from allm.gateway.responses.events import Events
-from allm.gateway.responses.handlers import CacheHomes
 from allm.gateway.responses.items import input_items, item_messages, output_items
 from allm.gateway.responses.turn import Turn
 from allm.gateway.seal import Sealer
 from allm.gateway.spec import IGNORED
+from allm.kernel.client import Homes
 from tests.codex_tools import APPLY_PATCH
 from tests.event_grammar import check_chat_chunks, check_response_events
 
@@ -534,8 +534,8 @@ def test_codex_fields_are_accepted_and_echoed():
     assert response["reasoning"] == {"effort": "xhigh", "summary": "auto"}
 
 
-def test_a_prompt_cache_key_remembers_the_instance_that_served_it_last_and_forgets_the_oldest():
-    homes = CacheHomes(size=2)
+def test_an_affinity_key_remembers_the_instance_that_took_it_last_and_forgets_the_oldest():
+    homes = Homes(size=2)
     homes.put("a", "ipc://text-0")
     homes.put("b", "ipc://text-1")
     homes.put("a", "ipc://text-1")  # served elsewhere since: the newest instance counts

@@ -21,6 +21,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
+from allm.gateway.affinity import conversation
 from allm.gateway.anthropic import blocks, schema
 from allm.gateway.anthropic.events import FRAMING, PING, Events
 from allm.gateway.config import Config
@@ -110,15 +111,28 @@ async def create(request: Request) -> HTTPResponse | None:
         params["stop"] = payload["stop_sequences"]
     message_id = blocks.new_id("msg")
     display = blocks.display_of(payload)
+    affinity = conversation(model.id, params)
     if not payload.get("stream"):
         result = await client.call(
-            "text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s
+            "text",
+            "chat",
+            model=model.id,
+            params=params,
+            timeout_s=config.request_timeout_s,
+            affinity=affinity,
         )
         return json_response(blocks.message(message_id, model.id, result.data, seals, display=display))
     events = Events(message_id, model.id, seals, display=display)
     await _stream(
         request,
-        client.stream("text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s),
+        client.stream(
+            "text",
+            "chat",
+            model=model.id,
+            params=params,
+            timeout_s=config.request_timeout_s,
+            affinity=affinity,
+        ),
         events,
     )
     return None

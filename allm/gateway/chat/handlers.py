@@ -16,6 +16,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
+from allm.gateway.affinity import conversation
 from allm.gateway.chat import schema
 from allm.gateway.fields import json_body, model_for, sampling, text_of
 from allm.gateway.streaming import DONE, pump, sse
@@ -110,11 +111,17 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     for key in ("parallel_tool_calls", "reasoning_effort"):
         if key in payload:
             params[key] = payload[key]
+    affinity = conversation(model.id, params, payload.get("prompt_cache_key"))
     created = int(time.time())
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if not payload.get("stream"):
         result = await client.call(
-            "text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s
+            "text",
+            "chat",
+            model=model.id,
+            params=params,
+            timeout_s=config.request_timeout_s,
+            affinity=affinity,
         )
         data = result.data
         calls = tool_calls(data)
@@ -150,7 +157,14 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     )
     await pump(
         request,
-        client.stream("text", "chat", model=model.id, params=params, timeout_s=config.request_timeout_s),
+        client.stream(
+            "text",
+            "chat",
+            model=model.id,
+            params=params,
+            timeout_s=config.request_timeout_s,
+            affinity=affinity,
+        ),
         first=deltas.chunk({"role": "assistant", "content": ""}),
         feed=deltas.feed,
         finish=lambda result: deltas.finish(result.data),

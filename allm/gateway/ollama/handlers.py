@@ -24,6 +24,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request, Sanic
 from sanic import json as json_response
 
+from allm.gateway.affinity import conversation
 from allm.gateway.config import Config, ModelConfig
 from allm.gateway.fields import json_body
 from allm.gateway.ollama import models, schema
@@ -251,6 +252,7 @@ async def _answer(
             model=model.id,
             params={**params, **_kept(payload)},
             timeout_s=clock.left_s(config.request_timeout_s),
+            affinity=conversation(model.id, params) if op == "chat" else None,
         )
         if not payload.get("stream", True):
             async with kernel as s:

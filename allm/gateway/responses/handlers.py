@@ -13,18 +13,19 @@ error; only what goes wrong while generating travels in the stream (response.fai
 
 Where a request goes: among equally loaded manager instances, first the one that served
 ``previous_response_id`` (it holds the conversation's prefix in its cache), then the one
-that last served the request's ``prompt_cache_key``.
+that last took the same conversation (its ``prompt_cache_key``, else its opening messages:
+allm/gateway/affinity.py).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
 from sanic import json as json_response
 
+from allm.gateway.affinity import conversation
 from allm.gateway.config import Config
 from allm.gateway.errors import ApiError, bad_field
 from allm.gateway.fields import json_body, model_for
@@ -38,33 +39,6 @@ from allm.kernel.codes import AllmError
 from allm.kernel.protocol import Result
 
 bp = Blueprint("responses", url_prefix="/v1")
-
-
-class CacheHomes:
-    """Each ``prompt_cache_key``'s instance: the one that served it last (the newest keys kept)."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._homes: collections.OrderedDict[str, str] = collections.OrderedDict()
-
-    def get(self, key: str | None) -> str | None:
-        return None if key is None else self._homes.get(key)
-
-    def put(self, key: str | None, instance: str | None) -> None:
-        if key is None or instance is None:
-            return
-        self._homes[key] = instance
-        self._homes.move_to_end(key)
-        while len(self._homes) > self.size:
-            self._homes.popitem(last=False)
-
-
-def _homes(request: Request) -> CacheHomes:
-    ctx = request.app.ctx
-    homes = getattr(ctx, "prompt_cache_homes", None)
-    if homes is None:
-        homes = ctx.prompt_cache_homes = CacheHomes()
-    return homes
 
 
 async def _stored(request: Request, response_id: str, param: str | None = None) -> tuple[Item, list[Item]]:
@@ -88,9 +62,9 @@ async def _turn(request: Request) -> Turn:
         history = items + response["output"]
         # The instance that served it holds the conversation's prefix in its cache.
         prefer.append(await request.app.ctx.store.instance_of(previous))
-    prefer.append(_homes(request).get(payload.get("prompt_cache_key")))
     turn = Turn(payload, model, history, sealer(config.data_dir) if needs_sealer(payload) else None)
     turn.prefer = tuple(dict.fromkeys(p for p in prefer if p is not None))
+    turn.affinity = conversation(model.id, turn.params, payload.get("prompt_cache_key"))
     return turn
 
 
@@ -110,6 +84,7 @@ async def create(request: Request) -> HTTPResponse | None:
                     timeout_s=config.request_timeout_s,
                     stream=False,
                     prefer=turn.prefer,
+                    affinity=turn.affinity,
                 ) as s:
                     async for _chunk in s:
                         pass
@@ -119,7 +94,6 @@ async def create(request: Request) -> HTTPResponse | None:
                     raise
         assert s.result is not None
         data = s.result.data
-        _homes(request).put(turn.payload.get("prompt_cache_key"), s.endpoint)
         response = turn.response(
             "completed", output=output_items(data, turn.shown, turn.sealing()), data=data
         )
@@ -155,11 +129,11 @@ async def _stream_once(request: Request, turn: Turn) -> None:
         params=turn.params,
         timeout_s=config.request_timeout_s,
         prefer=turn.prefer,
+        affinity=turn.affinity,
     ) as s:
 
         async def finish(result: Result) -> str:
             tail, final = events.finish(result.data)
-            _homes(request).put(turn.payload.get("prompt_cache_key"), s.endpoint)
             if turn.store:
                 try:
                     await request.app.ctx.store.put(final, turn.items, instance=s.endpoint)

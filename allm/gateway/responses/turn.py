@@ -106,6 +106,7 @@ class Turn:
         self.model = model.id
         # the manager instances to choose among equally loaded ones, best first
         self.prefer: tuple[str, ...] = ()
+        self.affinity: str | None = None  # the conversation's key (allm/gateway/affinity.py)
         self.metadata = payload.get("metadata", {})
         self.instructions = payload.get("instructions")
         self.sealer = sealer

@@ -19,11 +19,18 @@ aligned chunks of a seeded request, never the cache a batched request left, whos
 differ in the last bits): the same arithmetic whether it runs alone or beside others, and
 whether its prefix was cached or not, so the same seed gives the same text (docs/agents.md,
 "Sampling").
+
+Prefixes outlive their sequence: before a sequence's cache is given up to another prompt, its
+state is saved in host memory (``PrefixCache``, allm/managers/text/prefix_cache.py), and a
+request whose prompt starts with a saved prefix longer than any free sequence holds has it
+restored into a free sequence, computing only the rest. Saving and restoring are copies made
+when a request is seated, never on the path of each token.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import threading
 from collections.abc import Callable
@@ -33,6 +40,8 @@ import llama_cpp
 import numpy as np
 
 from allm.kernel.codes import AllmError, CancelledError, DeadlineError, InternalError, LoadFailedError
+from allm.managers.text.prefix_cache import Entry as SavedPrefix
+from allm.managers.text.prefix_cache import PrefixCache, common_start
 
 log = logging.getLogger("allm.text.batch")
 
@@ -45,6 +54,10 @@ PREFILL_CHUNK = 64
 SEEDED_CHUNK = 64
 #: the most tokens one llama_decode takes
 N_BATCH = 512
+#: a sequence's cache is saved before it is given up when this many of its tokens would be lost
+SAVE_MIN_TOKENS = 64
+#: a saved prefix is restored when it gives this many more tokens than the best free sequence
+RESTORE_MIN_TOKENS = 64
 
 Entry = dict[str, Any]
 LogprobOf = Callable[[np.ndarray, int, int], Entry]  # (logits, token, top_n) â†’ OpenAI's entry
@@ -53,7 +66,7 @@ LogprobOf = Callable[[np.ndarray, int, int], Entry]  # (logits, token, top_n) â†
 class _Sequence:
     """One of the context's sequences, and the tokens its cache holds."""
 
-    __slots__ = ("aligned", "busy", "seq", "tokens")
+    __slots__ = ("aligned", "busy", "saved", "seq", "tokens")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -62,6 +75,14 @@ class _Sequence:
         #: the leading cached tokens a seeded cold start would have computed the same: whole
         #: SEEDED_CHUNKs from 0, each decoded in a call of its own
         self.aligned = 0
+        #: the leading cached tokens the prefix cache holds too (saved from or restored to it)
+        self.saved = 0
+
+    def cut(self, keep: int) -> None:
+        """What it holds after its cache past ``keep`` is removed."""
+        del self.tokens[keep:]
+        self.aligned = min(self.aligned, keep - keep % SEEDED_CHUNK)
+        self.saved = min(self.saved, keep)
 
 
 class Work:
@@ -109,6 +130,9 @@ class Batcher:
         n_threads: int,
         n_vocab: int,
         logprob_of: LogprobOf,
+        cache_bytes: int = 0,
+        type_k: int | None = None,
+        type_v: int | None = None,
         name: str = "model",
     ) -> None:
         params = llama_cpp.llama_context_default_params()
@@ -120,6 +144,10 @@ class Batcher:
         params.n_threads_batch = n_threads
         params.kv_unified = False  # a KV stream per sequence: one's numbers never depend on another's
         params.no_perf = True
+        if type_k is not None:
+            params.type_k = type_k
+        if type_v is not None:
+            params.type_v = type_v
         self.ctx = llama_cpp.llama_init_from_model(model, params)
         if not self.ctx:
             raise LoadFailedError(
@@ -132,6 +160,7 @@ class Batcher:
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._sequences = [_Sequence(i) for i in range(n_parallel)]
+        self.cache = PrefixCache(cache_bytes)
         self._waiting: collections.deque[Work] = collections.deque()
         self._running: list[Work] = []
         self._cond = threading.Condition()
@@ -187,6 +216,7 @@ class Batcher:
         if self._thread.is_alive():  # stuck in C: the context must outlive it
             log.error("the batch thread of %s did not stop; leaving its context", self.name)
             return
+        self.cache.clear()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self.ctx)
 
@@ -237,30 +267,75 @@ class Batcher:
         ]
 
     def _seat(self, work: Work, free: list[_Sequence]) -> None:
-        """Give ``work`` the free sequence whose cache shares the longest start with its prompt."""
+        """Give ``work`` the free sequence whose cache shares the longest start with its prompt,
+        or restore a longer saved prefix into a free sequence; save what a sequence gives up."""
+        prompt = np.asarray(work.prompt, dtype=np.int32)
 
-        def reusable(sequence: _Sequence) -> int:
-            n = 0
-            for a, b in zip(sequence.tokens, work.prompt, strict=False):
-                if a != b:
-                    break
-                n += 1
+        def usable(n: int, aligned: int) -> int:
             n = min(n, len(work.prompt) - 1)  # the last prompt token gives the logits
             if work.seeded:  # only what a cold start would have computed the same
-                n = min(n, sequence.aligned)
+                n = min(n, aligned)
                 n -= n % SEEDED_CHUNK
             return n
 
-        sequence = max(free, key=reusable)
+        def reusable(sequence: _Sequence) -> int:
+            return usable(common_start(np.asarray(sequence.tokens, dtype=np.int32), prompt), sequence.aligned)
+
+        # the longest start; among equals, the sequence that loses least (empty, or saved)
+        sequence = max(free, key=lambda s: (reusable(s), s.saved - len(s.tokens)))
         keep = reusable(sequence)
+        saved, length = self.cache.longest(prompt)
+        length = usable(length, saved.aligned) if saved is not None else 0
+        if saved is not None and length >= keep + RESTORE_MIN_TOKENS:
+            sequence = min(free, key=lambda s: len(s.tokens) - s.saved)  # the least to lose
+            self._save(sequence, keep=0)
+            keep = length if self._restore(saved, sequence) else 0
+            if keep:
+                self.cache.used(saved, keep)
+        else:
+            self._save(sequence, keep)
         llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, keep, -1)
-        del sequence.tokens[keep:]
-        sequence.aligned = min(sequence.aligned, keep - keep % SEEDED_CHUNK)
+        sequence.cut(keep)
         sequence.busy = True
         work.sequence = sequence
         work.cached = keep
         work.pos = keep
         work.todo = work.prompt[keep:]
+
+    def _save(self, sequence: _Sequence, keep: int) -> None:
+        """Copy the cache of ``sequence`` to the prefix cache if keeping only ``keep`` of its
+        tokens would lose enough that nothing saved holds."""
+        if len(sequence.tokens) - max(keep, sequence.saved) < SAVE_MIN_TOKENS:
+            return
+        tokens = np.asarray(sequence.tokens, dtype=np.int32)
+        if self.cache.covers(tokens, sequence.aligned):
+            sequence.saved = len(tokens)
+            return
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, sequence.seq)
+        if not self.cache.fits(size):
+            return
+        state = (ctypes.c_ubyte * size)()
+        wrote = llama_cpp.llama_state_seq_get_data(self.ctx, state, size, sequence.seq)
+        if wrote != size:
+            log.warning("llama.cpp saved %d of %d bytes of a sequence of %s", wrote, size, self.name)
+            return
+        self.cache.put(SavedPrefix(tokens, state, sequence.aligned))
+        sequence.saved = len(tokens)
+
+    def _restore(self, saved: SavedPrefix, sequence: _Sequence) -> bool:
+        """Copy a saved prefix into ``sequence``'s cache; False (and an empty cache) if llama.cpp
+        would not take it."""
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, -1, -1)
+        read = llama_cpp.llama_state_seq_set_data(self.ctx, saved.state, saved.size, sequence.seq)
+        if read == 0:
+            log.warning("llama.cpp could not restore a saved prefix of %s; computing it", self.name)
+            llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, -1, -1)
+            sequence.tokens, sequence.aligned, sequence.saved = [], 0, 0
+            return False
+        sequence.tokens = saved.tokens.tolist()
+        sequence.aligned = saved.aligned
+        sequence.saved = len(sequence.tokens)
+        return True
 
     def _step(self, group: list[Work]) -> None:
         batch = self._batch
@@ -336,3 +411,6 @@ class Batcher:
 
     def cached_tokens(self, work: Work) -> int:
         return work.cached
+
+    def cache_status(self) -> dict[str, int]:
+        return self.cache.status()

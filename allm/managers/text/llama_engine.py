@@ -32,7 +32,7 @@ from allm.managers.text.chat_format import Family, family_of, render_chat, think
 from allm.managers.text.chat_grammar import json_gbnf
 from allm.managers.text.chat_plan import plan_reply
 from allm.managers.text.generation import ChatDetokenizer, run_chat, run_generation
-from allm.managers.text.llama_load import load_llama
+from allm.managers.text.llama_load import load_llama, prefix_cache_bytes
 from allm.managers.text.options import LlamaOptions
 from allm.managers.text.request import ChatRequest, chat_request, prompt_of
 from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
@@ -42,6 +42,12 @@ log = logging.getLogger("allm.text.llama")
 CONTEXT_EXCEEDED = "context_length_exceeded"
 #: the context the binding's own Llama keeps: it only tokenizes (generation has the batcher's)
 TOKENIZER_CTX = 256
+#: the options' cache types as ggml names them
+GGML_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
 #: what llama-cpp-python's Jinja2ChatFormatter raises for a template that refuses the messages:
 #: jinja2's own errors, and the ValueError of the ``raise_exception`` it gives the template
 TEMPLATE_REFUSALS: tuple[type[Exception], ...] = (jinja2.TemplateError, ValueError)
@@ -80,6 +86,9 @@ class LlamaEngine:
                 logprob_of=lambda logits, token, top_n: logprob_entry(
                     logits, token, top_n, self._token_bytes
                 ),
+                cache_bytes=prefix_cache_bytes(header, options),
+                type_k=GGML_TYPES[options.cache_type_k],
+                type_v=GGML_TYPES[options.cache_type_v],
                 name=model_id,
             )
         except BaseException:
@@ -101,6 +110,10 @@ class LlamaEngine:
                 stop_token_ids=[eos],
             )
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+
+    def cache_status(self) -> dict[str, int]:
+        """The saved prefixes (/status): entries, bytes, their bound, restores."""
+        return self.batcher.cache_status()
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")

@@ -20,7 +20,7 @@ from typing import Any
 
 from allm.kernel.codes import LoadFailedError, OomRamError, OomVramError, UnsupportedError
 from allm.managers.files.gguf import GGUFHeader
-from allm.managers.text.options import LlamaOptions
+from allm.managers.text.options import CACHE_TYPES, LlamaOptions
 
 # OMP_WAIT_POLICY stays unset here (GNU OpenMP's default: spin briefly, then sleep): on a
 # small model each token crosses many thread barriers, and PASSIVE (right for whisper.cpp
@@ -83,7 +83,8 @@ def check_gpu_fit(model_id: str, header: GGUFHeader, options: LlamaOptions) -> N
         )
     layers = header.arch_int("block_count") or 1
     share = 1.0 if options.n_gpu_layers < 0 else min(1.0, options.n_gpu_layers / layers)
-    need = int((header.file_size + options.n_parallel * kv_cache_bytes(header, options.n_ctx)) * share)
+    kv = options.n_parallel * kv_cache_bytes(header, options.n_ctx, options)
+    need = int((header.file_size + kv) * share)
     free = free_vram_bytes()
     if free is not None and need > free:
         raise OomVramError(
@@ -92,13 +93,46 @@ def check_gpu_fit(model_id: str, header: GGUFHeader, options: LlamaOptions) -> N
         )
 
 
-def kv_cache_bytes(header: GGUFHeader, n_ctx: int) -> int:
-    """Memory the f16 key/value cache of a context of n_ctx tokens takes."""
+def kv_cache_bytes(header: GGUFHeader, n_ctx: int, options: LlamaOptions | None = None) -> int:
+    """Memory the key/value cache of a context of n_ctx tokens takes (f16 unless ``options``
+    name other cache types)."""
     layers = header.arch_int("block_count")
     embd = header.arch_int("embedding_length")
     heads = header.arch_int("attention.head_count") or 1
     kv_heads = header.arch_int("attention.head_count_kv") or heads
-    return 2 * layers * n_ctx * (embd // heads) * kv_heads * 2
+    values = layers * n_ctx * (embd // heads) * kv_heads  # of the keys, and as many of the values
+    k, v = (CACHE_TYPES["f16"],) * 2 if options is None else _types(options)
+    return int(values * (k + v))
+
+
+def _types(options: LlamaOptions) -> tuple[float, float]:
+    return CACHE_TYPES[options.cache_type_k], CACHE_TYPES[options.cache_type_v]
+
+
+#: values per block of llama.cpp's quantized cache types: a head's size must be a multiple
+QUANT_BLOCK = 32
+
+
+def check_cache_types(model_id: str, header: GGUFHeader, options: LlamaOptions) -> None:
+    """Refuse a quantized key/value cache where llama.cpp cannot store this model's heads in one."""
+    heads = header.arch_int("attention.head_count") or 1
+    head = header.arch_int("attention.key_length") or header.arch_int("embedding_length") // heads
+    for key in ("cache_type_k", "cache_type_v"):
+        kind = getattr(options, key)
+        if kind != "f16" and head % QUANT_BLOCK:
+            raise LoadFailedError(
+                f"{model_id}: option {key} = {kind!r} needs attention heads of a multiple of "
+                f"{QUANT_BLOCK} values, and this model's have {head}; use f16",
+                param=f"options.{key}",
+            )
+
+
+def prefix_cache_bytes(header: GGUFHeader, options: LlamaOptions) -> int:
+    """The host memory saved prefixes may take: ``prefix_cache_mib``, else as much as the
+    sequences' own caches (each prefix saved is one sequence's cache, or a part of it)."""
+    if options.prefix_cache_mib is not None:
+        return options.prefix_cache_mib * 2**20
+    return options.n_parallel * kv_cache_bytes(header, options.n_ctx, options)
 
 
 _PROGRESS_LOCK = threading.Lock()

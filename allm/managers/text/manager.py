@@ -120,14 +120,20 @@ def plan_load(entry: ModelEntry, cache_dir: Path | None = None) -> Plan:
     resolved.engine.require(entry.id)
     if resolved.header is not None:
         from allm.managers.text.llama_engine import LlamaEngine
-        from allm.managers.text.llama_load import check_gpu_fit, kv_cache_bytes
+        from allm.managers.text.llama_load import (
+            check_cache_types,
+            check_gpu_fit,
+            kv_cache_bytes,
+            prefix_cache_bytes,
+        )
 
         header = resolved.header
         options = LlamaOptions.from_settings(entry.id, entry.options)
+        check_cache_types(entry.id, header, options)
         check_gpu_fit(entry.id, header, options)
-        # a cache of n_ctx tokens for each of its n_parallel sequences
-        kv = options.n_parallel * kv_cache_bytes(header, options.n_ctx)
-        estimate = header.file_size + kv + OVERHEAD_BYTES
+        # a cache of n_ctx tokens for each of its n_parallel sequences, and the saved prefixes
+        kv = options.n_parallel * kv_cache_bytes(header, options.n_ctx, options)
+        estimate = header.file_size + kv + prefix_cache_bytes(header, options) + OVERHEAD_BYTES
         # The embedding context, loaded on first use, reserves its own cache then.
         embedder_bytes = kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(

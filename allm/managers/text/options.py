@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 #: ONNX Runtime GenAI's execution providers allm offers: DirectML (Windows), CUDA, the CPU
 EXECUTION_PROVIDERS = ("cpu", "dml", "cuda")
 PRECISIONS = ("int4", "fp16", "fp32")
+#: the key/value cache types llama.cpp takes here, and the bytes each stores a value in
+#: (a q8_0 block: 32 values in 34 bytes; a q4_0 block: 32 values in 18)
+CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: the precisions its model builder builds for each provider (the builder's own list of pairs)
 PROVIDER_PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp32", "fp16", "int4"), "dml": ("fp16", "int4")}
 ONNX_OPTIONS = frozenset({"execution_provider", "precision"})
@@ -103,15 +106,21 @@ def llama_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailed
     """Every bad option of a GGUF model (llama.cpp), each naming its option."""
     return _all(
         [
-            lambda: _unknown(
-                model_id, "llama.cpp", options, {"n_ctx", "n_threads", "n_gpu_layers", "n_parallel"}
-            ),
+            lambda: _unknown(model_id, "llama.cpp", options, LLAMA_OPTIONS),
             lambda: _count(model_id, options, "n_ctx", DEFAULT_N_CTX, 16),
             lambda: _count(model_id, options, "n_parallel", DEFAULT_N_PARALLEL, 1),
             lambda: _count(model_id, options, "n_threads", llama_threads(), 1),
             lambda: _count(model_id, options, "n_gpu_layers", 0, -1),
+            lambda: _count(model_id, options, "prefix_cache_mib", 0, 0),
+            lambda: _choice(model_id, options, "cache_type_k", tuple(CACHE_TYPES)),
+            lambda: _choice(model_id, options, "cache_type_v", tuple(CACHE_TYPES)),
         ]
     )
+
+
+LLAMA_OPTIONS = frozenset(
+    {"n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "prefix_cache_mib", "cache_type_k", "cache_type_v"}
+)
 
 
 def safetensors_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailedError]:
@@ -174,6 +183,10 @@ class LlamaOptions:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     n_parallel: int = 4  # sequences decoded together (continuous batching), each with its own cache
+    #: the host memory kept for saved prefixes; None: as much as the sequences' own caches
+    prefix_cache_mib: int | None = None
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
     @classmethod
     def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
@@ -184,6 +197,9 @@ class LlamaOptions:
             n_threads=options.get("n_threads", llama_threads()),
             n_gpu_layers=options.get("n_gpu_layers", 0),
             n_parallel=options.get("n_parallel", DEFAULT_N_PARALLEL),
+            prefix_cache_mib=options.get("prefix_cache_mib"),
+            cache_type_k=options.get("cache_type_k", "f16"),
+            cache_type_v=options.get("cache_type_v", "f16"),
         )
 
 
