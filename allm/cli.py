@@ -1,7 +1,8 @@
 """The allm command line.
 
 ``allm serve`` runs the gateway, the supervisor and the managers on this host; ``allm
-check`` and ``allm models`` read the catalog without starting anything.  This module is
+check`` and ``allm models`` read the catalog without starting anything; ``allm pull`` and
+``allm rm`` fetch and remove models from the Hugging Face Hub (allm/hub).  This module is
 the one place that knows every layer: it asks each manager module (through the static
 registry) what it can tell of its models, so a model whose engine is missing is refused
 before the server starts, and the gateway itself never imports a manager.
@@ -244,6 +245,42 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _row(model: ModelConfig, source: str, size_bytes: int | None = None) -> dict[str, Any]:
+    """One model of ``allm models``: what its manager says of it, and where it came from."""
+    report = describe(model)
+    engine = report.engine
+    return {
+        "id": model.id,
+        "modality": model.modality,
+        "format": report.format,
+        "engine": engine.name if engine else None,
+        "size_bytes": report.size_bytes if size_bytes is None else size_bytes,
+        "installed": engine.installed() if engine else None,
+        "install": engine.install_command() if engine and not engine.installed() else None,
+        "problems": [f"{p.field}: {p.message}" for p in report.problems],
+        "path": model.path,
+        "source": source,
+    }
+
+
+def _pulled_rows(config: Config) -> list[dict[str, Any]]:
+    """The models `allm pull` registered in the data directory; a configured id wins over one."""
+    from allm.hub import Store
+
+    store = Store(config.data_dir)
+    rows = []
+    for pulled in store.list():
+        if config.model(pulled.id) is not None:
+            log.warning(
+                "model %r: the configuration's entry wins over the one pulled from %s",
+                pulled.id,
+                pulled.source,
+            )
+            continue
+        rows.append(_row(pulled.model_config(), f"hf.co/{pulled.source}", store.disk_bytes(pulled.id)))
+    return rows
+
+
 def models(args: argparse.Namespace) -> int:
     try:
         config, settings = read(args.config)
@@ -252,27 +289,12 @@ def models(args: argparse.Namespace) -> int:
         return 1
     for problem in settings:
         print(f"allm: {problem}", file=sys.stderr)
-    rows = []
-    for model in config.models:
-        report = describe(model)
-        engine = report.engine
-        rows.append(
-            {
-                "id": model.id,
-                "modality": model.modality,
-                "format": report.format,
-                "engine": engine.name if engine else None,
-                "size_bytes": report.size_bytes,
-                "installed": engine.installed() if engine else None,
-                "install": engine.install_command() if engine and not engine.installed() else None,
-                "problems": [f"{p.field}: {p.message}" for p in report.problems],
-                "path": model.path,
-            }
-        )
+    rows = [_row(model, "config") for model in config.models] + _pulled_rows(config)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [("ID", "MODALITY", "FORMAT", "ENGINE", "SIZE", "INSTALLED")]
+    pulled = any(row["source"] != "config" for row in rows)  # the SOURCE column tells them apart
+    table = [("ID", "MODALITY", "FORMAT", "ENGINE", "SIZE", *(("SOURCE",) if pulled else ()), "INSTALLED")]
     for row in rows:
         installed = (
             "-" if row["installed"] is None else "yes" if row["installed"] else f"no: {row['install']}"
@@ -284,6 +306,7 @@ def models(args: argparse.Namespace) -> int:
                 row["format"] or "?",
                 row["engine"] or "?",
                 _size(row["size_bytes"]),
+                *((row["source"],) if pulled else ()),
                 installed,
             )
         )
@@ -294,6 +317,67 @@ def models(args: argparse.Namespace) -> int:
     if troubled or settings:
         print(f"\n{len(troubled)} model(s) with problems, {len(settings)} bad setting(s): run allm check")
     return 1 if settings else 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    """Fetch a model from the Hugging Face Hub (or HF_ENDPOINT's mirror), check it and register it."""
+    from allm.hub import PullError
+    from allm.hub import pull as pull_model
+    from allm.hub.progress import ProgressLines, size_text
+
+    config = _load(args.config, {"data_dir": args.data_dir})
+    if config is None:
+        return 2
+    try:
+        done = pull_model(
+            args.source,
+            config.data_dir,
+            config.hub,
+            model_id=args.id,
+            revision=args.revision,
+            modality=args.modality,
+            progress=ProgressLines(sys.stdout),
+            on_wait=lambda: print(
+                f"allm pull: waiting for another pull of {args.id or args.source}", flush=True
+            ),
+        )
+    except PullError as exc:
+        print(f"allm pull: {exc.message}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(
+            f"allm pull: {exc.name or 'huggingface_hub'} is not installed: pip install huggingface_hub",
+            file=sys.stderr,
+        )
+        return 2
+    model = done.model
+    for warning in done.warnings:
+        print(f"allm pull: {model.id}: {warning}", file=sys.stderr)
+    if not done.fetched:
+        print(
+            f"allm pull: {model.id} is already pulled ({model.source} at {model.commit[:12]}): nothing to do"
+        )
+        return 0
+    kind = f"{model.modality}, {model.format}" if model.format else model.modality
+    print(f"pulled {model.source} as {model.id}: {kind}, {size_text(model.size_bytes)} in {model.path}")
+    return 0
+
+
+def remove(args: argparse.Namespace) -> int:
+    """Delete a pulled model's files and its record."""
+    from allm.hub import PullError, Store
+    from allm.hub.progress import size_text
+
+    config = _load(args.config, {"data_dir": args.data_dir})
+    if config is None:
+        return 2
+    try:
+        model = Store(config.data_dir).remove(args.id)
+    except PullError as exc:
+        print(f"allm rm: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"removed {model.id} ({model.source}, {size_text(model.size_bytes)})")
+    return 0
 
 
 def _http_options(command: argparse.ArgumentParser, *, data_dir: str) -> None:
@@ -406,6 +490,36 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("config", nargs="?", type=Path, metavar="CONFIG", help=CONFIG_HELP)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(run=models)
+
+    fetch = commands.add_parser(
+        "pull",
+        help="fetch a model from the Hugging Face Hub (or a mirror) and register it",
+        description="Fetch a model by name from the Hugging Face Hub, or the mirror HF_ENDPOINT or "
+        "[hub] endpoint names, check every file against the Hub's digests and register it in the data "
+        "directory. SOURCE is OWNER/REPO or OWNER/REPO:QUANT (a GGUF quant such as Q4_K_M, or a "
+        "whisper.cpp model such as tiny.en), optionally after hf.co/ or hf://. Without a quant: "
+        "Q4_K_M, then Q4_0, then Q8_0, then the smallest. A gated repository needs a token: HF_TOKEN "
+        "or [hub] token_file. A pull cut off resumes where it stopped; a second pull is a no-op.",
+    )
+    fetch.add_argument("source", metavar="SOURCE", help="OWNER/REPO[:QUANT], after hf.co/ or hf:// too")
+    fetch.add_argument("--id", help="the id to serve it under (default: SOURCE as written)")
+    fetch.add_argument("--revision", help="a branch, tag or commit of the repository (default: main)")
+    fetch.add_argument(
+        "--modality", choices=sorted(MANAGERS), help="what the model is (default: told from its files)"
+    )
+    fetch.add_argument("--config", type=Path, help=CONFIG_HELP + "; its [hub] table")
+    fetch.add_argument("--data-dir", help="where pulled models live, under models/ (ALLM_DATA_DIR)")
+    fetch.set_defaults(run=pull)
+
+    drop = commands.add_parser(
+        "rm",
+        help="remove a pulled model: its files and its registration",
+        description="Delete a model `allm pull` fetched: its record and its files under the data directory.",
+    )
+    drop.add_argument("id", metavar="ID", help="the pulled model's id, as `allm models` lists it")
+    drop.add_argument("--config", type=Path, help=CONFIG_HELP)
+    drop.add_argument("--data-dir", help="where pulled models live, under models/ (ALLM_DATA_DIR)")
+    drop.set_defaults(run=remove)
     return top
 
 

@@ -17,6 +17,11 @@ settings (``ModalityConfig``: instances, queue, memory, stall limits). The
   url``) is kept under ``<data_dir>/images/`` and served, then deleted;
 - ``url_max_files`` (1000) and ``url_max_mib`` (1024): the most such images, and
   bytes, kept at once; past either the oldest go first, expired or not.
+
+The ``[hub]`` table (``HubConfig``) says where ``allm pull`` fetches models from:
+``endpoint`` (a Hugging Face Hub mirror; ``HF_ENDPOINT`` wins over it), ``token_file``
+(a file holding the token for gated repositories; ``HF_TOKEN`` wins over it) and
+``max_model_gib`` (the largest model a pull may fetch, in GiB; none by default).
 """
 
 from __future__ import annotations
@@ -180,6 +185,15 @@ def parse_size(text: str) -> tuple[int, int] | None:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HubConfig:
+    """Where ``allm pull`` fetches models from: the ``[hub]`` table (allm/hub reads the environment)."""
+
+    endpoint: str | None = None  # a Hub mirror's base URL; None: HF_ENDPOINT, else huggingface.co
+    token_file: Path | None = None  # holds the token for gated repositories (HF_TOKEN wins)
+    max_model_bytes: int | None = None  # the largest model a pull may fetch ([hub] max_model_gib)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -201,6 +215,7 @@ class Config:
     curve_secret_key: Path | None = None  # this gateway's CURVE key pair, for managers on other hosts
     modalities: Mapping[str, ModalityConfig] = dataclasses.field(default_factory=dict)
     images: ImageLimits = dataclasses.field(default_factory=ImageLimits)
+    hub: HubConfig = dataclasses.field(default_factory=HubConfig)
     models: tuple[ModelConfig, ...] = ()
 
     def model(self, model_id: str) -> ModelConfig | None:

@@ -4,7 +4,8 @@ A bad value keeps its default and is reported with the setting it names; ``load`
 raises one ConfigError holding every problem found, ``read`` (``allm check``) returns them.
 The tables: ``[server]`` (the gateway's own settings), ``[responses]`` (stored responses),
 one per modality (``[text]``, ``[audio]``, ``[image]``: allm/gateway/config.py says what
-each holds) and ``[[models]]``, the catalog (allm/gateway/catalog.py).
+each holds), ``[hub]`` (where ``allm pull`` fetches models) and ``[[models]]``, the catalog
+(allm/gateway/catalog.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from allm.gateway.config import (
     SIDE_STEP,
     Config,
     ConfigError,
+    HubConfig,
     ImageLimits,
     ModalityConfig,
     ModelConfig,
@@ -98,6 +100,7 @@ def read(
     problems = Problems()
     values = _server(_server_table(doc, environ, flags or {}, problems), problems)
     values.update(_responses(doc, problems))
+    values["hub"] = _hub(doc, problems)
     modalities, values["images"] = _modalities(doc, problems)
     if any(m.remote for m in modalities.values()) and "curve_secret_key" not in values:
         problems.add(
@@ -242,6 +245,29 @@ def _responses(doc: Mapping[str, Any], problems: Problems) -> dict[str, Any]:
             if value is not None:
                 values[field] = value
     return values
+
+
+def _hub(doc: Mapping[str, Any], problems: Problems) -> HubConfig:
+    """The [hub] table: where ``allm pull`` fetches models (HF_ENDPOINT and HF_TOKEN are allm/hub's)."""
+    hub = doc.get("hub", {})
+    if not isinstance(hub, dict):
+        problems.add("[hub] must be a table")
+        hub = {}
+    unknown = set(hub) - {"endpoint", "token_file", "max_model_gib"}
+    if unknown:
+        problems.add(f"[hub] has unknown setting(s) {sorted(unknown)}")
+    endpoint = problems.take(typed, "hub.endpoint", hub["endpoint"], str) if "endpoint" in hub else None
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        problems.add(f"setting hub.endpoint must be an http:// or https:// URL, got {endpoint!r}")
+        endpoint = None
+    token_file = problems.take(_path, "hub.token_file", hub["token_file"]) if "token_file" in hub else None
+    most = hub.get("max_model_gib")
+    gib = None if most is None else problems.take(typed, "hub.max_model_gib", most, float, minimum=0.001)
+    return HubConfig(
+        endpoint=endpoint.rstrip("/") if endpoint else None,
+        token_file=token_file,
+        max_model_bytes=None if gib is None else int(gib * 1024 * MIB),
+    )
 
 
 def _modalities(doc: Mapping[str, Any], problems: Problems) -> tuple[dict[str, ModalityConfig], ImageLimits]:
