@@ -353,6 +353,27 @@ class ManagerCollector(Collector):
                 ("unloads", "unloads (idle, evicted or asked), in the current manager process"),
             )
         }
+        # what an engine tells of itself (GGUF models): saved prefixes and speculative drafts
+        engine: dict[tuple[str, str], GaugeMetricFamily | CounterMetricFamily] = {
+            ("prefix_cache", "bytes"): GaugeMetricFamily(
+                "allm_prefix_cache_bytes", "host memory the model's saved prefixes take", labels=model_names
+            ),
+            ("prefix_cache", "restored_tokens"): CounterMetricFamily(
+                "allm_prefix_cache_restored_tokens",
+                "prompt tokens restored from saved prefixes instead of computed",
+                labels=model_names,
+            ),
+            ("speculative", "drafted"): CounterMetricFamily(
+                "allm_speculative_drafted_tokens",
+                "draft tokens decoded (speculative decoding)",
+                labels=model_names,
+            ),
+            ("speculative", "accepted"): CounterMetricFamily(
+                "allm_speculative_accepted_tokens",
+                "draft tokens the model's own draws kept",
+                labels=model_names,
+            ),
+        }
         for row in self.managers():
             labels = [row["name"], row["modality"]]
             up.add_metric(labels, 1.0 if row["live"] else 0.0)
@@ -374,6 +395,10 @@ class ManagerCollector(Collector):
                 stats["load_failures"].add_metric(pair, float(st.get("load_failures", 0)))
                 stats["load_seconds"].add_metric(pair, float(st.get("load_s", 0.0)))
                 stats["unloads"].add_metric(pair, float(st.get("unloads", 0)))
+                for (group, key), told in engine.items():
+                    value = (st.get(group) or {}).get(key)
+                    if value is not None:
+                        told.add_metric(pair, float(value))
         yield up
         yield info
         yield from gauges.values()
@@ -382,3 +407,4 @@ class ManagerCollector(Collector):
         yield loaded
         yield memory
         yield from stats.values()
+        yield from engine.values()

@@ -169,9 +169,9 @@ class ModelPool:
                 "memory_bytes": None if slot is None else slot.estimate_bytes,
                 "unload_in_s": None if unload_in_s is None else round(unload_in_s, 3),
             }
-            cache_status = getattr(slot and slot.engine, "cache_status", None)
-            if cache_status is not None:  # an engine that keeps prefixes says what it holds
-                out[model]["prefix_cache"] = cache_status()
+            engine_stats = getattr(slot and slot.engine, "engine_stats", None)
+            if engine_stats is not None:  # what an engine tells of itself (saved prefixes, drafts)
+                out[model].update(engine_stats())
         return out
 
     @contextlib.contextmanager

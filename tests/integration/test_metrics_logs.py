@@ -133,6 +133,10 @@ def test_known_traffic_gives_exact_counts_ids_and_access_lines(tmp_path):
         assert value(samples, "allm_model_load_seconds_total", manager="text#0", model=MODEL) > 0
         assert value(samples, "allm_model_memory_bytes", manager="text#0", model=MODEL) > 0
         assert value(samples, "allm_manager_restarts_total", manager="text#0", modality="text") == 0
+        # the engine's own: saved prefixes (none needed yet) and drafts (not speculating)
+        assert value(samples, "allm_prefix_cache_bytes", manager="text#0", model=MODEL) == 0
+        assert value(samples, "allm_prefix_cache_restored_tokens_total", manager="text#0", model=MODEL) == 0
+        assert value(samples, "allm_speculative_drafted_tokens_total", manager="text#0", model=MODEL) == 0
 
         # /status's models: what the page shows
         model_row = next(m for m in server.json("GET", "/status")[1]["models"] if m["id"] == MODEL)

@@ -122,6 +122,26 @@ async def test_the_prefix_cache_stays_within_its_bound(text):
     assert status["entries"] == 1
 
 
+async def test_a_conversation_comes_back_from_a_cache_with_room_for_one(text):
+    """Restoring a saved conversation into the only sequence first saves the one it holds,
+    which puts the restored one out of the cache: the restore still serves (it once killed
+    the batch thread with a KeyError, and every later request hung)."""
+    client, _ = text
+    first_turn = [system("tides"), {"role": "user", "content": "Say hi."}]
+    first = await ask(client, first_turn, SMALL_CACHE, temperature=0, max_tokens=2)
+    await ask(client, [system("clouds"), {"role": "user", "content": "Say hi."}], SMALL_CACHE, max_tokens=2)
+    again = await ask(client, first_turn, SMALL_CACHE, temperature=0, max_tokens=2)
+    assert again["cached_tokens"] == first["usage"]["prompt_tokens"] - 1
+    status = await cache_status(client, SMALL_CACHE, restores=1)
+    assert status["entries"] == 1  # the clouds, saved over the tides
+    # the engine goes on serving; the same prompt from the sequence that holds it now reads the
+    # same numbers as from the restored copy (the first turn's last token was computed in one
+    # batch with the rest of its prompt: its logits differ in the last bits, its text may too)
+    held = await ask(client, first_turn, SMALL_CACHE, temperature=0, max_tokens=2)
+    assert held["cached_tokens"] == again["cached_tokens"]
+    assert held["text"] == again["text"]
+
+
 async def test_a_quantized_key_value_cache_answers_in_less_memory(text):
     client, _ = text
     messages = [

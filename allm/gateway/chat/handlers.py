@@ -77,10 +77,15 @@ def chat_usage(data: dict[str, Any]) -> dict[str, Any]:
     """Usage with the reasoning tokens counted apart (0 where the model does not reason), and
     the prompt tokens the model's cache already held (not computed again)."""
     reasoning = data["usage"].get("reasoning_tokens", 0)
+    completion: dict[str, int] = {"reasoning_tokens": reasoning}
+    drafts = data.get("speculative")
+    if drafts:  # speculative decoding: the draft tokens the model kept, and those it did not
+        completion["accepted_prediction_tokens"] = drafts["accepted"]
+        completion["rejected_prediction_tokens"] = drafts["drafted"] - drafts["accepted"]
     return {
         **usage(data),
         "prompt_tokens_details": {"cached_tokens": data.get("cached_tokens", 0)},
-        "completion_tokens_details": {"reasoning_tokens": reasoning},
+        "completion_tokens_details": completion,
     }
 
 

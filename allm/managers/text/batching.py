@@ -20,6 +20,12 @@ differ in the last bits): the same arithmetic whether it runs alone or beside ot
 whether its prefix was cached or not, so the same seed gives the same text (docs/agents.md,
 "Sampling").
 
+Speculative decoding (``speculative = "ngram"``): a request that is not seeded has a draft
+looked up in its own text (allm/managers/text/speculation.py) decoded with its next token in
+the same step; a token is drawn at every position with its own sampler, and the draws are kept
+while they match the draft, the rest of the step's cache removed. What is kept is what the
+model draws without drafts; where the guesses are right, several tokens come from one step.
+
 Prefixes outlive their sequence: before a sequence's cache is given up to another prompt, its
 state is saved in host memory (``PrefixCache``, allm/managers/text/prefix_cache.py), and a
 request whose prompt starts with a saved prefix longer than any free sequence holds has it
@@ -42,6 +48,7 @@ import numpy as np
 from allm.kernel.codes import AllmError, CancelledError, DeadlineError, InternalError, LoadFailedError
 from allm.managers.text.prefix_cache import Entry as SavedPrefix
 from allm.managers.text.prefix_cache import PrefixCache, common_start
+from allm.managers.text.speculation import NgramDrafter
 
 log = logging.getLogger("allm.text.batch")
 
@@ -91,6 +98,7 @@ class Work:
     __slots__ = (
         "cached",
         "closed",
+        "drafter",
         "error",
         "last",
         "out",
@@ -103,8 +111,17 @@ class Work:
         "top_logprobs",
     )
 
-    def __init__(self, prompt: list[int], sampler: Any, *, top_logprobs: int | None, seeded: bool) -> None:
+    def __init__(
+        self,
+        prompt: list[int],
+        sampler: Any,
+        *,
+        top_logprobs: int | None,
+        seeded: bool,
+        drafter: NgramDrafter | None = None,
+    ) -> None:
         self.prompt = prompt
+        self.drafter = drafter  # its drafts, where it speculates
         self.sampler = sampler  # llama_cpp._internals.LlamaSampler: kept alive while in use
         self.top_logprobs = top_logprobs
         self.seeded = seeded
@@ -131,6 +148,8 @@ class Batcher:
         n_vocab: int,
         logprob_of: LogprobOf,
         cache_bytes: int = 0,
+        speculative: str = "none",
+        is_eog: Callable[[int], bool] = lambda _token: False,
         type_k: int | None = None,
         type_v: int | None = None,
         name: str = "model",
@@ -161,6 +180,10 @@ class Batcher:
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._sequences = [_Sequence(i) for i in range(n_parallel)]
         self.cache = PrefixCache(cache_bytes)
+        self.speculative = speculative
+        self._is_eog = is_eog
+        self.drafted = 0  # draft tokens decoded, all requests together
+        self.accepted = 0  # of them, the ones kept
         self._waiting: collections.deque[Work] = collections.deque()
         self._running: list[Work] = []
         self._cond = threading.Condition()
@@ -171,7 +194,10 @@ class Batcher:
     # -- the readers' side (worker threads) ------------------------------------------
 
     def start(self, prompt: list[int], sampler: Any, *, top_logprobs: int | None, seeded: bool) -> Work:
-        work = Work(prompt, sampler, top_logprobs=top_logprobs, seeded=seeded)
+        # A seeded request is decoded alone, a token a call: its arithmetic stays the same
+        speculates = self.speculative == "ngram" and not seeded
+        drafter = NgramDrafter(prompt, self.n_ctx) if speculates else None
+        work = Work(prompt, sampler, top_logprobs=top_logprobs, seeded=seeded, drafter=drafter)
         with self._cond:
             if self._closed:
                 raise InternalError(f"{self.name} is being unloaded")
@@ -255,7 +281,14 @@ class Batcher:
             if not free:
                 break
             work = self._waiting.popleft()
-            self._seat(work, free)
+            try:
+                self._seat(work, free)
+            except Exception as exc:  # never let the thread die with readers waiting
+                log.exception("seating a request of %s failed", self.name)
+                work.error = InternalError(f"llama.cpp failed while seating the request: {exc}", restart=True)
+                self._forget(free)
+                self._cond.notify_all()
+                continue
             self._running.append(work)
         return [
             w
@@ -288,6 +321,7 @@ class Batcher:
         length = usable(length, saved.aligned) if saved is not None else 0
         if saved is not None and length >= keep + RESTORE_MIN_TOKENS:
             sequence = min(free, key=lambda s: len(s.tokens) - s.saved)  # the least to lose
+            self.cache.touch(saved)  # saving what the sequence holds puts it out last
             self._save(sequence, keep=0)
             keep = length if self._restore(saved, sequence) else 0
             if keep:
@@ -301,6 +335,14 @@ class Batcher:
         work.cached = keep
         work.pos = keep
         work.todo = work.prompt[keep:]
+
+    def _forget(self, free: list[_Sequence]) -> None:
+        """Empty the caches of ``free`` sequences, whose bookkeeping a failure may have left
+        unlike what they hold: a later request computes its prompt rather than trust them."""
+        for sequence in free:
+            if not sequence.busy:
+                llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, -1, -1)
+                sequence.tokens, sequence.aligned, sequence.saved = [], 0, 0
 
     def _save(self, sequence: _Sequence, keep: int) -> None:
         """Copy the cache of ``sequence`` to the prefix cache if keeping only ``keep`` of its
@@ -340,10 +382,11 @@ class Batcher:
     def _step(self, group: list[Work]) -> None:
         batch = self._batch
         n = 0
-        draws: list[tuple[Work, int]] = []
+        draws: list[tuple[Work, int, list[int]]] = []  # (work, its first logits' index, its draft)
         added: list[tuple[Work, list[int]]] = []
 
-        def add(work: Work, tokens: list[int], logits_last: bool) -> None:
+        def add(work: Work, tokens: list[int], outputs: int) -> None:
+            """Put ``tokens`` in the batch; the last ``outputs`` of them give logits."""
             nonlocal n
             assert work.sequence is not None
             for i, token in enumerate(tokens):
@@ -351,55 +394,83 @@ class Batcher:
                 batch.pos[n] = work.pos + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = work.sequence.seq
-                batch.logits[n] = logits_last and i == len(tokens) - 1
+                batch.logits[n] = i >= len(tokens) - outputs
                 n += 1
-            if logits_last:
-                draws.append((work, n - 1))
+            if outputs:
+                draws.append((work, n - outputs, tokens[len(tokens) - outputs + 1 :]))
             added.append((work, tokens))
 
-        generating = any(not w.todo for w in group)
-        for work in group:
-            if not work.todo:
-                assert work.last is not None
-                add(work, [work.last], True)
+        generating = [w for w in group if not w.todo]
+        room = N_BATCH - len(generating)  # what drafts may take: every next token comes first
+        for work in generating:
+            assert work.last is not None
+            draft = self._draft(work, room)
+            room -= len(draft)
+            add(work, [work.last, *draft], 1 + len(draft))
         for work in group:
             if not work.todo or n >= N_BATCH:
                 continue
             if work.seeded:
-                room = SEEDED_CHUNK - work.pos % SEEDED_CHUNK
+                chunk = SEEDED_CHUNK - work.pos % SEEDED_CHUNK
             else:
-                room = PREFILL_CHUNK if generating else N_BATCH
-            take = work.todo[: min(room, N_BATCH - n)]
-            add(work, take, len(take) == len(work.todo))
+                chunk = PREFILL_CHUNK if generating else N_BATCH
+            take = work.todo[: min(chunk, N_BATCH - n)]
+            add(work, take, 1 if len(take) == len(work.todo) else 0)
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
             # A failed decode leaves the context in an unknown state (docs/reliability.md).
             raise InternalError(f"llama_decode failed with status {rc} in {self.name}", restart=True)
+        drawn = [(work, self._draw(work, index, draft)) for work, index, draft in draws]
+        # a generating sequence keeps its next token and the draft tokens its draws matched
+        kept = {id(work): len(out) for work, out in drawn if work in generating}
         for work, tokens in added:
             assert work.sequence is not None
             sequence = work.sequence
+            valid = kept.get(id(work), len(tokens))
+            if valid < len(tokens):  # a draft's rejected tail
+                llama_cpp.llama_memory_seq_rm(self._memory, sequence.seq, work.pos + valid, -1)
             if work.seeded and work.todo and work.pos == sequence.aligned and len(tokens) == SEEDED_CHUNK:
                 sequence.aligned += SEEDED_CHUNK  # a whole aligned chunk of its prompt, alone
-            sequence.tokens.extend(tokens)
-            work.pos += len(tokens)
+            sequence.tokens.extend(tokens[:valid])
+            work.pos += valid
             if work.todo:
                 del work.todo[: len(tokens)]
-        drawn = []
-        for work, index in draws:
-            token = int(llama_cpp.llama_sampler_sample(work.sampler.sampler, self.ctx, index))
+        with self._cond:
+            for work, out in drawn:
+                work.last = out[-1][0]
+                work.out.extend(out)
+            self._cond.notify_all()
+
+    def _draft(self, work: Work, room: int) -> list[int]:
+        """A guess at the tokens after ``work``'s next one (none where it does not speculate)."""
+        if work.drafter is None:
+            return []
+        room = min(room, self.n_ctx - work.pos - 1)  # never past the sequence's context
+        return work.drafter.draft(room)
+
+    def _draw(self, work: Work, index: int, draft: list[int]) -> list[tuple[int, Entry | None]]:
+        """Draw ``work``'s tokens from the logits at ``index`` on: one, then one more for each
+        draft token the draw before matched (an end of text ends them)."""
+        out: list[tuple[int, Entry | None]] = []
+        for i in range(len(draft) + 1):
+            token = int(llama_cpp.llama_sampler_sample(work.sampler.sampler, self.ctx, index + i))
             entry = None
             if work.top_logprobs is not None:
                 logits = np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,)
+                    llama_cpp.llama_get_logits_ith(self.ctx, index + i), shape=(self.n_vocab,)
                 )
                 entry = self._logprob_of(logits, token, work.top_logprobs)
-            drawn.append((work, token, entry))
-        with self._cond:
-            for work, token, entry in drawn:
-                work.last = token
-                work.out.append((token, entry))
-            self._cond.notify_all()
+            out.append((token, entry))
+            if i == len(draft) or token != draft[i] or self._is_eog(token):
+                break
+        if work.drafter is not None:
+            if draft:
+                work.drafter.judged(len(draft), len(out) - 1)
+                self.drafted += len(draft)
+                self.accepted += len(out) - 1
+            work.drafter.extend([token for token, _ in out])
+        return out
 
     def _fail(self, group: list[Work], exc: AllmError) -> None:
         with self._cond:
@@ -414,3 +485,6 @@ class Batcher:
 
     def cache_status(self) -> dict[str, int]:
         return self.cache.status()
+
+    def draft_status(self) -> dict[str, int]:
+        return {"drafted": self.drafted, "accepted": self.accepted}

@@ -36,6 +36,7 @@ from allm.managers.text.llama_load import load_llama, prefix_cache_bytes
 from allm.managers.text.options import LlamaOptions
 from allm.managers.text.request import ChatRequest, chat_request, prompt_of
 from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
+from allm.managers.text.speculation import NgramDrafter
 
 log = logging.getLogger("allm.text.llama")
 
@@ -87,6 +88,8 @@ class LlamaEngine:
                     logits, token, top_n, self._token_bytes
                 ),
                 cache_bytes=prefix_cache_bytes(header, options),
+                speculative=options.speculative,
+                is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)),
                 type_k=GGML_TYPES[options.cache_type_k],
                 type_v=GGML_TYPES[options.cache_type_v],
                 name=model_id,
@@ -111,9 +114,10 @@ class LlamaEngine:
             )
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
 
-    def cache_status(self) -> dict[str, int]:
-        """The saved prefixes (/status): entries, bytes, their bound, restores."""
-        return self.batcher.cache_status()
+    def engine_stats(self) -> dict[str, dict[str, int]]:
+        """What /status and /metrics show of it: the saved prefixes (entries, bytes, their
+        bound, restores) and the drafts decoded and kept."""
+        return {"prefix_cache": self.batcher.cache_status(), "speculative": self.batcher.draft_status()}
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
@@ -173,6 +177,8 @@ class LlamaEngine:
             logprob_of=drawn.logprob_of(sampling),
         )
         reply.data["cached_tokens"] = drawn.cached or 0  # prompt tokens its sequence held already
+        if drawn.drafter is not None:  # it speculated: its draft tokens, and the ones kept
+            reply.data["speculative"] = {"drafted": drawn.drafter.drafted, "accepted": drawn.drafter.accepted}
         return reply
 
     def complete(self, ctx: RequestContext) -> Reply:
@@ -284,6 +290,7 @@ class LlamaEngine:
                 )
                 if drawn.cached is None:
                     drawn.cached = work.cached
+                    drawn.drafter = work.drafter
                 drawn.entry = entry
                 yield token
         finally:
@@ -351,6 +358,8 @@ class LlamaEngine:
             logprob_of=drawn.logprob_of(sampling),
         )
         reply.data["cached_tokens"] = drawn.cached or 0  # prompt tokens its sequence held already
+        if drawn.drafter is not None:  # it speculated: its draft tokens, and the ones kept
+            reply.data["speculative"] = {"drafted": drawn.drafter.drafted, "accepted": drawn.drafter.accepted}
         return reply
 
 
@@ -361,6 +370,7 @@ class _Drawn:
     def __init__(self) -> None:
         self.entry: dict[str, Any] | None = None
         self.cached: int | None = None
+        self.drafter: NgramDrafter | None = None
 
     def logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
         """What the token loop calls for each token's logprobs, when the request asks for them.

@@ -24,6 +24,8 @@ PRECISIONS = ("int4", "fp16", "fp32")
 #: the key/value cache types llama.cpp takes here, and the bytes each stores a value in
 #: (a q8_0 block: 32 values in 34 bytes; a q4_0 block: 32 values in 18)
 CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+#: speculative decoding: none, or drafts looked up in the request's own text
+SPECULATIVE = ("none", "ngram")
 #: the precisions its model builder builds for each provider (the builder's own list of pairs)
 PROVIDER_PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp32", "fp16", "int4"), "dml": ("fp16", "int4")}
 ONNX_OPTIONS = frozenset({"execution_provider", "precision"})
@@ -114,12 +116,22 @@ def llama_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailed
             lambda: _count(model_id, options, "prefix_cache_mib", 0, 0),
             lambda: _choice(model_id, options, "cache_type_k", tuple(CACHE_TYPES)),
             lambda: _choice(model_id, options, "cache_type_v", tuple(CACHE_TYPES)),
+            lambda: _choice(model_id, options, "speculative", SPECULATIVE),
         ]
     )
 
 
 LLAMA_OPTIONS = frozenset(
-    {"n_ctx", "n_threads", "n_gpu_layers", "n_parallel", "prefix_cache_mib", "cache_type_k", "cache_type_v"}
+    {
+        "n_ctx",
+        "n_threads",
+        "n_gpu_layers",
+        "n_parallel",
+        "prefix_cache_mib",
+        "cache_type_k",
+        "cache_type_v",
+        "speculative",
+    }
 )
 
 
@@ -187,6 +199,7 @@ class LlamaOptions:
     prefix_cache_mib: int | None = None
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    speculative: str = "none"
 
     @classmethod
     def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
@@ -200,6 +213,7 @@ class LlamaOptions:
             prefix_cache_mib=options.get("prefix_cache_mib"),
             cache_type_k=options.get("cache_type_k", "f16"),
             cache_type_v=options.get("cache_type_v", "f16"),
+            speculative=options.get("speculative", "none"),
         )
 
 

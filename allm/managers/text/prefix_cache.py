@@ -80,9 +80,15 @@ class PrefixCache:
             for e in self._entries.values()
         )
 
+    def touch(self, entry: Entry) -> None:
+        """``entry`` is the most recently used (if the cache still holds it)."""
+        if id(entry) in self._entries:
+            self._entries.move_to_end(id(entry))
+
     def used(self, entry: Entry, tokens: int) -> None:
-        """``entry`` was restored to serve ``tokens`` of a prompt: it is the most recently used."""
-        self._entries.move_to_end(id(entry))
+        """``entry`` was restored to serve ``tokens`` of a prompt. Saving the sequence it went to
+        may have put it out to make room: what was restored is the caller's copy either way."""
+        self.touch(entry)
         self.restores += 1
         self.restored_tokens += tokens
 
