@@ -75,7 +75,14 @@ def missing_engines(config: Config, modality: str | None = None) -> list[str]:
             continue
         report = describe(model)
         for problem in report.problems:
-            if report.engine is not None and problem.field == "format" and not report.engine.installed():
+            # A pulled model never stops the server (a pull over HTTP would stop the next reload):
+            # it is named, and its requests say what it needs.
+            if (
+                report.engine is not None
+                and problem.field == "format"
+                and not report.engine.installed()
+                and model.source is None
+            ):
                 missing.append(f"model {model.id!r} {problem.message}")
             else:  # the files may yet appear; requests for the model say what is wrong until then
                 log.warning("model %r: field %r: %s", model.id, problem.field, problem.message)
@@ -263,22 +270,13 @@ def _row(model: ModelConfig, source: str, size_bytes: int | None = None) -> dict
     }
 
 
-def _pulled_rows(config: Config) -> list[dict[str, Any]]:
-    """The models `allm pull` registered in the data directory; a configured id wins over one."""
+def _size_on_disk(config: Config, model: ModelConfig) -> int | None:
+    """A pulled model's directory as it takes the disk (None: the manager's report says)."""
+    if model.source is None:
+        return None
     from allm.hub import Store
 
-    store = Store(config.data_dir)
-    rows = []
-    for pulled in store.list():
-        if config.model(pulled.id) is not None:
-            log.warning(
-                "model %r: the configuration's entry wins over the one pulled from %s",
-                pulled.id,
-                pulled.source,
-            )
-            continue
-        rows.append(_row(pulled.model_config(), f"hf.co/{pulled.source}", store.disk_bytes(pulled.id)))
-    return rows
+    return Store(config.data_dir).disk_bytes(model.id)
 
 
 def models(args: argparse.Namespace) -> int:
@@ -289,7 +287,8 @@ def models(args: argparse.Namespace) -> int:
         return 1
     for problem in settings:
         print(f"allm: {problem}", file=sys.stderr)
-    rows = [_row(model, "config") for model in config.models] + _pulled_rows(config)
+    # the pulled models are in the catalog (allm/gateway/catalog.py: with_pulled), after its own
+    rows = [_row(model, model.source or "config", _size_on_disk(config, model)) for model in config.models]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

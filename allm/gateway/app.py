@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import shutil
 import signal
@@ -24,7 +23,7 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse, empty
 
 from allm import __version__
-from allm.gateway import errors, metrics, openapi, ops, page, reload
+from allm.gateway import admin, errors, metrics, openapi, ops, page, reload
 from allm.gateway.anthropic import handlers as anthropic
 from allm.gateway.audio import handlers as audio
 from allm.gateway.chat import handlers as chat
@@ -32,7 +31,9 @@ from allm.gateway.config import Config
 from allm.gateway.errors import ApiError
 from allm.gateway.images import handlers as images
 from allm.gateway.images.files import SWEEP_INTERVAL_S, image_files
+from allm.gateway.models import handlers as models
 from allm.gateway.ollama import handlers as ollama
+from allm.gateway.ollama import pulls as ollama_pulls
 from allm.gateway.responses import handlers as responses
 from allm.gateway.spec import IGNORED
 from allm.gateway.store import open_store
@@ -143,6 +144,8 @@ def create_app(
     app.blueprint(audio.bp)
     app.blueprint(images.bp)
     app.blueprint(ollama.bp)
+    app.blueprint(ollama_pulls.bp)
+    app.blueprint(models.bp)
     app.blueprint(ops.bp)
     app.blueprint(openapi.bp)
     app.blueprint(page.bp)
@@ -185,16 +188,10 @@ def create_app(
         keys = app.ctx.api_keys
         if not keys or request.path in OPEN_PATHS:
             return None
-        # OpenAI's clients send a bearer token, Anthropic's an x-api-key: either one will do.
-        supplied = request.headers.get("authorization", "").removeprefix("Bearer ")
-        supplied = supplied or request.headers.get("x-api-key", "")
-        # Sanic decodes header bytes that are not UTF-8 as surrogates: back to those bytes, never a 500.
-        token = supplied.strip().encode("utf-8", "surrogateescape")
-        # Compare against every key in constant time: no early exit leaks which matched.
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(token, key)
-        if not matched:
+        # OpenAI's clients send a bearer token, Anthropic's an x-api-key: either one will do; an
+        # admin key is an API key too. Every key is compared: no early exit leaks which matched.
+        admin_keys = (key.encode() for key in app.ctx.config.admin_keys)
+        if not admin.matches(admin.supplied_key(request), [*keys, *admin_keys]):
             raise ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",

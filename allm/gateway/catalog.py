@@ -4,11 +4,17 @@ An entry names its id, path, modality, the format where a directory holds severa
 (allm/catalog_names.py), the engine's options (the manager checks those) and sampling
 defaults. With no catalog at all, allm serves the models its wheels embed: SmolLM2 for
 text and whisper tiny.en for speech; with no text model, SmolLM2 still.
+
+The models ``allm pull`` (or ``POST /v1/models``) registered in the data directory join
+the catalog after these (``with_pulled``): they never replace the embedded models, and an
+entry of the configuration wins over a pulled model of the same id, with a warning naming
+both. Their records say their modality and format, so nothing here opens a manager.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ DEFAULT_AUDIO_MODEL_ID = "whisper-tiny.en"
 #: The embedded SmolLM2's model card recommends these.
 DEFAULT_MODEL_SAMPLING: Mapping[str, float] = {"temperature": 0.2, "top_p": 0.9}
 ENTRY_FIELDS = frozenset({"id", "path", "modality", "format", "options", "defaults"})
+
+log = logging.getLogger("allm.catalog")
 
 
 def default_model_path() -> Path | None:
@@ -141,3 +149,25 @@ def _sampling_defaults(where: str, raw: Any) -> dict[str, float]:
         out[key] = kind(value)
     problems.check()
     return out
+
+
+def with_pulled(models: tuple[ModelConfig, ...], data_dir: Path) -> tuple[ModelConfig, ...]:
+    """The catalog and, after it, the models pulled into ``data_dir``; a catalog entry wins on a
+    clashing id (a warning names both)."""
+    from allm.hub.store import Store
+
+    out = list(models)
+    for pulled in Store(data_dir).list():
+        taken = next((m for m in models if m.id == pulled.id), None)
+        if taken is not None:
+            log.warning(
+                "model %r: the configuration's entry (%s) wins over the model pulled from hf.co/%s; "
+                "`allm rm %s` removes the pulled one",
+                pulled.id,
+                taken.path,
+                pulled.source,
+                pulled.id,
+            )
+            continue
+        out.append(pulled.model_config())
+    return tuple(out)

@@ -120,6 +120,8 @@ class ModelConfig:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: sampling values for requests that leave them out (before SAMPLING_DEFAULTS)
     defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: where a pulled model came from (hf.co/OWNER/REPO[:TAG]); None for the configuration's own
+    source: str | None = None
 
     def sampling_default(self, key: str) -> float:
         """The value of a sampling option a request leaves out: the model's, else allm's."""
@@ -200,6 +202,7 @@ class Config:
     data_dir: Path = Path("~/.local/share/allm")
     runtime_dir: Path | None = None  # a private temporary directory when None
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # the keys that may change the server (pull, load, pin, delete)
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * MIB
     request_timeout_s: float = 600.0

@@ -5,7 +5,7 @@ raises one ConfigError holding every problem found, ``read`` (``allm check``) re
 The tables: ``[server]`` (the gateway's own settings), ``[responses]`` (stored responses),
 one per modality (``[text]``, ``[audio]``, ``[image]``: allm/gateway/config.py says what
 each holds), ``[hub]`` (where ``allm pull`` fetches models) and ``[[models]]``, the catalog
-(allm/gateway/catalog.py).
+(allm/gateway/catalog.py), which the models pulled into the data directory join.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "port": "ALLM_PORT",
     "data_dir": "ALLM_DATA_DIR",
     "api_keys": "ALLM_API_KEYS",
+    "admin_keys": "ALLM_ADMIN_KEYS",
     "cors_origins": "ALLM_CORS_ORIGINS",
     "max_body_bytes": "ALLM_MAX_BODY_BYTES",
     "request_timeout_s": "ALLM_REQUEST_TIMEOUT_S",
@@ -109,6 +110,7 @@ def read(
         )
     base = file.parent if file is not None else Path.cwd()
     models = catalog.models(doc.get("models", []), base, problems)
+    models = catalog.with_pulled(models, values.get("data_dir") or Config().data_dir)
     _check_served(models, modalities, problems)
     return Config(**values, modalities=modalities, models=models), tuple(problems.found)
 
@@ -208,6 +210,7 @@ SERVER_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
     "data_dir": _path,
     "runtime_dir": _path,
     "api_keys": _str_tuple,
+    "admin_keys": _str_tuple,
     "cors_origins": _str_tuple,
     "database_url": _database_url,
     "curve_secret_key": _key_pair_file,

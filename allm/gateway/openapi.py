@@ -21,6 +21,8 @@ from allm.gateway.chat import schema as chat
 from allm.gateway.config import Config
 from allm.gateway.errors import ANTHROPIC, OLLAMA, api_of
 from allm.gateway.images import schema as images
+from allm.gateway.models import schema as model_routes
+from allm.gateway.ollama import pulls as ollama_pulls
 from allm.gateway.ollama import schema as ollama
 from allm.gateway.responses import schema as responses
 from allm.gateway.spec import Node, Obj, Schema
@@ -110,6 +112,17 @@ ITEMS = _object(
 )
 DELETED = _object("response", ["id", "deleted"], id=STRING, deleted={"const": True})
 MODELS = _object("list", ["data"], data=LIST)
+#: one model as GET /v1/models lists it (allm/gateway/models/listing.py says each field)
+MODEL = _object(
+    "model",
+    ["id", "created", "owned_by", "state"],
+    id=STRING,
+    created=INTEGER,
+    owned_by=STRING,
+    state={"enum": ["available", "downloading", "loading", "loaded", "unavailable"]},
+    pinned={"type": "boolean"},
+)
+MODEL_DELETED = _object("model", ["id", "deleted"], id=STRING, deleted={"const": True})
 #: json and verbose_json: text is all they share (verbose_json adds language, duration, segments, words)
 TRANSCRIPTION = _object(None, ["text"], text=STRING)
 #: OpenAI's ImagesResponse (openai-python's types/images_response.py): each data item has b64_json or url
@@ -260,7 +273,37 @@ ROUTES = (
         {"type": "string", "format": "binary"},
         binary=IMAGE_TYPES,
     ),
-    Route("get", "/v1/models", "The catalog's models, each with its modality and state", MODELS),
+    Route(
+        "get",
+        "/v1/models",
+        "The models: state (available, downloading, loading, loaded), memory, context, pin, last use",
+        MODELS,
+    ),
+    Route("get", "/v1/models/{model_id}", "One model, as the list shows it", MODEL),
+    Route(
+        "post",
+        "/v1/models",
+        "Admin: pull a model from the Hugging Face Hub (or a mirror) and serve it; stream: progress events",
+        MODEL,
+        model_routes.PULL,
+        streams=True,
+    ),
+    *(
+        Route("post", f"/v1/models/{{model_id}}/{action}", f"Admin: {what}", MODEL)
+        for action, what in (
+            ("load", "load the model now"),
+            ("unload", "unload the model from every instance holding it (its pin goes too)"),
+            ("pin", "load the model and keep it: never evicted, never unloaded when idle"),
+            ("unpin", "let the model be evicted and unloaded when idle again"),
+        )
+    ),
+    Route(
+        "delete",
+        "/v1/models/{model_id}",
+        "Admin: delete a pulled model's files and record (force=true: unload it first)",
+        MODEL_DELETED,
+        query=model_routes.DELETE_QUERY,
+    ),
     Route("get", "/api/version", "Ollama: the Ollama release whose API this follows", OLLAMA_VERSION),
     Route("get", "/api/tags", "Ollama: the text models, as ID:latest, with their details", OLLAMA_MODELS),
     Route(
@@ -291,6 +334,22 @@ ROUTES = (
         OLLAMA_EMBEDDING,
         ollama.EMBEDDINGS,
     ),
+    Route(
+        "post",
+        "/api/pull",
+        "Ollama: pull a Hub model (hf.co/OWNER/REPO:QUANT) and serve it under that name (admin)",
+        STATUS,
+        ollama_pulls.PULL,
+        streams=True,
+        ndjson=True,
+    ),
+    Route(
+        "delete",
+        "/api/delete",
+        "Ollama: delete a pulled model, unloading it first (admin)",
+        {"type": "object"},
+        ollama_pulls.DELETE,
+    ),
     Route("get", "/health", "Liveness: the process answers", STATUS, open=True),
     Route(
         "get",
@@ -320,7 +379,11 @@ ROUTES = (
 )
 OPEN_PATHS = frozenset(r.path for r in ROUTES if r.open)
 #: each path parameter a route may have, and what it must be
-PATH_PARAMETERS: dict[str, Node] = {"response_id": responses.RESPONSE_ID, "name": images.IMAGE_FILE}
+PATH_PARAMETERS: dict[str, Node] = {
+    "response_id": responses.RESPONSE_ID,
+    "name": images.IMAGE_FILE,
+    "model_id": model_routes.MODEL_ID,
+}
 
 
 def _version() -> str:
@@ -383,7 +446,7 @@ def _operation(route: Route, config: Config) -> Schema:
     if route.body is not None:
         body = _form_schema(route.body) if route.form else route.body.schema()
         models = [m.id for m in config.models if m.modality == route.modality]
-        if models:
+        if models and "model" in body["properties"]:
             body["properties"]["model"]["examples"] = models
         media = "multipart/form-data" if route.form else "application/json"
         op["requestBody"] = {"required": True, "content": {media: {"schema": body}}}

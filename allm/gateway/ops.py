@@ -5,7 +5,7 @@ GET /ready       each modality has a manager up and the default text model loads
 GET /status      each manager instance: pid, state, restarts, last exit and cause, when it is
                  tried again, models loaded and loading (with progress), what runs, queue, memory
 GET /metrics     Prometheus's text format (allm/gateway/metrics.py)
-GET /v1/models   each catalog model with its modality and state (loaded, loading, available, unavailable)
+(GET /v1/models, each model with its state, is allm/gateway/models/listing.py's.)
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def instance_row(
         "retry_in_s": kept.retry_in_s if kept is not None else None,
         "models": list(hb.models) if hb else [],
         "loading": extra.get("loading") or {},
+        "pinned": extra.get("pinned") or [],
         "model_stats": extra.get("model_stats") or {},
         "running": extra.get("running") or [],
         "active": hb.active if hb else 0,
@@ -179,28 +180,3 @@ def model_rows(
 @bp.get("/metrics")
 async def scrape(request: Request) -> HTTPResponse:
     return raw(generate_latest(request.app.ctx.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4)
-
-
-@bp.get("/v1/models")
-async def models(request: Request) -> HTTPResponse:
-    config: Config = request.app.ctx.config
-    loaded: set[str] = set()
-    loading: set[str] = set()
-    live: set[str] = set()
-    for m in manager_status(request):
-        loaded.update(m["models"])
-        loading.update(m["loading"])
-        if m["live"]:
-            live.add(m["modality"])
-    data = [
-        {
-            "id": m.id,
-            "object": "model",
-            "created": 0,
-            "owned_by": "allm",
-            "modality": m.modality,
-            "state": model_state(m.id in loaded, m.id in loading, m.modality in live),
-        }
-        for m in config.models
-    ]
-    return json_response({"object": "list", "data": data})

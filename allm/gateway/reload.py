@@ -9,11 +9,15 @@ applied, and every problem is reported, in the log and in ``/status``'s
   op). A model whose entry is unchanged stays loaded and its requests run on; one whose
   entry changed or left is unloaded once no request uses it. The supervisor starts
   instances with the new catalog from then on;
-- ``api_keys``, ``cors_origins`` and ``request_timeout_s`` apply to the next request;
+- ``api_keys``, ``admin_keys``, ``cors_origins`` and ``request_timeout_s`` apply to the next request;
 - everything else (the address, directories, heartbeats, the body and keep-alive
   timeouts, a modality's instances, queue and memory, a model of a modality with no
   manager running) needs a restart: it is named in ``restart_needed`` and the running
   value stays.
+
+The catalog includes the models pulled into the data directory (allm/gateway/catalog.py).
+A pull, a delete over HTTP (allm/gateway/models/) changes the running catalog the same way
+(``change_models``), one change at a time with reloads (``catalog_lock``).
 
 See docs/design.md, "Stop and reload".
 """
@@ -24,7 +28,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sanic import Sanic
@@ -35,7 +39,7 @@ from allm.kernel.codes import AllmError
 log = logging.getLogger("allm.reload")
 
 #: the settings a reload applies to a running server
-LIVE = ("api_keys", "cors_origins", "request_timeout_s")
+LIVE = ("api_keys", "admin_keys", "cors_origins", "request_timeout_s")
 #: settings whose values never go to the log or /status
 SECRET = frozenset({"database_url", "curve_secret_key"})
 #: how long one manager instance is given to take its new catalog
@@ -84,38 +88,28 @@ async def _heard_catalog(app: Sanic[Any, Any], endpoints: set[str], catalog: lis
         await asyncio.sleep(0.05)
 
 
-async def reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str, Any]:
-    """Read the configuration again and apply it; returns what ``/status`` shows of it."""
-    old: Config = app.ctx.config
-    result: dict[str, Any] = {
-        "at": time.time(),
-        "ok": False,
-        "applied": [],
-        "restart_needed": [],
-        "problems": [],
-    }
-    try:
-        new = reread()
-    except ConfigError as exc:
-        result["problems"] = list(exc.problems)
-        log.error("reload refused, nothing applied: %s", "; ".join(exc.problems))
-        return result
-    except OSError as exc:
-        result["problems"] = [f"the configuration could not be read: {exc}"]
-        log.error("reload refused, nothing applied: %s", exc)
-        return result
+def catalog_lock(app: Sanic[Any, Any]) -> asyncio.Lock:
+    """The lock every change of the running catalog holds: reloads, pulls, deletes."""
+    lock: asyncio.Lock | None = getattr(app.ctx, "catalog_lock", None)
+    if lock is None:
+        lock = app.ctx.catalog_lock = asyncio.Lock()
+    return lock
 
-    restart = restart_needed(old, new)
+
+def served(app: Sanic[Any, Any], models: Iterable[ModelConfig]) -> tuple[ModelConfig, ...]:
+    """The models a manager of this server serves (a modality with none needs a restart)."""
     serving = {spec.modality for spec in app.ctx.specs}
-    models = tuple(m for m in new.models if m.modality in serving)
-    restart += [
-        f"model {m.id!r}: no {m.modality} manager runs; a restart starts one"
-        for m in new.models
-        if m.modality not in serving
-    ]
+    return tuple(m for m in models if m.modality in serving)
+
+
+async def send_models(app: Sanic[Any, Any], models: tuple[ModelConfig, ...]) -> list[str]:
+    """Send each local manager instance its modality's models where they differ from the running
+    catalog's, and wait for their heartbeats to show them; what was applied, said for a person.
+    The caller holds ``catalog_lock`` and makes ``models`` the running catalog after."""
+    old: Config = app.ctx.config
     applied: list[str] = []
     # The managers first: a model the gateway admits is then one its manager knows.
-    for modality in sorted(serving):
+    for modality in sorted({spec.modality for spec in app.ctx.specs}):
         before, after = _models_of(old.models, modality), _models_of(models, modality)
         if before == after:
             continue
@@ -156,6 +150,54 @@ async def reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str
             if not isinstance(answer, BaseException)
         }
         await _heard_catalog(app, reached, sorted(m["id"] for m in after))
+    return applied
+
+
+async def change_models(
+    app: Sanic[Any, Any], change: Callable[[tuple[ModelConfig, ...]], Iterable[ModelConfig]]
+) -> list[str]:
+    """Make ``change(running catalog)`` the running catalog, as a reload would; what was applied."""
+    async with catalog_lock(app):
+        models = served(app, change(app.ctx.config.models))
+        applied = await send_models(app, models)
+        app.ctx.config = dataclasses.replace(app.ctx.config, models=models)
+        return applied
+
+
+async def reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str, Any]:
+    """Read the configuration again and apply it; returns what ``/status`` shows of it."""
+    async with catalog_lock(app):
+        return await _reload(app, reread)
+
+
+async def _reload(app: Sanic[Any, Any], reread: Callable[[], Config]) -> dict[str, Any]:
+    old: Config = app.ctx.config
+    result: dict[str, Any] = {
+        "at": time.time(),
+        "ok": False,
+        "applied": [],
+        "restart_needed": [],
+        "problems": [],
+    }
+    try:
+        new = reread()
+    except ConfigError as exc:
+        result["problems"] = list(exc.problems)
+        log.error("reload refused, nothing applied: %s", "; ".join(exc.problems))
+        return result
+    except OSError as exc:
+        result["problems"] = [f"the configuration could not be read: {exc}"]
+        log.error("reload refused, nothing applied: %s", exc)
+        return result
+
+    restart = restart_needed(old, new)
+    models = served(app, new.models)
+    restart += [
+        f"model {m.id!r}: no {m.modality} manager runs; a restart starts one"
+        for m in new.models
+        if m not in models
+    ]
+    applied = await send_models(app, models)
     if not applied and models != old.models:
         applied.append("models: the gateway's own settings of a model")
     live = {name: getattr(new, name) for name in LIVE if getattr(new, name) != getattr(old, name)}

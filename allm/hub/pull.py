@@ -43,6 +43,9 @@ class Progress:
     done_bytes: int
     total_bytes: int
     finished: bool  # the file is complete and checked
+    digest: str = ""  # the Hub's sha256 of an LFS file, else its git blob id
+    model_done_bytes: int = 0  # of every file of the model
+    model_total_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,6 +210,15 @@ class _Job:
         directory.mkdir(parents=True, exist_ok=True)
         stored = []
         count = len(self.selection.files)
+        before = 0  # the bytes of the files already done
+        whole = self.selection.size_bytes
+
+        def step(remote: RemoteFile, index: int, done: int, finished: bool) -> Progress:
+            digest = remote.sha256 or remote.blob_id or ""
+            return Progress(
+                remote.name, index, count, done, remote.size, finished, digest, before + done, whole
+            )
+
         for index, remote in enumerate(self.selection.files, 1):
             done = 0
 
@@ -214,7 +226,7 @@ class _Job:
                 nonlocal done
                 done += n
                 if progress is not None:
-                    progress(Progress(remote.name, index, count, done, remote.size, False))
+                    progress(step(remote, index, done, False))
 
             url = hf_hub_url(
                 self.source.repo_id, remote.name, revision=self.commit, endpoint=self.access.endpoint
@@ -229,7 +241,8 @@ class _Job:
             )
             stored.append(StoredFile(remote.name, remote.size, sha256))
             if progress is not None:
-                progress(Progress(remote.name, index, count, remote.size, remote.size, True))
+                progress(step(remote, index, remote.size, True))
+            before += remote.size
         shutil.rmtree(self.store.partial_dir(self.model_id), ignore_errors=True)
         return stored
 

@@ -61,7 +61,14 @@ class PulledModel:
 
     def model_config(self) -> ModelConfig:
         """The catalog entry that serves this model."""
-        return ModelConfig(self.id, self.path, self.modality, self.format, defaults=dict(self.defaults))
+        return ModelConfig(
+            self.id,
+            self.path,
+            self.modality,
+            self.format,
+            defaults=dict(self.defaults),
+            source=f"hf.co/{self.source}",
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"version": RECORD_VERSION, **dataclasses.asdict(self), "defaults": dict(self.defaults)}

@@ -7,6 +7,11 @@ figures, instead of a load that takes the machine down.  A context loaded
 later for a model in memory (llama.cpp's embedding context) reserves its
 share the same way.
 
+A model pinned (``pin``: ``POST /v1/models/{id}/pin``) is never taken out to make
+room, nor unloaded when idle; a load that would need its memory is OOM_RAM. The pin
+belongs to the model's id in this process: it lasts while the model stays in the
+catalog, and an explicit unload (the ``unload`` op) drops it.
+
 A load can take minutes (a 7B model in float32, a slow disk), so nothing that
 heartbeats or status reads waits for one: the bookkeeping lock is never held
 across a load, and ``loaded()``/``loading()`` read snapshots.  One model loads
@@ -111,6 +116,7 @@ class ModelStats:
     load_failures: int = 0
     load_s: float = 0.0  # total seconds of the loads that succeeded
     unloads: int = 0
+    last_used_at: float | None = None  # wall-clock time a request last finished with it
 
 
 class ModelPool:
@@ -139,6 +145,7 @@ class ModelPool:
         self._loading: dict[str, _Loading] = {}
         self._names: tuple[str, ...] = ()  # snapshot of _loaded's keys, for heartbeats
         self._stats: dict[str, ModelStats] = {}
+        self._pinned: set[str] = set()  # never evicted nor unloaded when idle
         self._lock = threading.RLock()  # bookkeeping only: never held across a load
         self._load_lock = threading.Lock()  # one load at a time, so budgets add up
         self._closed = threading.Event()
@@ -187,6 +194,7 @@ class ModelPool:
         with self._lock:
             slot.in_use -= 1
             slot.last_used = self._clock()
+            self._stats.setdefault(model_id, ModelStats()).last_used_at = time.time()
             if not slot.stale or slot.in_use or slot.closed:
                 return
             self._forget(model_id, slot)
@@ -207,6 +215,7 @@ class ModelPool:
         next request for a changed one loads it anew. Never waits for an engine to close."""
         with self._lock:
             old, self.catalog = self.catalog, dict(catalog)
+            self._pinned &= set(self.catalog)
             stale = [(m, s) for m, s in self._loaded.items() if self.catalog.get(m) != s.entry]
             idle = []
             for model_id, slot in stale:
@@ -237,6 +246,22 @@ class ModelPool:
         slot.engine.close()
         log.info("unloaded %s", model_id)
         return True
+
+    def pin(self, model_id: str) -> None:
+        """Keep ``model_id`` loaded: no eviction, no idle unload (it is loaded already: ``use``)."""
+        with self._lock:
+            self._pinned.add(model_id)
+
+    def unpin(self, model_id: str) -> bool:
+        """Let ``model_id`` go again like any other; False when it was not pinned."""
+        with self._lock:
+            pinned = model_id in self._pinned
+            self._pinned.discard(model_id)
+            return pinned
+
+    def pinned(self) -> tuple[str, ...]:
+        """The pinned models; never waits (heartbeats call it)."""
+        return tuple(sorted(self._pinned))
 
     def close(self) -> None:
         self._closed.set()
@@ -333,7 +358,9 @@ class ModelPool:
     def _make_room(self, need: int, what: str) -> None:
         """Unload least recently used idle models until ``need`` fits, or raise OOM_RAM."""
         with self._lock:
-            order = sorted(self._loaded, key=lambda m: self._loaded[m].last_used)
+            order = sorted(
+                (m for m in self._loaded if m not in self._pinned), key=lambda m: self._loaded[m].last_used
+            )
         for victim in order:
             if self._fits(need):
                 break
@@ -341,9 +368,11 @@ class ModelPool:
         if not self._fits(need):
             with self._lock:
                 used = sum(s.estimate_bytes for s in self._loaded.values())
+                pinned = [m for m in self._loaded if m in self._pinned]
             raise OomRamError(
                 f"{what} needs about {need / MIB:.0f} MiB; {self._free_bytes() / MIB:.0f} MiB of host "
                 f"memory is free and {used / MIB:.0f} MiB is held by models in use"
+                + (f" or pinned ({', '.join(pinned)}: unpin one to make room)" if pinned else "")
                 + (
                     f" ({self.modality} memory budget {self.budget_bytes / MIB:.0f} MiB)"
                     if self.budget_bytes
@@ -368,6 +397,8 @@ class ModelPool:
 
     def _idle_limit(self, slot: _Loaded) -> float | None:
         """Idle seconds before ``slot`` is unloaded; None: never."""
+        if slot.entry.id in self._pinned:
+            return None
         limit = self.idle_unload_s if slot.keep_alive_s is None else slot.keep_alive_s
         return None if limit is None or limit < 0 or (limit == 0 and slot.keep_alive_s is None) else limit
 
@@ -405,13 +436,14 @@ class ModelPool:
 class PooledManager:
     """A manager whose models live in a ModelPool: the operations every modality shares.
 
-    ``models`` (answered on the I/O thread), ``load`` and ``unload`` are the pool's; any op in
-    ``operations`` is the loaded engine's method of that name, called with the request.
+    ``models`` (answered on the I/O thread), ``load``, ``unload``, ``pin`` and ``unpin`` are the
+    pool's; any op in ``operations`` is the loaded engine's method of that name, called with the
+    request.
     ``engine_of``: the engine an entry of the catalog needs (None: not known yet), so that
     the engines of the catalog are imported before the manager serves (Engine.preload).
     """
 
-    inline_ops = frozenset({"models", "configure"})
+    inline_ops = frozenset({"models", "configure", "unpin"})
 
     def __init__(
         self,
@@ -445,6 +477,7 @@ class PooledManager:
             "loading": self.pool.loading(),
             "model_stats": self.pool.stats(),
             "catalog": sorted(self.pool.catalog),
+            "pinned": list(self.pool.pinned()),
         }
 
     def close(self) -> None:
@@ -457,14 +490,19 @@ class PooledManager:
                 {"id": m, "state": "loaded" if m in loaded else "available"} for m in self.pool.catalog
             ]
             return Reply({"models": listing})
-        if ctx.op == "unload":
-            return Reply({"unloaded": self.pool.unload(ctx.model)})
+        if ctx.op == "unload":  # asked for: its pin goes with it (one in use stays, pinned)
+            unloaded = self.pool.unload(ctx.model)
+            if unloaded:
+                self.pool.unpin(ctx.model)
+            return Reply({"unloaded": unloaded})
+        if ctx.op == "unpin":
+            return Reply({"unpinned": self.pool.unpin(ctx.model)})
         if ctx.op == "configure":  # a reload: the new catalog of this modality
             entries = [ModelEntry.from_settings(raw) for raw in ctx.params.get("models", [])]
             changes = self.pool.configure({e.id: e for e in entries})
             log.info("catalog reloaded: %s", changes)
             return Reply(changes)
-        if ctx.op not in self.operations and ctx.op != "load":
+        if ctx.op not in self.operations and ctx.op not in ("load", "pin"):
             raise UnsupportedError(f"the {self.pool.modality} manager has no operation {ctx.op!r}")
         keep_alive_s = ctx.params.pop("keep_alive_s", None)  # for the pool, not the engine
         if keep_alive_s is not None and (
@@ -478,5 +516,8 @@ class PooledManager:
                 self.pool.keep_alive(ctx.model, float(keep_alive_s))
             if ctx.op == "load":
                 return Reply({"loaded": ctx.model})
+            if ctx.op == "pin":  # loaded now (by ``use``), and kept
+                self.pool.pin(ctx.model)
+                return Reply({"pinned": ctx.model})
             result: Reply = getattr(engine, ctx.op)(ctx)
             return result
