@@ -3,8 +3,9 @@
 A ``Batcher`` owns a llama.cpp context with ``n_parallel`` sequences (each with a KV
 stream of its own, ``n_ctx`` tokens long) and one thread that drives it. Each step it
 builds one ``llama_batch``: the last token of every running sequence that its reader is
-ready for, then prompt tokens of sequences still reading their prompt (chunked, so a long
-prompt joins a running batch without stalling it), calls ``llama_decode`` once, and draws
+ready for, then prompt tokens of sequences still reading their prompt (at most PREFILL_BUDGET
+a step while others generate, first come first served, so a long prompt joins a running batch
+without stalling it long), calls ``llama_decode`` once, and draws
 each sequence's next token with that request's own llama.cpp sampler chain (penalties,
 grammar, top-k/top-p/min-p, temperature and seed). The request's worker thread reads its
 tokens as they come (``Batcher.take``); it runs at most LOOKAHEAD tokens ahead of its
@@ -55,14 +56,22 @@ log = logging.getLogger("allm.text.batch")
 #: tokens drawn ahead of a reader: a reader a moment late still joins the next step (with one,
 #: late readers split a batch of four into two decodes: 0.74x llama-server's rate instead of 1.00x)
 LOOKAHEAD = 3
-#: prompt tokens one step decodes while other sequences are generating (chunked prefill)
-PREFILL_CHUNK = 64
+#: prompt tokens one step decodes while other sequences are generating (chunked prefill), given
+#: to the prompts first come, first served: finishing one prompt before the next gives the
+#: earlier request its first token sooner (64 tokens to each prompt a step made eight agents'
+#: first turns wait 2.1x llama-server's; bench/agents.py) and costs the later ones nothing, as
+#: a step reads prompt tokens at about the same rate from 64 to 512. A step of 256 holds a
+#: running stream's next token back ~1 s on 2 cores; llama-server's steps take up to 2048.
+PREFILL_BUDGET = 256
 #: the aligned chunk a seeded request's prompt is decoded in
 SEEDED_CHUNK = 64
 #: the most tokens one llama_decode takes
 N_BATCH = 512
-#: a sequence's cache is saved before it is given up when this many of its tokens would be lost
-SAVE_MIN_TOKENS = 64
+#: a sequence's cache is saved before it is given up when this many of its tokens would be lost:
+#: an agent's turn adds a message and a reply (at 64, a turn of 53 tokens went unsaved and the
+#: next turn computed it again); a save is one copy of the sequence's cache (~40 MB for 1,800
+#: tokens of SmolLM2, some milliseconds), and it supersedes the entry it extends
+SAVE_MIN_TOKENS = 16
 #: a saved prefix is restored when it gives this many more tokens than the best free sequence
 RESTORE_MIN_TOKENS = 64
 
@@ -407,14 +416,13 @@ class Batcher:
             draft = self._draft(work, room)
             room -= len(draft)
             add(work, [work.last, *draft], 1 + len(draft))
-        for work in group:
-            if not work.todo or n >= N_BATCH:
+        budget = PREFILL_BUDGET if generating else N_BATCH
+        for work in group:  # in the order they came
+            if not work.todo or n >= N_BATCH or budget <= 0:
                 continue
-            if work.seeded:
-                chunk = SEEDED_CHUNK - work.pos % SEEDED_CHUNK
-            else:
-                chunk = PREFILL_CHUNK if generating else N_BATCH
+            chunk = SEEDED_CHUNK - work.pos % SEEDED_CHUNK if work.seeded else budget
             take = work.todo[: min(chunk, N_BATCH - n)]
+            budget -= len(take)
             add(work, take, 1 if len(take) == len(work.todo) else 0)
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, batch)
