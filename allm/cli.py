@@ -364,12 +364,30 @@ def pull(args: argparse.Namespace) -> int:
 
 def remove(args: argparse.Namespace) -> int:
     """Delete a pulled model's files and its record."""
+    from allm import running
     from allm.hub import PullError, Store
     from allm.hub.progress import size_text
 
     config = _load(args.config, {"data_dir": args.data_dir})
     if config is None:
         return 2
+    try:
+        url = running.server_url(config, args.server)
+    except ValueError as exc:
+        print(f"allm rm: {exc}", file=sys.stderr)
+        return 2
+    query = "?force=true" if args.force else ""
+    answer = running.ask(config, url, "DELETE", running.model_path(args.id) + query)
+    if answer is not None and answer[0] != 404:  # a server serves it: it removes the model
+        status, body = answer
+        if status != 200:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            message = error.get("message", body) if isinstance(error, dict) else error
+            hint = " (allm rm --force unloads it first)" if status == 409 else ""
+            print(f"allm rm: the server at {url} refused ({status}): {message}{hint}", file=sys.stderr)
+            return 1
+        print(f"removed {args.id} (through the server at {url})")
+        return 0
     try:
         model = Store(config.data_dir).remove(args.id)
     except PullError as exc:
@@ -518,6 +536,12 @@ def parser() -> argparse.ArgumentParser:
     drop.add_argument("id", metavar="ID", help="the pulled model's id, as `allm models` lists it")
     drop.add_argument("--config", type=Path, help=CONFIG_HELP)
     drop.add_argument("--data-dir", help="where pulled models live, under models/ (ALLM_DATA_DIR)")
+    drop.add_argument(
+        "--server",
+        help="the running server to remove it through (default: the configuration's host and port); "
+        "where one answers, a loaded model is refused unless --force",
+    )
+    drop.add_argument("--force", action="store_true", help="unload it first where a server has it loaded")
     drop.set_defaults(run=remove)
     return top
 

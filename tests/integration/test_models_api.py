@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 
 from allm.hub import Store, pull
 from tests.hub_server import HubServer
-from tests.integration.gateway_server import Server, running_server
+from tests.integration.gateway_server import ALLM, Server, running_server
 from tests.model_files import smollm2_path
 from tests.waits import wait_for
 
@@ -188,6 +189,23 @@ def test_delete_refuses_a_loaded_model_unless_forced_and_any_configured_one(serv
     status, body = server.json("DELETE", f"/v1/models/{DEFAULT}")
     assert (status, body["error"]["code"]) == (400, "model_not_pulled")
     assert server.json("DELETE", "/v1/models/nothing-here")[0] == 404
+
+
+def test_allm_rm_goes_through_the_running_server_and_refuses_a_loaded_model(server, data_dir):
+    pulled_ids(server, f"{REPO}:Q5_K_M", "smol-rm")
+    assert server.json("POST", "/v1/models/smol-rm/load")[0] == 200
+    wait_for(lambda: listed(server)["smol-rm"]["state"] == "loaded", 30, "the load to show")
+    rm = [str(ALLM), "rm", "smol-rm", "--data-dir", str(data_dir), "--server", server.base_url]
+    refused = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "is loaded" in refused.stderr
+    assert "--force" in refused.stderr
+    assert Store(data_dir).get("smol-rm") is not None
+    forced = subprocess.run([*rm, "--force"], capture_output=True, text=True, timeout=60)
+    assert forced.returncode == 0, forced.stderr
+    assert "through the server" in forced.stdout
+    assert Store(data_dir).get("smol-rm") is None
+    assert "smol-rm" not in listed(server)
 
 
 def test_ollama_pull_streams_its_progress_lines_and_delete_removes_it(server):
