@@ -20,20 +20,25 @@ import pytest
 from allm.hub import Store, pull
 from tests.hub_server import HubServer
 from tests.integration.gateway_server import ALLM, Server, running_server
-from tests.model_files import smollm2_path
+from tests.model_files import smollm2_path, write_hf_model
 from tests.waits import wait_for
+from tests.whisper_files import speech_wav, tiny_en_source
 
 REPO = "bartowski/SmolLM2-135M-Instruct-GGUF"
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0", "IQ4_XS", "Q5_K_M", "Q6_K")
 DEFAULT = "smollm2-135m-instruct"
+WHISPER = "Systran/faster-whisper-tiny.en"
 #: one SmolLM2 at n_ctx 4096 takes about 910 MiB by the pool's estimate: room for one, not two
 BUDGET_MIB = 1400
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[HubServer]:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    llama = write_hf_model(tmp_path_factory.mktemp("hub-files") / "llama", "llama")
     with HubServer() as server:
         server.add(REPO, {f"SmolLM2-135M-Instruct-{q}.gguf": smollm2_path() for q in QUANTS})
+        server.add(WHISPER, {p.name: p for p in tiny_en_source().iterdir()})
+        server.add("test/tiny-llama", {p.name: p for p in llama.iterdir() if p.is_file()})
         yield server
 
 
@@ -126,6 +131,24 @@ def test_a_pull_streams_progress_then_its_model_is_served_by_id(server):
     assert row["context_length"] == 4096
     assert row["last_used"] >= time.time() - 60
     assert row["created"] > 0
+
+
+def test_a_pulled_whisper_transcribes_and_a_pulled_safetensors_model_chats(server, tmp_path):
+    """Each kind a pull registers is served by its manager: speech in CTranslate2 form (the audio
+    manager converts it for whisper.cpp), and a safetensors directory (transformers)."""
+    assert pulled_ids(server, WHISPER, "pulled-whisper")["modality"] == "audio"
+    sdk = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    wav = speech_wav(tmp_path / "paris.wav", "Paris is the capital of France.").read_bytes()
+    heard = sdk.audio.transcriptions.create(model="pulled-whisper", file=("paris.wav", wav))
+    assert "Paris" in heard.text
+    assert pulled_ids(server, "test/tiny-llama", "pulled-llama")["modality"] == "text"
+    status, reply = server.json(
+        "POST",
+        "/v1/chat/completions",
+        {"model": "pulled-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    )
+    assert status == 200, reply
+    assert reply["usage"]["completion_tokens"] > 0
 
 
 def test_pulling_a_model_again_fetches_nothing(server, hub):

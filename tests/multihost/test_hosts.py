@@ -123,10 +123,10 @@ def assert_success_or_coded(outcomes):
             assert body["error"]["code"] in FAULT_CODES, body
 
 
-def load(server, n: int, max_tokens: int = 40):
+def load(server, n: int, max_tokens: int = 40, content: str = "Write a long essay about mountains."):
     """Start n requests at once; returns their futures."""
     pool = concurrent.futures.ThreadPoolExecutor(n)
-    futures = [pool.submit(chat, server, max_tokens) for _ in range(n)]
+    futures = [pool.submit(chat, server, max_tokens, content) for _ in range(n)]
     pool.shutdown(wait=False)
     return futures
 
@@ -227,8 +227,9 @@ def test_a_continued_conversation_goes_back_to_the_host_that_holds_its_prefix(cl
     # Both hosts get the model loaded (two at once go one to each).
     assert [f.result(120)[0] for f in load(server, 2, max_tokens=4)] == [200, 200]
     assert all(m["models"] == [MODEL] for m in managers(server).values())
-    # Keep the first host busy, so the conversation starts on the second one.
-    busy = load(server, 1, max_tokens=300)
+    # Keep the first host busy, so the conversation starts on the second one. A conversation of
+    # its own: the essays above made the second host the home of theirs, and a tie goes home.
+    busy = load(server, 1, max_tokens=300, content="Write a long essay about rivers.")
     wait_for(lambda: managers(server)[first.endpoint]["active"] > 0, 60, "the first host to be busy")
     before = finished(second)
     opened = respond(server, input="My name is Ada. Remember it.")
