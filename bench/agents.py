@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from allm.gateway.catalog import default_model_path
-from bench.gateway import free_port, llama_server_binary, server
+from bench.gateway import free_port, llama_server_command, server
 
 WORDS = [
     "file",
@@ -225,10 +225,9 @@ def commands(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[str], 
         "--port",
         str(allm_port),
     ]
-    llama = [str(llama_server_binary()), "--model", str(path), "--alias", "smol",
-             "--ctx-size", str(args.ctx * args.parallel), "--parallel", str(args.parallel),
-             "--threads", str(args.threads), "--threads-batch", str(args.threads),
-             "--host", "127.0.0.1", "--port", str(llama_port)]  # fmt: skip
+    llama = llama_server_command(
+        path, ctx=args.ctx, parallel=args.parallel, threads=args.threads, port=llama_port
+    )
     return {"allm": (allm, allm_port, "/ready"), "llama-server": (llama, llama_port, "/health")}
 
 

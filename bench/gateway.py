@@ -143,6 +143,19 @@ def llama_server_binary() -> Path:
     return binary
 
 
+def llama_server_command(
+    model: Path, *, ctx: int, parallel: int, threads: int, port: int, extra: Iterable[str] = ()
+) -> list[str]:
+    """llama-server serving ``model`` as "smol" on loopback: ``parallel`` slots of ``ctx`` tokens
+    each, ``threads`` for prompts and generation alike, then ``extra`` flags."""
+    return [
+        str(llama_server_binary()),
+        *("--model", str(model), "--alias", "smol", "--ctx-size", str(ctx * parallel)),
+        *("--parallel", str(parallel), "--threads", str(threads), "--threads-batch", str(threads)),
+        *("--host", "127.0.0.1", "--port", str(port), *extra),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
@@ -171,25 +184,10 @@ def main() -> None:
         f"\n[text]\nslots = {args.parallel}\n"
     )
     allm_port, llama_port, server_port, default_port = free_port(), free_port(), free_port(), free_port()
-    server_cmd = [
-        str(llama_server_binary()),
-        "--model",
-        str(path),
-        "--alias",
-        "smol",
-        "--ctx-size",
-        str(2048 * args.parallel),  # the same context a sequence as allm's
-        "--parallel",
-        str(args.parallel),
-        "--threads",
-        str(args.threads),
-        "--threads-batch",
-        str(args.threads),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(server_port),
-    ]
+    # the same context a sequence as allm's
+    server_cmd = llama_server_command(
+        path, ctx=2048, parallel=args.parallel, threads=args.threads, port=server_port
+    )
     allm_cmd = [
         str(Path(sys.executable).parent / "allm"),
         "serve",

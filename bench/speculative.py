@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from allm.gateway.catalog import default_model_path
-from bench.gateway import free_port, llama_server_binary, server
+from bench.gateway import free_port, llama_server_command, server
 
 PASSAGE = (
     "The lighthouse stands on the northern cape. Every evening the keeper climbs the ninety "
@@ -116,10 +116,7 @@ def commands(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[str], 
         out[name] = (cmd, port, "/ready")
     for name, extra in (("llama-server", []), ("llama-server ngram", ["--spec-type", "ngram-simple"])):
         port = free_port()
-        cmd = [str(llama_server_binary()), "--model", str(path), "--alias", "smol",
-               "--ctx-size", str(2048 * top), "--parallel", str(top),
-               "--threads", str(args.threads), "--threads-batch", str(args.threads),
-               "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
+        cmd = llama_server_command(path, ctx=2048, parallel=top, threads=args.threads, port=port, extra=extra)
         out[name] = (cmd, port, "/health")
     return out
 
