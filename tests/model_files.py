@@ -25,6 +25,25 @@ def smollm2_path() -> Path:
     return path
 
 
+def smollm2_requantized(path: Path) -> Path:
+    """SmolLM2 requantized to Q4_0 by llama.cpp: the same tokenizer and nearly the same model,
+    whose greedy tokens mostly agree with the Q4_1 original's (a draft model that is right
+    often, and wrong sometimes)."""
+    if path.is_file():
+        return path
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    partial = path.with_suffix(".partial")
+    rc = llama_cpp.llama_model_quantize(str(smollm2_path()).encode(), str(partial).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not requantize SmolLM2 (status {rc})")
+    partial.rename(path)
+    return path
+
+
 def write_gguf(path: Path, arch: str = "llama", n_embd: int = 64) -> Path:
     """A small well-formed GGUF: header, metadata and two f32 tensors."""
     writer = gguf.GGUFWriter(str(path), arch)

@@ -21,10 +21,11 @@ differ in the last bits): the same arithmetic whether it runs alone or beside ot
 whether its prefix was cached or not, so the same seed gives the same text (docs/agents.md,
 "Sampling").
 
-Speculative decoding (``speculative = "ngram"``): a request that is not seeded has a draft
-looked up in its own text (allm/managers/text/speculation.py) decoded with its next token in
-the same step; a token is drawn at every position with its own sampler, and the draws are kept
-while they match the draft, the rest of the step's cache removed. What is kept is what the
+Speculative decoding (``speculative = "ngram"``, or a ``draft`` model): a request that is not
+seeded has a draft, looked up in its own text (allm/managers/text/speculation.py) or guessed by
+the draft model (allm/managers/text/draft_model.py), decoded with its next token in the same
+step; a token is drawn at every position with its own sampler, and the draws are kept while
+they match the draft, the rest of the step's cache removed. What is kept is what the
 model draws without drafts; where the guesses are right, several tokens come from one step.
 
 Prefixes outlive their sequence: before a sequence's cache is given up to another prompt, its
@@ -47,9 +48,10 @@ import llama_cpp
 import numpy as np
 
 from allm.kernel.codes import AllmError, CancelledError, DeadlineError, InternalError, LoadFailedError
+from allm.managers.text.draft_model import DraftModel, Want
 from allm.managers.text.prefix_cache import Entry as SavedPrefix
 from allm.managers.text.prefix_cache import PrefixCache, common_start
-from allm.managers.text.speculation import NgramDrafter
+from allm.managers.text.speculation import Drafter, NgramDrafter
 
 log = logging.getLogger("allm.text.batch")
 
@@ -127,7 +129,7 @@ class Work:
         *,
         top_logprobs: int | None,
         seeded: bool,
-        drafter: NgramDrafter | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         self.prompt = prompt
         self.drafter = drafter  # its drafts, where it speculates
@@ -158,6 +160,7 @@ class Batcher:
         logprob_of: LogprobOf,
         cache_bytes: int = 0,
         speculative: str = "none",
+        draft_model: DraftModel | None = None,
         is_eog: Callable[[int], bool] = lambda _token: False,
         type_k: int | None = None,
         type_v: int | None = None,
@@ -190,6 +193,7 @@ class Batcher:
         self._sequences = [_Sequence(i) for i in range(n_parallel)]
         self.cache = PrefixCache(cache_bytes)
         self.speculative = speculative
+        self.draft_model = draft_model  # closed with the batcher
         self._is_eog = is_eog
         self.drafted = 0  # draft tokens decoded, all requests together
         self.accepted = 0  # of them, the ones kept
@@ -204,8 +208,11 @@ class Batcher:
 
     def start(self, prompt: list[int], sampler: Any, *, top_logprobs: int | None, seeded: bool) -> Work:
         # A seeded request is decoded alone, a token a call: its arithmetic stays the same
-        speculates = self.speculative == "ngram" and not seeded
-        drafter = NgramDrafter(prompt, self.n_ctx) if speculates else None
+        drafter: Drafter | None = None
+        if self.draft_model is not None and not seeded:
+            drafter = Drafter(prompt, self.n_ctx)
+        elif self.speculative == "ngram" and not seeded:
+            drafter = NgramDrafter(prompt, self.n_ctx)
         work = Work(prompt, sampler, top_logprobs=top_logprobs, seeded=seeded, drafter=drafter)
         with self._cond:
             if self._closed:
@@ -254,6 +261,8 @@ class Batcher:
         self.cache.clear()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self.ctx)
+        if self.draft_model is not None:
+            self.draft_model.close()
 
     # -- the batch thread ------------------------------------------------------------
 
@@ -410,11 +419,8 @@ class Batcher:
             added.append((work, tokens))
 
         generating = [w for w in group if not w.todo]
-        room = N_BATCH - len(generating)  # what drafts may take: every next token comes first
-        for work in generating:
+        for work, draft in zip(generating, self._drafts(generating), strict=True):
             assert work.last is not None
-            draft = self._draft(work, room)
-            room -= len(draft)
             add(work, [work.last, *draft], 1 + len(draft))
         budget = PREFILL_BUDGET if generating else N_BATCH
         for work in group:  # in the order they came
@@ -450,12 +456,28 @@ class Batcher:
                 work.out.extend(out)
             self._cond.notify_all()
 
-    def _draft(self, work: Work, room: int) -> list[int]:
-        """A guess at the tokens after ``work``'s next one (none where it does not speculate)."""
-        if work.drafter is None:
-            return []
-        room = min(room, self.n_ctx - work.pos - 1)  # never past the sequence's context
-        return work.drafter.draft(room)
+    def _drafts(self, generating: list[Work]) -> list[list[int]]:
+        """A guess at the tokens after each generating request's next one (none where it does
+        not speculate): never past a sequence's context, nor past the batch, where every next
+        token comes first."""
+        room = N_BATCH - len(generating)
+        most = []
+        for work in generating:
+            n = 0 if work.drafter is None else min(room, work.drafter.draft_len, self.n_ctx - work.pos - 1)
+            room -= n
+            most.append(n)
+        if self.draft_model is not None:
+            wants = [
+                Want(work.sequence.seq, work.drafter.tokens(), n)
+                for work, n in zip(generating, most, strict=True)
+                if work.drafter is not None and work.sequence is not None
+            ]
+            guessed = iter(self.draft_model.drafts(wants))
+            return [next(guessed) if w.drafter is not None else [] for w in generating]
+        return [
+            w.drafter.draft(n) if isinstance(w.drafter, NgramDrafter) else []
+            for w, n in zip(generating, most, strict=True)
+        ]
 
     def _draw(self, work: Work, index: int, draft: list[int]) -> list[tuple[int, Entry | None]]:
         """Draw ``work``'s tokens from the logits at ``index`` on: one, then one more for each

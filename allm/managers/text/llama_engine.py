@@ -27,16 +27,17 @@ from llama_cpp.llama_grammar import LlamaGrammar
 from allm.kernel.codes import InternalError, UnsupportedError
 from allm.kernel.contract import Reply, RequestContext
 from allm.managers.files.gguf import GGUFHeader
-from allm.managers.text.batching import Batcher
+from allm.managers.text.batching import N_BATCH, Batcher
 from allm.managers.text.chat_format import Family, family_of, render_chat, thinks
 from allm.managers.text.chat_grammar import json_gbnf
 from allm.managers.text.chat_plan import plan_reply
+from allm.managers.text.draft_model import DraftModel, check_same_vocab
 from allm.managers.text.generation import ChatDetokenizer, run_chat, run_generation
 from allm.managers.text.llama_load import load_llama, prefix_cache_bytes
 from allm.managers.text.options import LlamaOptions
 from allm.managers.text.request import ChatRequest, chat_request, prompt_of
 from allm.managers.text.sampling import PENALTY_LAST_N, Sampling, logprob_entry
-from allm.managers.text.speculation import NgramDrafter
+from allm.managers.text.speculation import Drafter
 
 log = logging.getLogger("allm.text.llama")
 
@@ -64,6 +65,8 @@ class LlamaEngine:
         options: LlamaOptions,
         progress: Callable[[float], None] | None = None,
         reserve_embedder: Callable[[], None] | None = None,
+        *,
+        draft: tuple[str, GGUFHeader] | None = None,
     ) -> None:
         self.model_id = model_id
         self.header = header
@@ -73,11 +76,14 @@ class LlamaEngine:
         self._reserve_embedder = reserve_embedder
         # The binding's Llama gives the model, its tokenizer and metadata; its own context is
         # left tiny: generation runs in the batcher's, a sequence per request.
-        self.llm = load_llama(
-            model_id, header, options, n_ctx=TOKENIZER_CTX, embedding=False, progress=progress
-        )
+        share = 1.0 if draft is None else header.file_size / (header.file_size + draft[1].file_size)
+        own = _part(progress, 0.0, share)
+        self.llm = load_llama(model_id, header, options, n_ctx=TOKENIZER_CTX, embedding=False, progress=own)
         self.n_ctx = options.n_ctx
+        draft_model = None
         try:
+            if draft is not None:
+                draft_model = self._load_draft(*draft, _part(progress, share, 1.0 - share))
             self.batcher = Batcher(
                 self.llm._model.model,
                 n_parallel=options.n_parallel,
@@ -89,12 +95,15 @@ class LlamaEngine:
                 ),
                 cache_bytes=prefix_cache_bytes(header, options),
                 speculative=options.speculative,
+                draft_model=draft_model,
                 is_eog=lambda token: bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)),
                 type_k=GGML_TYPES[options.cache_type_k],
                 type_v=GGML_TYPES[options.cache_type_v],
                 name=model_id,
             )
         except BaseException:
+            if draft_model is not None:
+                draft_model.close()
             self.llm.close()
             raise
         meta = self.llm.metadata
@@ -113,6 +122,28 @@ class LlamaEngine:
                 stop_token_ids=[eos],
             )
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+
+    def _load_draft(
+        self, draft_id: str, header: GGUFHeader, progress: Callable[[float], None] | None
+    ) -> DraftModel:
+        """The draft model in a context of as many sequences as the target's; refused (and
+        freed) if its tokens are not the target's."""
+        options = self.options
+        llm = load_llama(draft_id, header, options, n_ctx=TOKENIZER_CTX, embedding=False, progress=progress)
+        try:
+            check_same_vocab(self.model_id, self.llm, draft_id, llm)
+            return DraftModel(
+                llm,
+                n_vocab=self.llm.n_vocab(),
+                n_parallel=options.n_parallel,
+                n_ctx=options.n_ctx,
+                n_threads=options.n_threads or 1,
+                n_batch=N_BATCH,
+                name=draft_id,
+            )
+        except BaseException:
+            llm.close()
+            raise
 
     def engine_stats(self) -> dict[str, dict[str, int]]:
         """What /status and /metrics show of it: the saved prefixes (entries, bytes, their
@@ -370,7 +401,7 @@ class _Drawn:
     def __init__(self) -> None:
         self.entry: dict[str, Any] | None = None
         self.cached: int | None = None
-        self.drafter: NgramDrafter | None = None
+        self.drafter: Drafter | None = None
 
     def logprob_of(self, sampling: Sampling) -> Callable[[int], dict[str, Any]] | None:
         """What the token loop calls for each token's logprobs, when the request asks for them.
@@ -436,3 +467,13 @@ class _LlamaDetokenizer:
 
     def flush(self) -> str:
         return self.decoder.decode(b"", final=True)
+
+
+def _part(
+    progress: Callable[[float], None] | None, start: float, share: float
+) -> Callable[[float], None] | None:
+    """A load's progress over ``share`` of the whole from ``start`` (a target and its draft
+    model load one after the other)."""
+    if progress is None:
+        return None
+    return lambda fraction: progress(start + fraction * share)

@@ -18,11 +18,11 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allm.kernel.codes import CancelledError, DeadlineError, LoadFailedError
+from allm.kernel.codes import AllmError, CancelledError, DeadlineError, LoadFailedError
 from allm.kernel.contract import ManagerInfo, Reply, RequestContext
 from allm.managers.engines import LLAMA_CPP, MLX_LM, ONNX_GENAI, TRANSFORMERS, Engine
 from allm.managers.files.gguf import GGUFHeader
@@ -109,10 +109,15 @@ def option_problems(entry: ModelEntry, fmt: Format) -> list[LoadFailedError]:
     return safetensors_problems(entry.id, entry.options)
 
 
-def plan_load(entry: ModelEntry, cache_dir: Path | None = None) -> Plan:
+def plan_load(
+    entry: ModelEntry,
+    cache_dir: Path | None = None,
+    entry_of: Callable[[str], ModelEntry | None] = lambda _id: None,
+) -> Plan:
     """Check the files, the options and the engine, and estimate memory, before any engine runs.
 
     ``cache_dir``: where a model the onnx backend converts is kept (none: it cannot be).
+    ``entry_of``: the catalog's entry of a model id (a draft model is another model's).
     """
     resolved = resolve(entry)
     for error in option_problems(entry, resolved.format):
@@ -134,12 +139,21 @@ def plan_load(entry: ModelEntry, cache_dir: Path | None = None) -> Plan:
         # a cache of n_ctx tokens for each of its n_parallel sequences, and the saved prefixes
         kv = options.n_parallel * kv_cache_bytes(header, options.n_ctx, options)
         estimate = header.file_size + kv + prefix_cache_bytes(header, options) + OVERHEAD_BYTES
+        draft = _draft_of(entry, options, entry_of)
+        if draft is not None:  # its weights and a cache of its own for each sequence
+            draft_kv = options.n_parallel * kv_cache_bytes(draft[1], options.n_ctx)
+            estimate += draft[1].file_size + draft_kv + OVERHEAD_BYTES
         # The embedding context, loaded on first use, reserves its own cache then.
         embedder_bytes = kv_cache_bytes(header, options.n_ctx) + OVERHEAD_BYTES
         return Plan(
             estimate,
             lambda progress, reserve: LlamaEngine(
-                entry.id, header, options, progress, lambda: reserve(embedder_bytes, "the embedding context")
+                entry.id,
+                header,
+                options,
+                progress,
+                lambda: reserve(embedder_bytes, "the embedding context"),
+                draft=draft,
             ),
         )
     from allm.managers.text.safetensors_engine import SafetensorsEngine, kv_cache_bytes_of
@@ -156,6 +170,33 @@ def plan_load(entry: ModelEntry, cache_dir: Path | None = None) -> Plan:
         return SafetensorsEngine(entry.id, info, entry.options, progress)
 
     return Plan(estimate, load)
+
+
+def _draft_of(
+    entry: ModelEntry, options: LlamaOptions, entry_of: Callable[[str], ModelEntry | None]
+) -> tuple[str, GGUFHeader] | None:
+    """The draft model an entry names: its id and GGUF header (a GGUF model of this catalog)."""
+    if options.draft is None:
+        return None
+    draft = entry_of(options.draft)
+    if draft is None:
+        raise LoadFailedError(
+            f"{entry.id}: its draft model {options.draft!r} is not a text model of the catalog",
+            param="options.draft",
+        )
+    try:
+        detected = detect(draft.path, Format(draft.format) if draft.format else None)
+    except AllmError as exc:
+        raise LoadFailedError(
+            f"{entry.id}: its draft model {draft.id}: {exc.message}", param="options.draft"
+        ) from exc
+    if detected.format is not Format.GGUF:
+        raise LoadFailedError(
+            f"{entry.id}: its draft model {draft.id} is {detected.format.value}; "
+            "a draft model is a GGUF model",
+            param="options.draft",
+        )
+    return draft.id, read_header(detected.path)
 
 
 def _plan_onnx(entry: ModelEntry, fmt: Format, info: DirectoryInfo, cache_dir: Path | None) -> Plan:
@@ -234,10 +275,13 @@ class TextManager(PooledManager):
         cache_dir = Path(info.settings["cache_dir"]) if info.settings.get("cache_dir") else None
         super().__init__(
             info,
-            lambda entry: plan_load(entry, cache_dir),
+            lambda entry: plan_load(entry, cache_dir, self._entry_of),
             operations=frozenset({"chat", "count", "complete", "embed"}),
             engine_of=lambda entry: resolve(entry).engine,
         )
+
+    def _entry_of(self, model_id: str) -> ModelEntry | None:
+        return self.pool.catalog.get(model_id)
 
     def handle(self, ctx: RequestContext) -> Reply:
         _serving.ctx = ctx

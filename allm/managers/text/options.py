@@ -24,7 +24,8 @@ PRECISIONS = ("int4", "fp16", "fp32")
 #: the key/value cache types llama.cpp takes here, and the bytes each stores a value in
 #: (a q8_0 block: 32 values in 34 bytes; a q4_0 block: 32 values in 18)
 CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-#: speculative decoding: none, or drafts looked up in the request's own text
+#: speculative decoding: none, or drafts looked up in the request's own text (a draft model is
+#: the ``draft`` option)
 SPECULATIVE = ("none", "ngram")
 #: the precisions its model builder builds for each provider (the builder's own list of pairs)
 PROVIDER_PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp32", "fp16", "int4"), "dml": ("fp16", "int4")}
@@ -117,8 +118,28 @@ def llama_problems(model_id: str, options: Mapping[str, Any]) -> list[LoadFailed
             lambda: _choice(model_id, options, "cache_type_k", tuple(CACHE_TYPES)),
             lambda: _choice(model_id, options, "cache_type_v", tuple(CACHE_TYPES)),
             lambda: _choice(model_id, options, "speculative", SPECULATIVE),
+            lambda: _draft(model_id, options),
         ]
     )
+
+
+def _draft(model_id: str, options: Mapping[str, Any]) -> None:
+    """``draft``: another model's id, and no other kind of speculation beside it."""
+    if "draft" not in options:
+        return
+    draft = options["draft"]
+    if not isinstance(draft, str) or not draft.strip():
+        raise LoadFailedError(
+            f"{model_id}: option draft must name a model of the catalog, got {draft!r}", param="options.draft"
+        )
+    if draft == model_id:
+        raise LoadFailedError(f"{model_id}: option draft names the model itself", param="options.draft")
+    if options.get("speculative", "none") != "none":
+        raise LoadFailedError(
+            f"{model_id}: options draft and speculative = {options['speculative']!r} are two kinds of "
+            "speculative decoding; give one",
+            param="options.draft",
+        )
 
 
 LLAMA_OPTIONS = frozenset(
@@ -131,6 +152,7 @@ LLAMA_OPTIONS = frozenset(
         "cache_type_k",
         "cache_type_v",
         "speculative",
+        "draft",
     }
 )
 
@@ -200,6 +222,8 @@ class LlamaOptions:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     speculative: str = "none"
+    #: the id of the draft model (speculative decoding with a smaller model of the same tokenizer)
+    draft: str | None = None
 
     @classmethod
     def from_settings(cls, model_id: str, options: Mapping[str, Any]) -> LlamaOptions:
@@ -214,6 +238,7 @@ class LlamaOptions:
             cache_type_k=options.get("cache_type_k", "f16"),
             cache_type_v=options.get("cache_type_v", "f16"),
             speculative=options.get("speculative", "none"),
+            draft=options.get("draft"),
         )
 
 

@@ -1,4 +1,4 @@
-"""Speculative decoding by n-gram lookup: drafts taken from the request's own text, no second model.
+"""Speculative decoding's drafts: by n-gram lookup in the request's own text, or from a draft model.
 
 Text that an agent or an editor asks for often repeats what it was given: code rewritten with
 small edits, a quoted passage, a list continued. Where the last few tokens of a request's text
@@ -12,6 +12,10 @@ distribution), only sooner when the guesses are right.
 
 A wrong guess costs its tokens' compute, so the draft grows while guesses are kept and
 shrinks to what was kept when they are not.
+
+A draft model (``draft = "model-id"``: a smaller model with the same tokenizer) guesses instead,
+by decoding the request's text greedily (allm/managers/text/draft_model.py); the target keeps
+its guesses by the same rule, so the text is the same either way.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ DRAFT_MAX = 8
 DRAFT_START = 4
 
 
-class NgramDrafter:
-    """One request's text so far, and its drafts' length and record."""
+class Drafter:
+    """One request's text so far (its prompt and the tokens drawn), and its drafts' length and
+    record."""
 
     __slots__ = ("accepted", "draft_len", "drafted", "length", "text")
 
@@ -46,6 +51,25 @@ class NgramDrafter:
         self.text[self.length : self.length + len(tokens)] = tokens
         self.length += len(tokens)
 
+    def tokens(self) -> np.ndarray:
+        """The text so far: the prompt and every token drawn (the last not yet decoded)."""
+        return self.text[: self.length]
+
+    def judged(self, drafted: int, accepted: int) -> None:
+        """A draft of ``drafted`` tokens had its first ``accepted`` kept."""
+        self.drafted += drafted
+        self.accepted += accepted
+        if accepted == drafted:
+            self.draft_len = min(DRAFT_MAX, self.draft_len * 2)
+        else:
+            self.draft_len = max(1, accepted)
+
+
+class NgramDrafter(Drafter):
+    """Drafts looked up in the request's own text."""
+
+    __slots__ = ()
+
     def draft(self, most: int) -> list[int]:
         """What followed the latest earlier occurrence of the text's last tokens (at most
         ``most`` tokens, and the current draft length); empty where they never occurred."""
@@ -62,12 +86,3 @@ class NgramDrafter:
                 start = int(found[-1]) + n
                 return [int(t) for t in text[start : start + most]]
         return []
-
-    def judged(self, drafted: int, accepted: int) -> None:
-        """A draft of ``drafted`` tokens had its first ``accepted`` kept."""
-        self.drafted += drafted
-        self.accepted += accepted
-        if accepted == drafted:
-            self.draft_len = min(DRAFT_MAX, self.draft_len * 2)
-        else:
-            self.draft_len = max(1, accepted)
