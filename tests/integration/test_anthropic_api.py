@@ -191,8 +191,15 @@ def test_a_stream_follows_the_event_grammar_and_builds_the_same_message(server):
     assert built["stop_reason"] == whole["stop_reason"]
     assert built["usage"]["output_tokens"] == whole["usage"]["output_tokens"]
     prompt = whole["usage"]["input_tokens"] + whole["usage"]["cache_read_input_tokens"]
-    assert events[0]["message"]["usage"]["input_tokens"] == prompt
+    opened = events[0]["message"]["usage"]
+    assert opened["input_tokens"] + opened["cache_read_input_tokens"] == prompt
     assert built["usage"]["input_tokens"] + built["usage"]["cache_read_input_tokens"] == prompt
+    # sent again, its prompt is in the cache, and message_start says so as the last event does
+    again = stream(server, body)
+    opened = again[0]["message"]["usage"]
+    assert opened["cache_read_input_tokens"] > 0
+    assert opened["cache_read_input_tokens"] == check_grammar(again)["usage"]["cache_read_input_tokens"]
+    assert opened["input_tokens"] + opened["cache_read_input_tokens"] == prompt
 
 
 def test_beta_true_is_the_same_endpoint(server):

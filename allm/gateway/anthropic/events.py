@@ -58,8 +58,9 @@ class Events:
         self.reasoning = ""  # the open thinking block's text, sent or not
         self.calls: dict[int, int] = {}  # the manager's call index → its block's index
 
-    def start(self, input_tokens: int) -> str:
-        """message_start: the message as it begins, with the prompt's length where known yet."""
+    def start(self, prompt_tokens: int, cached: int = 0) -> str:
+        """message_start: the message as it begins, with the prompt's length where known yet
+        (``input_tokens`` those not read from the cache, as in the final usage)."""
         message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
@@ -69,9 +70,9 @@ class Events:
             "stop_reason": None,
             "stop_sequence": None,
             "usage": {
-                "input_tokens": input_tokens,
+                "input_tokens": prompt_tokens - cached,
                 "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_read_input_tokens": cached,
                 "output_tokens": 0,
             },
         }

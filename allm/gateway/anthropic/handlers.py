@@ -171,8 +171,10 @@ async def _open(
         response = await begin(request, FRAMING)
         if opening is None:  # a reply with no chunks: it has ended, its usage is known
             assert stream.result is not None
-            return response, events.start(stream.result.data["usage"]["prompt_tokens"])
-        return response, events.start(opening.data.get("prompt_tokens", 0)) + events.feed(opening.data)
+            data = stream.result.data
+            return response, events.start(data["usage"]["prompt_tokens"], data.get("cached_tokens", 0))
+        opened = events.start(opening.data.get("prompt_tokens", 0), opening.data.get("cached_tokens", 0))
+        return response, opened + events.feed(opening.data)
     response = await begin(request, FRAMING)
     await response.send(events.start(0) + PING)  # the final usage says how long the prompt was
     while not (await asyncio.wait({first}, timeout=PING_EVERY_S))[0]:

@@ -140,9 +140,12 @@ class _ChatLoop:
         sampling: Sampling,
         logprob_of: Callable[[int], dict[str, Any]] | None,
         prompt_tokens: int,
+        *,
+        cached_tokens: Callable[[], int] | None,
     ) -> None:
         self.ctx = ctx
         self.prompt_tokens = prompt_tokens  # told with the first chunk, for APIs that open with it
+        self.cached_tokens = cached_tokens  # and of them, those its cache held (once it is known)
         self.plan = plan
         self.parser = plan.parser
         self.stopper = StopMatcher(sampling.stop)
@@ -165,6 +168,8 @@ class _ChatLoop:
         if self.ctx.stream:
             if not self.ctx.seq:
                 chunk = {**chunk, "prompt_tokens": self.prompt_tokens}
+                if self.cached_tokens is not None:
+                    chunk["cached_tokens"] = self.cached_tokens()
             self.ctx.emit(chunk)
 
     def on(self, event: Event) -> None:
@@ -261,19 +266,21 @@ def run_chat(
     room: int,
     model_id: str,
     logprob_of: Callable[[int], dict[str, Any]] | None = None,
+    cached_tokens: Callable[[], int] | None = None,
 ) -> Reply:
     """The chat token loop: text, reasoning and calls, each streamed as it is generated.
 
     Stream chunks are ``{"text"[, "logprobs"]}``, ``{"reasoning"}``,
     ``{"call": {"index", "id", "name"}}`` and ``{"arguments", "index"}``
-    (docs/agents.md); the first also says ``prompt_tokens``. A reply never
+    (docs/agents.md); the first also says ``prompt_tokens``, and ``cached_tokens`` where the
+    engine says how many of them its cache held (``cached_tokens``, read at the first chunk). A reply never
     holds the same call twice (the repeat ends it) nor more than
     ``plan.max_calls``; a call after the first is streamed once it is
     complete, since it may be such a repeat. A stop sequence that ends the
     reply is named in the result's ``stop_sequence``.
     """
     limit = min(sampling.max_tokens or room, room)
-    loop = _ChatLoop(ctx, plan, sampling, logprob_of, len(prompt))
+    loop = _ChatLoop(ctx, plan, sampling, logprob_of, len(prompt), cached_tokens=cached_tokens)
     grammar = plan.grammar
     constrained = grammar is not None
     finish = "length"

@@ -206,6 +206,7 @@ class LlamaEngine:
             room=self.n_ctx - len(prompt),
             model_id=self.model_id,
             logprob_of=drawn.logprob_of(sampling),
+            cached_tokens=lambda: drawn.cached or 0,
         )
         reply.data["cached_tokens"] = drawn.cached or 0  # prompt tokens its sequence held already
         if drawn.drafter is not None:  # it speculated: its draft tokens, and the ones kept
