@@ -322,22 +322,30 @@ def pull(args: argparse.Namespace) -> int:
     """Fetch a model from the Hugging Face Hub (or HF_ENDPOINT's mirror), check it and register it."""
     from allm.hub import PullError
     from allm.hub import pull as pull_model
+    from allm.hub.asked import asked
     from allm.hub.progress import ProgressLines, size_text
 
     config = _load(args.config, {"data_dir": args.data_dir})
     if config is None:
         return 2
     try:
+        wanted = asked(args.source, args.id, args.revision, args.parts, args.part)
+        if wanted.source is None and wanted.parts is None:
+            print("allm pull: give SOURCE (OWNER/REPO[:QUANT]), or an image model's parts", file=sys.stderr)
+            return 2
         done = pull_model(
-            args.source,
+            wanted.source,
             config.data_dir,
             config.hub,
-            model_id=args.id,
-            revision=args.revision,
+            model_id=wanted.model_id,
+            revision=wanted.revision,
             modality=args.modality,
+            parts=wanted.parts,
+            options=wanted.options,
             progress=ProgressLines(sys.stdout),
             on_wait=lambda: print(
-                f"allm pull: waiting for another pull of {args.id or args.source}", flush=True
+                f"allm pull: waiting for another pull of {wanted.model_id or wanted.source or 'the model'}",
+                flush=True,
             ),
         )
     except PullError as exc:
@@ -516,13 +524,31 @@ def parser() -> argparse.ArgumentParser:
         "directory. SOURCE is OWNER/REPO or OWNER/REPO:QUANT (a GGUF quant such as Q4_K_M, or a "
         "whisper.cpp model such as tiny.en), optionally after hf.co/ or hf://. Without a quant: "
         "Q4_K_M, then Q4_0, then Q8_0, then the smallest. A gated repository needs a token: HF_TOKEN "
-        "or [hub] token_file. A pull cut off resumes where it stopped; a second pull is a no-op.",
+        "or [hub] token_file. A pull cut off resumes where it stopped; a second pull is a no-op. An "
+        "image model made of several files (a Flux: diffusion model, text encoders, VAE) is pulled by "
+        "its parts: --part NAME=FILE for each, or a description file, --parts FILE.",
     )
-    fetch.add_argument("source", metavar="SOURCE", help="OWNER/REPO[:QUANT], after hf.co/ or hf:// too")
+    fetch.add_argument(
+        "source", nargs="?", metavar="SOURCE", help="OWNER/REPO[:QUANT], after hf.co/ or hf:// too"
+    )
     fetch.add_argument("--id", help="the id to serve it under (default: SOURCE as written)")
     fetch.add_argument("--revision", help="a branch, tag or commit of the repository (default: main)")
     fetch.add_argument(
         "--modality", choices=sorted(MANAGERS), help="what the model is (default: told from its files)"
+    )
+    fetch.add_argument(
+        "--part",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="an image model's part, by stable-diffusion.cpp's name (diffusion_model, model, clip_l, "
+        "clip_g, t5xxl, vae, taesd): a file of SOURCE, or OWNER/REPO:FILE of another repository",
+    )
+    fetch.add_argument(
+        "--parts",
+        type=Path,
+        metavar="FILE",
+        help="a TOML description of an image model: source, id, revision, [parts], [options] (the flags win)",
     )
     fetch.add_argument("--config", type=Path, help=CONFIG_HELP + "; its [hub] table")
     fetch.add_argument("--data-dir", help="where pulled models live, under models/ (ALLM_DATA_DIR)")

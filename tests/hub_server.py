@@ -10,6 +10,10 @@
   repository), ``RevisionNotFound`` and ``EntryNotFound`` (404), ``GatedRepo`` (401 without the
   token, 403 with another).
 
+``add_tiny_flux`` serves the tiny Flux of tests/image_files.py as a real one is found: its
+diffusion model in one repository, its text encoder and its VAE (TAESD) in two others, and
+the same model as a single-file checkpoint in a fourth.
+
 Knobs: ``cut_once[(repo, name)] = fraction`` drops the connection once after that share of the
 file; ``flip[(repo, name)] = offset`` serves the file with that byte inverted (the listed
 digests stay the true ones); a repository added with ``gated=True`` wants ``TOKEN``;
@@ -120,6 +124,27 @@ class HubServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)
+
+
+FLUX_REPO = "test/flux-tiny-gguf"  # the diffusion model
+FLUX_ENCODERS = "test/flux-text-encoders"  # clip_l, in a folder as Comfy-Org's repositories keep it
+FLUX_VAES = "test/flux-vaes"  # the TAESD
+FLUX_CHECKPOINT = "test/flux-tiny-checkpoint"  # the single file
+
+
+def add_tiny_flux(hub: HubServer, parts: Mapping[str, Path], checkpoint: Path) -> dict[str, str]:
+    """Serve the tiny Flux (``write_tiny_flux``'s parts, ``write_tiny_flux_checkpoint``'s file) in
+    four repositories; the parts description that pulls it from ``FLUX_REPO``."""
+    encoder = f"text_encoders/{parts['clip_l'].name}"
+    hub.add(FLUX_REPO, {parts["diffusion_model"].name: parts["diffusion_model"], "README.md": b"# tiny\n"})
+    hub.add(FLUX_ENCODERS, {encoder: parts["clip_l"], "README.md": b"# encoders\n"})
+    hub.add(FLUX_VAES, {parts["taesd"].name: parts["taesd"]})
+    hub.add(FLUX_CHECKPOINT, {checkpoint.name: checkpoint})
+    return {
+        "diffusion_model": parts["diffusion_model"].name,
+        "clip_l": f"{FLUX_ENCODERS}:{encoder}",
+        "taesd": f"{FLUX_VAES}:{parts['taesd'].name}",
+    }
 
 
 _INFO = re.compile(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?/?")

@@ -1,4 +1,5 @@
-"""stable-diffusion.cpp files the tests make themselves: a tiny random Flux set, and damaged copies."""
+"""stable-diffusion.cpp files the tests make themselves: a tiny random Flux set, the same Flux as one
+checkpoint, and damaged copies."""
 
 from __future__ import annotations
 
@@ -88,6 +89,51 @@ def tae_encoder_table(z_channels: int = 16) -> list[TensorSpec]:
         for i in range(3):
             block(first + 1 + i)
     conv("encoder.layers.14", c, z_channels)
+    return specs
+
+
+def vae_decoder_table(z_channels: int = 16) -> list[TensorSpec]:
+    """A checkpoint's full VAE decoder, as ``AutoencoderKL`` in stable-diffusion.cpp's vae.hpp builds
+    it decode-only for Flux's latents: 138 tensors, 94.6 MB in f16, names and shapes as the library
+    asked for them when a checkpoint left them out or misshaped.
+
+    A convolution to 512 channels, a middle of two blocks around an attention (1x1 convolutions),
+    four levels of three blocks (512, 512, 256 and 128 channels, from the top; an upsampling
+    convolution after each but the last) and a convolution to RGB.
+    """
+    specs: list[TensorSpec] = []
+
+    def conv(name: str, n_in: int, n_out: int, k: int = 3) -> None:
+        specs.append(TensorSpec(f"{name}.weight", "f16", (k, k, n_in, n_out)))
+        specs.append(TensorSpec(f"{name}.bias", "f32", (n_out, 1, 1, 1)))
+
+    def norm(name: str, c: int) -> None:
+        specs.extend(TensorSpec(f"{name}.{w}", "f32", (c, 1, 1, 1)) for w in ("weight", "bias"))
+
+    def block(name: str, n_in: int, n_out: int) -> None:
+        norm(f"{name}.norm1", n_in)
+        conv(f"{name}.conv1", n_in, n_out)
+        norm(f"{name}.norm2", n_out)
+        conv(f"{name}.conv2", n_out, n_out)
+        if n_in != n_out:
+            conv(f"{name}.nin_shortcut", n_in, n_out, k=1)
+
+    d = "first_stage_model.decoder."
+    conv(d + "conv_in", z_channels, 512)
+    block(d + "mid.block_1", 512, 512)
+    norm(d + "mid.attn_1.norm", 512)
+    for w in ("q", "k", "v", "proj_out"):
+        conv(d + f"mid.attn_1.{w}", 512, 512, k=1)
+    block(d + "mid.block_2", 512, 512)
+    channels = 512
+    for level, wanted in ((3, 512), (2, 512), (1, 256), (0, 128)):
+        for j in range(3):
+            block(d + f"up.{level}.block.{j}", channels, wanted)
+            channels = wanted
+        if level:
+            conv(d + f"up.{level}.upsample.conv", channels, channels)
+    norm(d + "norm_out", 128)
+    conv(d + "conv_out", 128, 3)
     return specs
 
 
@@ -204,6 +250,22 @@ def write_tiny_flux(directory: Path, *, quant: str = "q4_0", seed: int = 0) -> d
         part: write_gguf_part(directory / FILE_NAMES[part], part_table(part), quant=quant, seed=seed + i)
         for i, part in enumerate(TABLES)
     }
+
+
+def write_tiny_flux_checkpoint(path: Path, *, quant: str = "q4_0", seed: int = 0) -> Path:
+    """The tiny Flux as one file, as stable-diffusion.cpp loads a checkpoint (``model``): its
+    diffusion model and CLIP-L under their loader prefixes, and a random full-size VAE decoder
+    (a checkpoint holds no TAESD): 170 MB in q4_0, written in about 2 s. The VAE's encoder is
+    left out, so it loads decode-only, as the image manager loads every model; 64x64 in 2 steps
+    then takes about a second.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    specs = [
+        dataclasses.replace(spec, name=TABLES[part][1] + spec.name)
+        for part in ("diffusion_model", "clip_l")
+        for spec in part_table(part)
+    ]
+    return write_gguf_part(path, specs + vae_decoder_table(), quant=quant, seed=seed)
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> Path:

@@ -6,7 +6,8 @@ speech), and each candidate manager's ``describe`` (the one ``allm check`` and `
 models`` use) reads the files as it would before loading them: the first whose report has
 no problem with the path is the modality, and its report names the format. Problems with
 anything else (an engine not installed) are kept as warnings: the model is registered and
-``allm models`` says what it needs.
+``allm models`` says what it needs. An image model pulled by parts is read the same way, as
+the catalog entry its parts make (``detect_image``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ def detect(model_dir: Path, selection: Selection, model_id: str, modality: str |
         f"the files pulled are no model allm serves ({'; '.join(refusals)}); they were deleted",
         status=422,
     )
+
+
+def detect_image(path: Path, options: Mapping[str, Any], model_id: str) -> Detected:
+    """An image model of parts: the catalog entry of ``path`` (the main part) and ``options`` (the
+    others), read by the image manager; PullError (422) naming the part it refuses."""
+    report = describe(ModelConfig(model_id, str(path), "image", options=options))
+    refused = [p.message for p in report.problems if p.field == "path"]
+    if refused:
+        raise PullError(
+            f"the parts pulled are no image model allm serves: {refused[0]}; they were deleted", status=422
+        )
+    return Detected("image", report.format, path, tuple(f"{p.field}: {p.message}" for p in report.problems))
 
 
 def _check_ctranslate2(model_bin: Path) -> None:

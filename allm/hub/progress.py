@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from allm.hub.pull import Progress
+from allm.hub.fetching import Progress
 
 REDRAW_S = 0.2
 

@@ -9,7 +9,8 @@
   never a pickle. A repository whose weights are pickles only is refused.
 - whisper.cpp: the ``ggml-NAME.bin`` file the tag names (``tiny.en``, ``base-q5_1``); a
   CTranslate2 whisper: ``model.bin``, ``config.json``, the tokenizer and vocabulary.
-- an image model as a single file: a lone ``.safetensors`` (or a GGUF, chosen as above).
+- an image model as a single file: a lone ``.safetensors`` (or a GGUF, chosen as above). An
+  image model of several files is pulled by its parts instead (allm/hub/parts.py).
 
 Where a repository has both GGUF files and safetensors weights, a tag chooses a GGUF quant;
 without one the GGUF default is taken, as the core install serves it.
@@ -191,7 +192,8 @@ def _single_file(files: Sequence[RemoteFile], repo_id: str) -> Selection:
         names = ", ".join(f.name for f in lone[:6])
         raise PullError(
             f"{repo_id} holds several .safetensors files and no config.json ({names}): allm pulls "
-            "single-file image models and safetensors directories with a config.json",
+            "single-file image models and safetensors directories with a config.json; name the file "
+            "as the part model=FILE, or an image model's parts (diffusion_model=FILE, clip_l=..., vae=...)",
             status=422,
         )
     names = ", ".join(sorted(f.name for f in files)[:8]) or "nothing"

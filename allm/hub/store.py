@@ -3,6 +3,7 @@
 Layout::
 
     <data_dir>/models/<safe-name>/                 one pulled model's files, as the repository names them
+                                                   (an image model pulled by parts: PART/NAME, each)
     <data_dir>/models/<safe-name>/allm-pull.json   its record: written last, atomically (rename)
     <data_dir>/models/<safe-name>/.partial/        files being downloaded (kept to resume a pull)
     <data_dir>/models/.locks/<safe-name>.lock      held while a pull or a removal works on it
@@ -54,6 +55,10 @@ class PulledModel:
     files: tuple[StoredFile, ...]
     pulled_at: str  # ISO 8601, UTC
     defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: the catalog entry's options: an image model's other parts (absolute paths) and its defaults
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: an image model pulled by parts: each part's {source: OWNER/REPO, file, commit}
+    parts: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def size_bytes(self) -> int:
@@ -66,12 +71,19 @@ class PulledModel:
             self.path,
             self.modality,
             self.format,
+            options=dict(self.options),
             defaults=dict(self.defaults),
             source=f"hf.co/{self.source}",
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": RECORD_VERSION, **dataclasses.asdict(self), "defaults": dict(self.defaults)}
+        return {
+            "version": RECORD_VERSION,
+            **dataclasses.asdict(self),
+            "defaults": dict(self.defaults),
+            "options": dict(self.options),
+            "parts": {part: dict(where) for part, where in self.parts.items()},
+        }
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> PulledModel:

@@ -16,13 +16,26 @@ import pytest
 
 from allm.gateway.config import HubConfig
 from allm.hub import Progress, Pulled, PullError, Store, pull
-from tests.hub_server import TOKEN, HubServer
+from tests.hub_server import (
+    FLUX_CHECKPOINT,
+    FLUX_ENCODERS,
+    FLUX_REPO,
+    FLUX_VAES,
+    TOKEN,
+    HubServer,
+    add_tiny_flux,
+)
+from tests.image_files import write_tiny_flux, write_tiny_flux_checkpoint
 from tests.model_files import smollm2_path, write_gguf, write_hf_model
 from tests.whisper_files import tiny_en_source, write_tiny_whisper
 
 ALLM = Path(sys.executable).parent / "allm"
 GGUF_REPO = "bartowski/SmolLM2-135M-Instruct-GGUF"
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0", "IQ4_XS")
+#: the tiny Flux by parts, from the three repositories add_tiny_flux fills
+CLIP_L = f"{FLUX_ENCODERS}:text_encoders/clip-l-random.gguf"
+TAESD = f"{FLUX_VAES}:taesd-dit16-random.gguf"
+FLUX = {"diffusion_model": "flux-tiny.gguf", "clip_l": CLIP_L, "taesd": TAESD}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +74,15 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
             },
         )
         yield server
+
+
+@pytest.fixture(scope="module")
+def flux(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    files = tmp_path_factory.mktemp("flux-files")
+    checkpoint = write_tiny_flux_checkpoint(files / "flux-tiny-checkpoint.gguf")
+    described = add_tiny_flux(hub, write_tiny_flux(files / "parts"), checkpoint)
+    assert described == FLUX
+    return described
 
 
 def env_for(hub: HubServer, tmp_path: Path) -> dict[str, str]:
@@ -291,3 +313,143 @@ def test_two_pulls_at_once_make_one_download(hub, tmp_path):
     assert [p.returncode for p in both] == [0, 0]
     assert hub.sent_bytes("test/concurrent") == smollm2_path().stat().st_size
     assert sum("already pulled" in out for out in outs) == 1
+
+
+def test_an_image_model_pulls_by_its_parts_from_three_repositories(hub, flux, tmp_path):
+    """A description file, a --part flag over it: each file fetched and checked as any other, stored
+    under its part's name, and the record carries the catalog options that serve it."""
+    description = tmp_path / "flux.toml"
+    description.write_text(
+        f'source = "{FLUX_REPO}"\nid = "flux-tiny"\n\n[parts]\n'
+        f'diffusion_model = "flux-tiny.gguf"\nclip_l = "{CLIP_L}"\ntaesd = "nobody/nothing:x.gguf"\n\n'
+        "[options]\nsteps = 2\ncfg_scale = 1\n"
+    )
+    env = env_for(hub, tmp_path)
+    done = allm(env, "pull", "--parts", str(description), "--part", f"taesd={TAESD}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    stored = ["diffusion_model/flux-tiny.gguf", "clip_l/clip-l-random.gguf", "taesd/taesd-dit16-random.gguf"]
+    assert [line.split()[1] for line in lines[:3]] == stored
+    assert all("checked" in line for line in lines[:3])
+    assert lines[3].startswith(f"pulled {FLUX_REPO} as flux-tiny: image, flux, 72.2 MiB in ")
+
+    store = Store(tmp_path)
+    model = store.get("flux-tiny")
+    directory = store.directory("flux-tiny").absolute()
+    assert model.path == str(directory / stored[0])
+    assert model.options == {
+        "clip_l": str(directory / stored[1]),
+        "taesd": str(directory / stored[2]),
+        "steps": 2,
+        "cfg_scale": 1.0,
+    }
+    origins = {(FLUX_REPO, "flux-tiny.gguf"), tuple(CLIP_L.split(":")), tuple(TAESD.split(":"))}
+    assert {(p["source"], p["file"]) for p in model.parts.values()} == origins
+    for part in model.parts.values():
+        repo = hub.repos[part["source"]]
+        assert part["commit"] == repo.commit
+        stored_file = next(f for f in model.files if f.name.endswith(Path(part["file"]).name))
+        assert stored_file.sha256 == repo.files[part["file"]].digests()[0]
+    row = {r["id"]: r for r in json.loads(allm(env, "models", "--json").stdout)}["flux-tiny"]
+    assert (row["modality"], row["format"], row["engine"], row["problems"]) == (
+        "image",
+        "flux",
+        "stable-diffusion.cpp",
+        [],
+    )
+
+    sent = sum(hub.sent.values())
+    again = allm(env, "pull", "--parts", str(description), "--part", f"taesd={TAESD}")
+    assert (again.returncode, "is already pulled" in again.stdout) == (0, True)
+    assert sum(hub.sent.values()) == sent
+
+
+def test_source_chooses_the_diffusion_model_the_parts_leave_out_and_an_id_keeps_its_parts(
+    hub, flux, tmp_path
+):
+    done = pull_here(hub, tmp_path, FLUX_REPO, parts={"clip_l": CLIP_L, "taesd": TAESD})
+    assert (done.model.modality, done.model.format, done.model.id) == ("image", "flux", FLUX_REPO)
+    assert done.model.parts["diffusion_model"]["file"] == "flux-tiny.gguf"
+    assert done.model.model_config().options["clip_l"] == done.model.options["clip_l"]
+
+    same = pull_here(hub, tmp_path, FLUX_REPO, parts={"taesd": TAESD, "clip_l": CLIP_L})
+    assert same.fetched is False
+    with pytest.raises(PullError) as caught:
+        pull_here(hub, tmp_path, FLUX_REPO, parts={"clip_l": CLIP_L, "taesd": TAESD}, options={"steps": 4})
+    assert caught.value.status == 409
+    assert "pulled with other parts or options" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("parts", "refusal"),
+    [
+        (
+            {**FLUX, "clip": CLIP_L},
+            (
+                400,
+                "parts.clip",
+                "unknown part 'clip': the parts are diffusion_model, model, clip_l, clip_g, t5xxl, vae, "
+                "taesd (stable-diffusion.cpp's names)",
+            ),
+        ),
+        (
+            {"diffusion_model": "flux-tiny.gguf", "taesd": TAESD},
+            (400, "parts.clip_l", "needs its text encoder"),
+        ),
+        ({"diffusion_model": "flux-tiny.gguf", "clip_l": CLIP_L}, (400, "parts.vae", "needs a VAE")),
+        (
+            {**FLUX, "model": "flux-tiny.gguf"},
+            (400, "parts.model", "or model (a single-file checkpoint), not both"),
+        ),
+        (
+            {**FLUX, "diffusion_model": "flux-tiny-Q8_0.gguf"},
+            (
+                404,
+                "parts.diffusion_model",
+                f"part diffusion_model: {FLUX_REPO} has no file 'flux-tiny-Q8_0.gguf' (its model files: "
+                "flux-tiny.gguf)",
+            ),
+        ),
+        (
+            {**FLUX, "clip_l": f"{FLUX_ENCODERS}:clip_l.safetensors"},
+            (
+                404,
+                "parts.clip_l",
+                f"part clip_l: {FLUX_ENCODERS} has no file 'clip_l.safetensors' (its model files: "
+                "text_encoders/clip-l-random.gguf)",
+            ),
+        ),
+        (
+            {**FLUX, "taesd": "nobody/nothing:ae.safetensors"},
+            (404, "parts.taesd", "part taesd: no repository"),
+        ),
+        ({**FLUX, "vae": "../ae.safetensors"}, (400, "parts.vae", "is no file name in a repository")),
+    ],
+)
+def test_a_bad_description_is_refused_before_any_download(hub, flux, tmp_path, parts, refusal):
+    status, param, message = refusal
+    sent = sum(hub.sent.values())
+    with pytest.raises(PullError) as caught:
+        pull_here(hub, tmp_path, FLUX_REPO, parts=parts)
+    assert (caught.value.status, caught.value.param) == (status, param)
+    assert message in caught.value.message
+    assert sum(hub.sent.values()) == sent
+    assert Store(tmp_path).list() == []
+
+
+def test_a_part_that_is_not_what_its_name_says_is_refused_and_its_files_deleted(hub, flux, tmp_path):
+    with pytest.raises(PullError) as caught:
+        pull_here(hub, tmp_path, FLUX_REPO, parts={**FLUX, "clip_l": TAESD}, model_id="flux-mixed")
+    assert caught.value.status == 422
+    assert caught.value.message.startswith("the parts pulled are no image model allm serves: ")
+    assert "clip_l (taesd-dit16-random.gguf): " in caught.value.message
+    assert "clip_l must be CLIP-L's text model" in caught.value.message
+    assert Store(tmp_path).list() == []
+    assert not Store(tmp_path).directory("flux-mixed").exists()
+
+
+def test_a_single_file_image_model_is_pulled_as_one(hub, flux, tmp_path):
+    done = pull_here(hub, tmp_path, FLUX_CHECKPOINT)
+    assert (done.model.modality, done.model.format) == ("image", "flux")
+    assert Path(done.model.path).name == "flux-tiny-checkpoint.gguf"
+    assert (done.model.options, done.model.parts) == ({}, {})

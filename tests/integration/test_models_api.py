@@ -1,10 +1,13 @@
 """The catalog over HTTP on a real `allm serve`: pull (and Ollama's /api/pull) from a Hub-compatible
 server on loopback (tests/hub_server.py, HF_ENDPOINT in the server's environment), serve the pulled
 model by its id, load, unload, pin against the LRU, delete, the admin keys, and pulled models served
-after a restart with no TOML. SmolLM2's GGUF stands in for every quant; no test reaches the real Hub."""
+after a restart with no TOML, an image model pulled by its parts among them. SmolLM2's GGUF stands
+in for every quant, the tiny random Flux for image models; no test reaches the real Hub."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -16,9 +19,11 @@ from typing import Any
 
 import openai
 import pytest
+from PIL import Image
 
 from allm.hub import Store, pull
-from tests.hub_server import HubServer
+from tests.hub_server import FLUX_CHECKPOINT, FLUX_REPO, HubServer, add_tiny_flux
+from tests.image_files import write_tiny_flux, write_tiny_flux_checkpoint
 from tests.integration.gateway_server import ALLM, Server, running_server
 from tests.model_files import smollm2_path, write_hf_model
 from tests.waits import wait_for
@@ -328,3 +333,95 @@ def test_pulled_models_are_served_after_a_restart_and_the_toml_wins_a_clash(hub,
         status, body = s.json("DELETE", "/api/delete", {"model": "kept"})
         assert status == 403
         assert "admin_keys" in body["error"]
+
+
+@pytest.mark.slow
+def test_a_flux_pulled_by_parts_over_http_draws_after_a_restart(hub, tmp_path):
+    """Pulled over HTTP by a server with no image model (no image manager runs), the tiny Flux by its
+    parts and as a single file are registered, and a restart serves both, with no TOML, each making
+    an image; the parts' pull gave the model its defaults (2 steps). A bad description is refused
+    before its stream begins, and registers nothing."""
+    files = tmp_path / "flux-files"
+    checkpoint = write_tiny_flux_checkpoint(files / "flux-tiny-checkpoint.gguf")
+    parts = add_tiny_flux(hub, write_tiny_flux(files / "parts"), checkpoint)
+    data = tmp_path / "data"
+    toml = f'[server]\ndata_dir = "{data}"\n\n[image]\nmax_width = 256\nmax_height = 256\n'
+    with running_server(toml, tmp_path, env=hub_env(hub, tmp_path)) as s:
+        no_vae = {k: v for k, v in parts.items() if k != "taesd"}
+        status, headers, body = s.request(
+            "POST", "/v1/models", {"source": FLUX_REPO, "id": "flux-bad", "parts": no_vae, "stream": True}
+        )
+        refused = json.loads(body)
+        assert (status, headers["content-type"]) == (400, "application/json")
+        assert (refused["error"]["param"], refused["error"]["code"]) == ("parts.vae", "invalid_value")
+        assert "needs a VAE" in refused["error"]["message"]
+        status, refused = s.json(
+            "POST", "/v1/models", {"source": FLUX_REPO, "id": "flux-bad", "parts": {**parts, "vea": "x"}}
+        )
+        assert (status, refused["error"]["param"]) == (400, "parts.vea")
+        assert "flux-bad" not in listed(s)
+
+        status, _headers, body = s.request(
+            "POST",
+            "/v1/models",
+            {
+                "source": FLUX_REPO,
+                "id": "flux-parts",
+                "parts": parts,
+                "options": {"steps": 2, "cfg_scale": 1.0},
+                "stream": True,
+            },
+        )
+        assert status == 200
+        got = events(body)
+        finished = [data["file"] for kind, data in got if kind == "progress" and data["finished"]]
+        assert finished == [
+            "diffusion_model/flux-tiny.gguf",
+            "clip_l/clip-l-random.gguf",
+            "taesd/taesd-dit16-random.gguf",
+        ]
+        kind, model = got[-1]
+        assert kind == "model", model
+        assert (model["id"], model["modality"], model["source"]) == (
+            "flux-parts",
+            "image",
+            f"hf.co/{FLUX_REPO}",
+        )
+        assert model["warnings"] == ["no image manager runs here: a restart of the server serves it"]
+        assert pulled_ids(s, FLUX_CHECKPOINT, "flux-checkpoint")["modality"] == "image"
+    assert Store(data).get("flux-bad") is None
+
+    with running_server(toml, tmp_path, env=hub_env(hub, tmp_path)) as s:
+        assert {"flux-parts", "flux-checkpoint"} <= set(listed(s))
+        status, _headers, body = s.request(
+            "POST",
+            "/v1/images/generations",
+            {"model": "flux-parts", "prompt": "a red cube", "size": "64x64", "stream": True, "seed": 1},
+        )
+        assert status == 200, body
+        drawn = events(body)
+        assert {data["steps"] for kind, data in drawn if kind == "image_generation.progress"} == {2}
+        kind, done = drawn[-1]
+        assert kind == "image_generation.completed"
+        assert picture(done["b64_json"]).size == (64, 64)
+        status, reply = s.json(
+            "POST",
+            "/v1/images/generations",
+            {
+                "model": "flux-checkpoint",
+                "prompt": "a red cube",
+                "size": "64x64",
+                "steps": 2,
+                "cfg_scale": 1.0,
+            },
+        )
+        assert status == 200, reply
+        assert picture(reply["data"][0]["b64_json"]).size == (64, 64)
+
+
+def picture(b64: str) -> Image.Image:
+    """A PNG the server drew, decoded."""
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert img.format == "PNG"
+    img.load()
+    return img

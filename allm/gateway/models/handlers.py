@@ -2,7 +2,8 @@
 
 GET    /v1/models                  every model: state, memory, context, pin, last use (listing.py)
 GET    /v1/models/{id}             one of them
-POST   /v1/models                  pull from the Hub and serve (``stream``: progress events)
+POST   /v1/models                  pull from the Hub and serve (``stream``: progress events; ``parts``:
+                                   an image model made of several files)
 POST   /v1/models/{id}/load        load it now
 POST   /v1/models/{id}/unload      unload it from every instance holding it (its pin goes too)
 POST   /v1/models/{id}/pin         load it and keep it: no LRU eviction, no idle unload
@@ -51,13 +52,17 @@ async def one(request: Request, model_id: str) -> HTTPResponse:
 async def pull(request: Request) -> HTTPResponse | None:
     require_admin(request)
     body = schema.PULL.check(json_body(request), "")
+    if "source" not in body and "parts" not in body:
+        raise bad_field("source", "'source' is required (or an image model's parts)")
     try:
         job = pulls.start(
             request.app,
-            body["source"],
+            body.get("source"),
             model_id=body.get("id"),
             revision=body.get("revision"),
             modality=body.get("modality"),
+            parts=body.get("parts"),
+            options=body.get("options"),
         )
     except PullError as exc:
         raise pulls.refusal(exc) from None

@@ -26,7 +26,7 @@ from sanic import Sanic
 from allm.gateway import reload
 from allm.gateway.config import Config, ModelConfig
 from allm.gateway.errors import ApiError
-from allm.hub import Progress, Pulled, PullError, pull
+from allm.hub import Progress, Pulled, PullError, checked, home, pull
 
 log = logging.getLogger("allm.gateway")
 
@@ -101,7 +101,7 @@ class Job:
 def refusal(exc: PullError) -> ApiError:
     """A pull's refusal as the HTTP error it maps to."""
     kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-    param = "source" if exc.status in (400, 404) else None
+    param = exc.param or ("source" if exc.status in (400, 404) else None)
     return ApiError(
         exc.status, exc.message, code=CODES.get(exc.status, "pull_failed"), param=param, type=kind
     )
@@ -117,15 +117,20 @@ def jobs(app: Sanic[Any, Any]) -> dict[str, Job]:
 
 def start(
     app: Sanic[Any, Any],
-    source: str,
+    source: str | None,
     *,
     model_id: str | None = None,
     revision: str | None = None,
     modality: str | None = None,
+    parts: dict[str, str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Job:
-    """The job pulling ``source`` as ``model_id`` (default: the source as written): a new one, or
-    the one already pulling it. Refuses (409) an id the configuration's catalog has."""
-    model_id = model_id or source.strip()
+    """The job pulling ``source`` (or an image model's ``parts``) as ``model_id`` (default: the source
+    as written): a new one, or the one already pulling it. Refuses (409) an id the configuration's
+    catalog has."""
+    if parts is not None or options is not None:
+        checked(source, parts, options, modality)  # a bad description is refused before any stream
+    model_id = model_id or home(source, parts)
     running = jobs(app)
     if model_id in running:
         return running[model_id]
@@ -140,9 +145,8 @@ def start(
         )
     job = running[model_id] = Job(model_id)
     loop = asyncio.get_running_loop()
-    job.task = loop.create_task(
-        _run(app, job, source, revision=revision, modality=modality, progress=_progress(loop, job))
-    )
+    asked = Asked(source, revision, modality, parts, options)
+    job.task = loop.create_task(_run(app, job, asked, progress=_progress(loop, job)))
     job.task.add_done_callback(lambda task: _ended(running, job, task))
     return job
 
@@ -169,24 +173,31 @@ def _progress(loop: asyncio.AbstractEventLoop, job: Job) -> Callable[[Progress],
     return progress
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Asked:
+    """What a pull request asks for, beside the model's id."""
+
+    source: str | None
+    revision: str | None
+    modality: str | None
+    parts: dict[str, str] | None
+    options: dict[str, Any] | None
+
+
 async def _run(
-    app: Sanic[Any, Any],
-    job: Job,
-    source: str,
-    *,
-    revision: str | None,
-    modality: str | None,
-    progress: Callable[[Progress], None],
+    app: Sanic[Any, Any], job: Job, asked: Asked, *, progress: Callable[[Progress], None]
 ) -> Registered:
     config: Config = app.ctx.config
     pulled = await asyncio.to_thread(
         pull,
-        source,
+        asked.source,
         config.data_dir,
         config.hub,
         model_id=job.model_id,
-        revision=revision,
-        modality=modality,
+        revision=asked.revision,
+        modality=asked.modality,
+        parts=asked.parts,
+        options=asked.options,
         progress=progress,
     )
     model = pulled.model.model_config()
