@@ -32,6 +32,7 @@ from allm.gateway.errors import ApiError
 from allm.gateway.images import handlers as images
 from allm.gateway.images.files import SWEEP_INTERVAL_S, image_files
 from allm.gateway.models import handlers as models
+from allm.gateway.models.pins import Pins
 from allm.gateway.ollama import handlers as ollama
 from allm.gateway.ollama import pulls as ollama_pulls
 from allm.gateway.responses import handlers as responses
@@ -278,6 +279,8 @@ def create_app(
         app.ctx.images = image_files(config)
         interval_s = min(SWEEP_INTERVAL_S, config.images.url_ttl_s)
         app.ctx.image_sweeps = asyncio.create_task(app.ctx.images.sweep_every(interval_s))
+        app.ctx.pins = Pins(config.data_dir)
+        app.ctx.pin_keeper = asyncio.create_task(app.ctx.pins.keep(app, config.heartbeat_interval_s))
         log.info("managers: %s", ", ".join(s.name for s in specs) or "none")
         if reread is not None:
             reloading = asyncio.Lock()  # one at a time: a second SIGHUP waits for the first
@@ -327,9 +330,10 @@ def create_app(
     async def stop_kernel(app: Sanic[Any, Any]) -> None:
         with contextlib.suppress(AttributeError):  # no drain if it never served
             app.ctx.drain_deadline.cancel()
-        app.ctx.image_sweeps.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await app.ctx.image_sweeps
+        for task in (app.ctx.image_sweeps, app.ctx.pin_keeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if app.ctx.supervisor is not None:
             await app.ctx.supervisor.stop()
         await app.ctx.client.close()

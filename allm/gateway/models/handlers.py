@@ -6,7 +6,8 @@ POST   /v1/models                  pull from the Hub and serve (``stream``: prog
                                    an image model made of several files)
 POST   /v1/models/{id}/load        load it now
 POST   /v1/models/{id}/unload      unload it from every instance holding it (its pin goes too)
-POST   /v1/models/{id}/pin         load it and keep it: no LRU eviction, no idle unload
+POST   /v1/models/{id}/pin         load it and keep it on every instance serving it: no LRU eviction,
+                                   no idle unload; kept across manager restarts (pins.py)
 POST   /v1/models/{id}/unpin       let it go again like any other
 DELETE /v1/models/{id}             remove a pulled model's files and record (``?force=true``: unload first)
 
@@ -29,6 +30,7 @@ from allm.gateway.config import Config, ModelConfig
 from allm.gateway.errors import ApiError, bad_field
 from allm.gateway.fields import json_body
 from allm.gateway.models import listing, pulls, schema
+from allm.gateway.models.pins import Pins
 from allm.gateway.ops import managers_of
 from allm.gateway.streaming import SSE, begin, sse
 from allm.hub import PullError, Store
@@ -132,14 +134,21 @@ async def _act(request: Request, model_id: str, action: str) -> HTTPResponse:
     require_admin(request)
     model = _model(request, model_id)
     override: dict[str, Any] = {}
-    if action in ("load", "pin"):
+    pins: Pins = request.app.ctx.pins
+    if action == "load":
         await _call(request, model, action)
-        override = {"state": "loaded", **({"pinned": True} if action == "pin" else {})}
+        override = {"state": "loaded"}
+    elif action == "pin":  # on every instance that serves it; the gateway keeps it (pins.py)
+        await _pin_everywhere(request, model)
+        pins.add(model.id)
+        override = {"state": "loaded", "pinned": True}
     elif action == "unpin":
+        pins.drop(model.id)
         for endpoint in _endpoints(request, model):
             await _call(request, model, "unpin", endpoint)
         override = {"pinned": False}
     else:
+        pins.drop(model.id)
         if not await _unload(request, model):
             raise ApiError(
                 409,
@@ -177,6 +186,7 @@ async def remove(request: Request, model: ModelConfig, *, force: bool) -> None:
             f"(POST /v1/models/{model.id}/unload), or delete with ?force=true",
             code="model_loaded",
         )
+    request.app.ctx.pins.drop(model.id)
     if holders:
         await _unload(request, model)  # one still in use leaves once its requests end
     await reload.change_models(request.app, lambda models: [m for m in models if m.id != model.id])
@@ -228,6 +238,24 @@ async def _call(request: Request, model: ModelConfig, op: str, endpoint: str | N
     return await request.app.ctx.client.call(
         model.modality, op, model=model.id, endpoint=endpoint, timeout_s=config.request_timeout_s
     )
+
+
+async def _pin_everywhere(request: Request, model: ModelConfig) -> None:
+    """Pin the model on each live instance whose catalog holds it (at least one: the first
+    refusal is the answer)."""
+    endpoints = [
+        m.endpoint
+        for m in request.app.ctx.client.instances()
+        if m.live
+        and m.modality == model.modality
+        and m.heartbeat is not None
+        and model.id in (m.heartbeat.extra.get("catalog") or ())
+    ]
+    if not endpoints:  # none has said yet: the kernel chooses, and refuses as it would a request
+        await _call(request, model, "pin")
+        return
+    for endpoint in endpoints:
+        await _call(request, model, "pin", endpoint)
 
 
 async def _unload(request: Request, model: ModelConfig) -> bool:
