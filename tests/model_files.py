@@ -44,6 +44,26 @@ def smollm2_requantized(path: Path) -> Path:
     return path
 
 
+def smollm2_perturbed(path: Path, noise: float = 0.5, seed: int = 7) -> Path:
+    """SmolLM2 with its output norm's weights scaled by random noise: the same tokenizer, and a
+    model whose likeliest token is SmolLM2's often, not always (a draft model that is wrong
+    often enough for a test to see its guesses rejected)."""
+    if path.is_file():
+        return path
+    reader = gguf.GGUFReader(str(smollm2_path()))
+    [norm] = [t for t in reader.tensors if t.name == "output_norm.weight"]
+    weights = np.asarray(norm.data, dtype=np.float32)
+    scale = 1 + noise * np.random.default_rng(seed).standard_normal(weights.shape)
+    partial = with_bytes(
+        smollm2_path(),
+        path.with_suffix(".partial"),
+        norm.data_offset,
+        (weights * scale).astype(np.float32).tobytes(),
+    )
+    partial.rename(path)
+    return path
+
+
 def write_gguf(path: Path, arch: str = "llama", n_embd: int = 64) -> Path:
     """A small well-formed GGUF: header, metadata and two f32 tensors."""
     writer = gguf.GGUFWriter(str(path), arch)

@@ -1,7 +1,7 @@
 """Speculative decoding, by n-gram lookup and by a draft model: the same greedy text.
 
 The real text manager with SmolLM2 three times (plain, with ``speculative = "ngram"``, and with
-a draft model: SmolLM2 requantized to Q4_0, whose guesses are mostly right and sometimes wrong),
+a draft model: SmolLM2 with a noisy output norm, whose guesses are often right and often wrong),
 through the real kernel; and a draft model of another tokenizer, refused.
 """
 
@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from allm.kernel.client import KernelClient
 from allm.kernel.codes import AllmError
-from tests.model_files import smollm2_path, smollm2_requantized, write_tiny_llama_gguf
+from tests.model_files import smollm2_path, smollm2_perturbed, write_tiny_llama_gguf
 from tests.waits import until
 
 from .conftest import text_manager
@@ -23,6 +23,10 @@ from .conftest import text_manager
 PLAIN = "smollm2"
 NGRAM = "smollm2-ngram"
 DRAFTED = "smollm2-drafted"
+#: plain SmolLM2 that is sent exactly what DRAFTED is, in the same order: a reused prefix is
+#: computed in a batch of another size than a fresh one, which can differ in the last bits and
+#: turn a near tie, so greedy text is compared between models whose caches hold the same
+REFERENCE = "smollm2-reference"
 CODE = """def total(prices, tax):
     subtotal = 0
     for price in prices:
@@ -41,6 +45,14 @@ REWRITE = [
     {"role": "system", "content": "You rewrite code exactly as asked and print only the code."},
     {"role": "user", "content": f"Rename the variable `prices` to `amounts` in this code:\n\n{CODE}"},
 ]
+#: prompts for the draft model: a rewrite, and questions whose answers are not in their prompts
+#: (n-gram lookup would have little to copy from)
+EDIT = [
+    REWRITE[0],
+    {"role": "user", "content": f"Rename the function `total` to `gross` in this code:\n\n{CODE}"},
+]
+ESSAY = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+WALK = [{"role": "user", "content": "Describe a walk through a forest at dawn."}]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -53,12 +65,13 @@ async def text(tmp_path_factory):
             {"id": PLAIN, "path": path, "options": small},
             {"id": NGRAM, "path": path, "options": {**small, "speculative": "ngram"}},
             {"id": "bad", "path": path, "options": {"speculative": "medusa"}},
-            {"id": "q4_0", "path": str(smollm2_requantized(work / "smollm2-q4_0.gguf")), "options": small},
-            {"id": DRAFTED, "path": path, "options": {**small, "draft": "q4_0"}},
+            {"id": "noisy", "path": str(smollm2_perturbed(work / "smollm2-noisy.gguf")), "options": small},
+            {"id": DRAFTED, "path": path, "options": {**small, "draft": "noisy"}},
+            {"id": REFERENCE, "path": path, "options": small},
             {"id": "tiny", "path": str(write_tiny_llama_gguf(work / "tiny.gguf")), "options": small},
             {"id": "other-tokenizer", "path": path, "options": {**small, "draft": "tiny"}},
             {"id": "no-such-draft", "path": path, "options": {**small, "draft": "nowhere"}},
-            {"id": "two-kinds", "path": path, "options": {**small, "draft": "q4_0", "speculative": "ngram"}},
+            {"id": "two-kinds", "path": path, "options": {**small, "draft": "noisy", "speculative": "ngram"}},
         ]
     }
     async with text_manager(settings, slots=2) as pair:
@@ -94,15 +107,18 @@ async def test_greedy_text_is_the_same_token_for_token_and_most_drafts_are_kept(
     await until(counted, timeout_s=30, what="a heartbeat counting the reply's drafts")
 
 
-async def test_streamed_tokens_are_the_same_as_without_drafts(text):
+@pytest.mark.parametrize(
+    ("plain", "drafted", "messages"), [(PLAIN, NGRAM, REWRITE), (REFERENCE, DRAFTED, WALK)]
+)
+async def test_streamed_tokens_are_the_same_as_without_drafts(text, plain, drafted, messages):
     client, _ = text
-    params = {"messages": REWRITE, "temperature": 0, "max_tokens": 80}
+    params = {"messages": messages, "temperature": 0, "max_tokens": 80}
     pieces: dict[str, list[str]] = {}
-    for model in (PLAIN, NGRAM):
+    for model in (plain, drafted):
         async with client.stream("text", "chat", model=model, params=params) as s:
             pieces[model] = [chunk.data.get("text", "") async for chunk in s]
-    assert "".join(pieces[NGRAM]) == "".join(pieces[PLAIN])
-    assert len(pieces[NGRAM]) > 1  # streamed, not one lump
+    assert "".join(pieces[drafted]) == "".join(pieces[plain])
+    assert len(pieces[drafted]) > 1  # streamed, not one lump
 
 
 async def test_a_seeded_request_is_not_drafted_and_keeps_its_text(text):
@@ -122,49 +138,32 @@ async def test_an_unknown_kind_of_speculation_is_a_clear_error(text):
     assert "ngram" in info.value.message
 
 
-#: prompts no other test sends, so that both models compute them from a cold cache (a prefix
-#: reused from a batched step can differ from a fresh one in the last bits, and turn a near tie)
-EDIT = [
-    REWRITE[0],
-    {"role": "user", "content": f"Rename the function `total` to `gross` in this code:\n\n{CODE}"},
-]
-#: a question whose answer is not in its prompt: n-gram lookup has little to copy from
-ESSAY = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
-WALK = [{"role": "user", "content": "Describe a walk through a forest at dawn."}]
-
-
 async def test_a_draft_model_gives_the_same_greedy_text_with_kept_and_rejected_guesses(text):
     client, _ = text
+    kept = tried = 0
     for messages in (EDIT, ESSAY):
-        plain = await ask(client, PLAIN, messages=messages, temperature=0, max_tokens=120)
+        plain = await ask(client, REFERENCE, messages=messages, temperature=0, max_tokens=120)
         drafted = await ask(client, DRAFTED, messages=messages, temperature=0, max_tokens=120)
         assert drafted["text"] == plain["text"]
         assert drafted["usage"] == plain["usage"]
         drafts = drafted["speculative"]
-        # Q4_0 SmolLM2 guesses Q4_1's tokens: mostly right, and wrong at times, which the
-        # target must catch (the text above is the proof that it did)
-        assert drafts["accepted"] > 20
-        assert drafts["accepted"] < drafts["drafted"]
-
-
-async def test_a_draft_models_streamed_tokens_are_the_same_as_without(text):
-    client, _ = text
-    params = {"messages": WALK, "temperature": 0, "max_tokens": 80}
-    pieces: dict[str, list[str]] = {}
-    for model in (PLAIN, DRAFTED):
-        async with client.stream("text", "chat", model=model, params=params) as s:
-            pieces[model] = [chunk.data.get("text", "") async for chunk in s]
-    assert "".join(pieces[DRAFTED]) == "".join(pieces[PLAIN])
+        kept, tried = kept + drafts["accepted"], tried + drafts["drafted"]
+    # the noisy copy guesses SmolLM2's tokens: right often, and wrong often, which the target
+    # must catch (the texts above are the proof that it did)
+    assert 20 < kept < tried
 
 
 async def test_concurrent_requests_on_a_draft_model_each_get_their_own_text(text):
     client, _ = text
     questions = [[{"role": "user", "content": f"Count from {n} to {n + 9}, in words."}] for n in (1, 40, 300)]
-    alone = [await ask(client, PLAIN, messages=m, temperature=0, max_tokens=60) for m in questions]
-    together = await asyncio.gather(
-        *(ask(client, DRAFTED, messages=m, temperature=0, max_tokens=60) for m in questions)
-    )
-    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    texts = {}
+    for model in (REFERENCE, DRAFTED):
+        replies = await asyncio.gather(
+            *(ask(client, model, messages=m, temperature=0, max_tokens=60) for m in questions)
+        )
+        texts[model] = [r["text"] for r in replies]
+    assert texts[DRAFTED] == texts[REFERENCE]
+    assert len(set(texts[DRAFTED])) == 3  # each its own
 
 
 @pytest.mark.parametrize(

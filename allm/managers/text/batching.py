@@ -47,8 +47,9 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from allm.kernel.codes import AllmError, CancelledError, DeadlineError, InternalError, LoadFailedError
+from allm.kernel.codes import AllmError, CancelledError, DeadlineError, InternalError
 from allm.managers.text.draft_model import DraftModel, Want
+from allm.managers.text.llama_load import sequences_context
 from allm.managers.text.prefix_cache import Entry as SavedPrefix
 from allm.managers.text.prefix_cache import PrefixCache, common_start
 from allm.managers.text.speculation import Drafter, NgramDrafter
@@ -166,24 +167,16 @@ class Batcher:
         type_v: int | None = None,
         name: str = "model",
     ) -> None:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_parallel * n_ctx
-        params.n_seq_max = n_parallel
-        params.n_batch = N_BATCH
-        params.n_ubatch = N_BATCH
-        params.n_threads = n_threads
-        params.n_threads_batch = n_threads
-        params.kv_unified = False  # a KV stream per sequence: one's numbers never depend on another's
-        params.no_perf = True
-        if type_k is not None:
-            params.type_k = type_k
-        if type_v is not None:
-            params.type_v = type_v
-        self.ctx = llama_cpp.llama_init_from_model(model, params)
-        if not self.ctx:
-            raise LoadFailedError(
-                f"llama.cpp could not make a context of {n_parallel} × {n_ctx} tokens for {name}"
-            )
+        self.ctx = sequences_context(
+            model,
+            n_parallel=n_parallel,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_batch=N_BATCH,
+            name=name,
+            type_k=type_k,
+            type_v=type_v,
+        )
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab
         self.name = name

@@ -25,6 +25,7 @@ import llama_cpp
 import numpy as np
 
 from allm.kernel.codes import InternalError, LoadFailedError
+from allm.managers.text.llama_load import sequences_context
 from allm.managers.text.prefix_cache import common_start
 
 log = logging.getLogger("allm.text.draft")
@@ -88,20 +89,10 @@ class DraftModel:
         name: str,
     ) -> None:
         self.llm = llm  # the binding's Llama: its model, kept alive while the context is
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_parallel * n_ctx
-        params.n_seq_max = n_parallel
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_threads = n_threads
-        params.n_threads_batch = n_threads
-        params.kv_unified = False
-        params.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        if not self.ctx:
-            raise LoadFailedError(
-                f"llama.cpp could not make a context of {n_parallel} × {n_ctx} tokens for {name}"
-            )
+        model = llm._model.model
+        self.ctx = sequences_context(
+            model, n_parallel=n_parallel, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, name=name
+        )
         self.name = name
         self.n_batch = n_batch
         self.n_vocab = llm.n_vocab()

@@ -135,6 +135,40 @@ def prefix_cache_bytes(header: GGUFHeader, options: LlamaOptions) -> int:
     return options.n_parallel * kv_cache_bytes(header, options.n_ctx, options)
 
 
+def sequences_context(
+    model: Any,
+    *,
+    n_parallel: int,
+    n_ctx: int,
+    n_threads: int,
+    n_batch: int,
+    name: str,
+    type_k: int | None = None,
+    type_v: int | None = None,
+) -> Any:
+    """A llama.cpp context of ``n_parallel`` sequences of ``n_ctx`` tokens each, every one with a
+    key/value stream of its own (one's numbers never depend on another's)."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_parallel * n_ctx
+    params.n_seq_max = n_parallel
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_threads = n_threads
+    params.n_threads_batch = n_threads
+    params.kv_unified = False
+    params.no_perf = True
+    if type_k is not None:
+        params.type_k = type_k
+    if type_v is not None:
+        params.type_v = type_v
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise LoadFailedError(
+            f"llama.cpp could not make a context of {n_parallel} × {n_ctx} tokens for {name}"
+        )
+    return ctx
+
+
 _PROGRESS_LOCK = threading.Lock()
 
 
