@@ -36,6 +36,7 @@ from pathlib import Path
 from allm.gateway.catalog import default_model_path
 from bench.text import MESSAGES as PROMPT
 from bench.text import direct_run
+from tests.vision_files import llama_cpp_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,26 +114,16 @@ def concurrent_streams(port: int, model: str, tokens: int, clients: int) -> tupl
     return runs, sum(r[2] for r in runs) / wall
 
 
-CACHE = Path.home() / ".cache" / "allm" / "llama-server"
 CPU_FLAGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF"
 
 
 def llama_server_binary() -> Path:
     """llama.cpp's llama-server from the source distribution of the llama-cpp-python we run,
     built once (a few minutes on 2 cores) with the CPU flags scripts/setup gives the binding."""
-    from importlib.metadata import version
-
-    release = version("llama_cpp_python")
-    source = CACHE / f"llama_cpp_python-{release}" / "vendor" / "llama.cpp"
+    source = llama_cpp_source()
     binary = source / "build" / "bin" / "llama-server"
     if binary.exists():
         return binary
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if not source.exists():
-        sdist = [f"llama_cpp_python=={release}", "-d", str(CACHE)]
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*pip, *sdist], check=True)
-        subprocess.run(["tar", "xzf", f"llama_cpp_python-{release}.tar.gz"], cwd=CACHE, check=True)
     build = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release"]
     flags = [*CPU_FLAGS.split(), *build]
     subprocess.run(["cmake", "-S", ".", "-B", "build", *flags], cwd=source, check=True)
